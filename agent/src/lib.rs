@@ -1,0 +1,3 @@
+//! meshid agent.
+
+pub mod cli;

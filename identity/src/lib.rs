@@ -1,0 +1,16 @@
+//! SPIFFE identity helpers shared by meshid's server, agent and sidecar.
+//!
+//! - [`crypto`]: the one place that picks the TLS crypto provider and versions.
+//! - [`svid`]: reading SPIFFE IDs and validity out of X.509 certificates.
+//! - [`verify`]: rustls verifiers that check the chain against the bundle of
+//!   the peer's trust domain, then authorize the peer's SPIFFE ID.
+//! - [`pem`]: PEM encoding and decoding of certificates and keys.
+
+pub mod crypto;
+pub mod pem;
+pub mod svid;
+pub mod verify;
+
+pub use spiffe::{SpiffeId, TrustDomain};
+pub use svid::{SvidError, SvidInfo};
+pub use verify::{Authorizer, TrustBundles};

@@ -1,0 +1,100 @@
+//! Reading SPIFFE identity out of X.509 certificates.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spiffe::SpiffeId;
+use x509_parser::prelude::*;
+
+/// Why a certificate is not a usable X509-SVID.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SvidError {
+    /// The DER does not parse as an X.509 certificate.
+    #[error("certificate does not parse: {0}")]
+    Malformed(String),
+    /// The certificate has no URI SAN.
+    #[error("certificate has no URI SAN (not an X509-SVID)")]
+    NoSpiffeId,
+    /// The certificate has more than one URI SAN.
+    #[error("certificate has {0} URI SANs; an X509-SVID has exactly one")]
+    MultipleUris(usize),
+    /// The URI SAN is not a valid SPIFFE ID.
+    #[error("URI SAN {uri:?} is not a valid SPIFFE ID: {reason}")]
+    InvalidSpiffeId {
+        /// The URI as found.
+        uri: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+}
+
+/// What matters about an SVID: identity, serial and validity window.
+#[derive(Debug, Clone)]
+pub struct SvidInfo {
+    /// The SPIFFE ID from the single URI SAN.
+    pub spiffe_id: SpiffeId,
+    /// Lowercase hex serial number.
+    pub serial: String,
+    /// notBefore.
+    pub not_before: SystemTime,
+    /// notAfter.
+    pub not_after: SystemTime,
+}
+
+impl SvidInfo {
+    /// Parses a leaf certificate as an X509-SVID.
+    pub fn from_der(der: &[u8]) -> Result<Self, SvidError> {
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| SvidError::Malformed(e.to_string()))?;
+        let spiffe_id = spiffe_id_of(&cert)?;
+        Ok(Self {
+            spiffe_id,
+            serial: hex::encode(cert.raw_serial()),
+            not_before: to_system_time(cert.validity().not_before),
+            not_after: to_system_time(cert.validity().not_after),
+        })
+    }
+
+    /// Seconds since the Unix epoch of notAfter.
+    pub fn not_after_unix(&self) -> i64 {
+        unix(self.not_after)
+    }
+}
+
+/// The SPIFFE ID carried by a parsed certificate: exactly one URI SAN.
+pub fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(u) = name {
+                uris.push(*u);
+            }
+        }
+    }
+    match uris.as_slice() {
+        [] => Err(SvidError::NoSpiffeId),
+        [one] => SpiffeId::new(*one).map_err(|e| SvidError::InvalidSpiffeId {
+            uri: (*one).to_string(),
+            reason: e.to_string(),
+        }),
+        many => Err(SvidError::MultipleUris(many.len())),
+    }
+}
+
+/// Converts an ASN.1 time to `SystemTime`.
+pub fn to_system_time(t: ASN1Time) -> SystemTime {
+    let ts = t.timestamp();
+    if ts >= 0 {
+        UNIX_EPOCH + Duration::from_secs(ts.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_secs(ts.unsigned_abs())
+    }
+}
+
+/// Seconds since the Unix epoch (negative before it).
+pub fn unix(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}

@@ -1,0 +1,3 @@
+//! meshid server: the trust domain's CA, registry, node API and admin API.
+
+pub mod cli;

@@ -1,0 +1,3 @@
+//! meshid sidecar.
+
+pub mod cli;

@@ -1,0 +1,65 @@
+//! `meshid`: workload identity for services — the SPIFFE server, the node
+//! agent and the mTLS sidecar, in one binary.
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Workload identity with SPIFFE: server (CA + registry), node agent
+/// (Workload API) and mTLS sidecar.
+#[derive(Debug, Parser)]
+#[command(name = "meshid", version, about, long_about = None)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MESHID_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `meshid_server=debug`.
+    #[arg(long, global = true, default_value = "info", env = "MESHID_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The trust domain's CA and registry, and its admin CLI.
+    Server(meshid_server::cli::ServerCli),
+    /// The node agent: node attestation and the SPIFFE Workload API.
+    Agent(meshid_agent::cli::AgentCli),
+    /// The mTLS sidecar: inbound and outbound proxies with SPIFFE authorization.
+    Sidecar(meshid_sidecar::cli::SidecarCli),
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log);
+    let result = match cli.command {
+        Command::Server(c) => c.run().await,
+        Command::Agent(c) => c.run().await,
+        Command::Sidecar(c) => c.run().await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
