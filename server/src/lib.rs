@@ -1,3 +1,13 @@
 //! meshid server: the trust domain's CA, registry, node API and admin API.
 
+pub mod api;
+pub mod attest;
+pub mod audit;
+pub mod bundle_format;
+pub mod ca;
 pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod run;
+pub mod state;
+pub mod store;

@@ -1,0 +1,6 @@
+//! The server's two APIs: the node API (agents, mTLS over TCP) and the admin
+//! API (operators, a local Unix socket).
+
+pub mod admin;
+pub mod node;
+pub mod tls;

@@ -1,0 +1,429 @@
+//! The node API: node attestation, agent SVID renewal, the sync stream and
+//! batched signing. Every call but `Attest` requires the agent's SVID.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use meshid_proto::node::node_server::Node;
+use meshid_proto::node::{
+    AttestRequest, AttestResponse, JwtSvid, JwtSvidResult, RenewAgentRequest, RenewAgentResponse,
+    SignJwtSvidsRequest, SignJwtSvidsResponse, SignX509SvidsRequest, SignX509SvidsResponse,
+    SyncRequest, SyncResponse, X509SvidResult,
+};
+use meshid_proto::types::{Entry, Status as ItemStatus};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status};
+
+use super::tls::PeerInfo;
+use crate::attest::join_token;
+use crate::audit::Event;
+use crate::ca::IssueError;
+use crate::metrics::{AttestLabels, OutcomeLabels};
+use crate::state::{ServerState, svid_to_proto};
+use crate::store::{AgentRecord, IssuedRecord};
+use meshid_identity::svid::unix;
+
+/// The node API service.
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    state: Arc<ServerState>,
+}
+
+impl NodeService {
+    /// A service over the shared state.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Self { state }
+    }
+
+    async fn agent<T>(&self, req: &Request<T>) -> Result<AgentRecord, Status> {
+        let leaf = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.certs.as_ref())
+            .and_then(|c| c.first().cloned())
+            .ok_or_else(|| {
+                Status::unauthenticated("this call requires the agent's SVID as client certificate")
+            })?;
+        self.state.authenticate_agent(&leaf).await
+    }
+
+    fn attest_failed(&self, attestor: &str, outcome: &'static str, reason: &str) {
+        self.state
+            .metrics
+            .attestations
+            .get_or_create(&AttestLabels { attestor: attestor.to_string(), outcome })
+            .inc();
+        let ev = Event::new("attestation_failed")
+            .with("attestor", attestor)
+            .with("outcome", outcome)
+            .with("reason", reason);
+        if let Err(e) = self.state.audit.write(ev) {
+            tracing::error!(error = %e, "cannot write audit log");
+        }
+        tracing::info!(attestor, outcome, reason, "node attestation refused");
+    }
+}
+
+fn item_status(code: Code, message: impl Into<String>) -> Option<ItemStatus> {
+    Some(ItemStatus { code: code as i32, message: message.into() })
+}
+
+fn issue_code(e: &IssueError) -> Code {
+    match e {
+        IssueError::MalformedCsr(_)
+        | IssueError::BadCsrSignature
+        | IssueError::UnsupportedKey(_)
+        | IssueError::InvalidDnsName(_)
+        | IssueError::InvalidSpiffeId(_) => Code::InvalidArgument,
+        IssueError::CaExpired => Code::Unavailable,
+        _ => Code::Internal,
+    }
+}
+
+/// Why a batch item was not signed, before any signing is attempted.
+fn authorize_item<'a>(
+    entries: &'a HashMap<String, Entry>,
+    parents: &[String],
+    entry_id: &str,
+) -> Result<&'a Entry, (Code, String)> {
+    let entry = entries
+        .get(entry_id)
+        .ok_or_else(|| (Code::NotFound, format!("entry {entry_id:?} does not exist")))?;
+    if !parents.contains(&entry.parent_id) {
+        return Err((
+            Code::PermissionDenied,
+            format!("entry {entry_id} is not parented by this agent"),
+        ));
+    }
+    Ok(entry)
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn attest(&self, req: Request<AttestRequest>) -> Result<Response<AttestResponse>, Status> {
+        let r = req.into_inner();
+        let st = &self.state;
+        if r.attestor != join_token::ATTESTOR {
+            self.attest_failed(&r.attestor, "bad_request", "unsupported attestor");
+            return Err(Status::invalid_argument(format!(
+                "unsupported attestor {:?}; supported: {}",
+                r.attestor,
+                join_token::ATTESTOR
+            )));
+        }
+        // Check the CSR before consuming the token: a bad request changes nothing.
+        if let Err(e) = crate::ca::x509svid::parse_csr(&r.csr) {
+            self.attest_failed(&r.attestor, "bad_request", &e.to_string());
+            return Err(Status::invalid_argument(e.to_string()));
+        }
+        let token = match join_token::redeem(st, &r.payload).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.attest_failed(&r.attestor, e.outcome(), &e.to_string());
+                return Err(e.into());
+            }
+        };
+        let agent_id = join_token::agent_id(&st.td_id(), &token.token_id);
+        let svid = st
+            .issue_identity(&r.csr, &agent_id, st.config.agent_svid_ttl, &agent_id, "agent")
+            .await
+            .map_err(|e| Status::new(issue_code(&e), e.to_string()))?;
+        let aliases = if token.alias_id.is_empty() { vec![] } else { vec![token.alias_id.clone()] };
+        let record = AgentRecord {
+            spiffe_id: agent_id.clone(),
+            attestor: r.attestor.clone(),
+            serial: svid.serial.clone(),
+            prev_serial: String::new(),
+            expires_at: unix(svid.not_after),
+            banned: false,
+            aliases: aliases.clone(),
+            attested_at: unix(SystemTime::now()),
+        };
+        st.store.upsert_agent(&record).await.map_err(|e| Status::internal(e.to_string()))?;
+        st.metrics
+            .attestations
+            .get_or_create(&AttestLabels { attestor: r.attestor.clone(), outcome: "ok" })
+            .inc();
+        st.audit
+            .record(vec![Event::new("attestation_succeeded")
+                .with("attestor", r.attestor)
+                .with("agent", agent_id.clone())
+                .with("aliases", aliases)
+                .with("serial", svid.serial.clone())])
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        st.refresh_gauges().await;
+        st.notify_change();
+        tracing::info!(agent = %agent_id, "agent attested");
+        let bundle = st.own_bundle().await.map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(AttestResponse { svid: Some(svid_to_proto(&svid)), bundle: Some(bundle) }))
+    }
+
+    async fn renew_agent(
+        &self,
+        req: Request<RenewAgentRequest>,
+    ) -> Result<Response<RenewAgentResponse>, Status> {
+        let mut agent = self.agent(&req).await?;
+        let st = &self.state;
+        let r = req.into_inner();
+        let svid = st
+            .issue_identity(&r.csr, &agent.spiffe_id, st.config.agent_svid_ttl, &agent.spiffe_id, "agent")
+            .await
+            .map_err(|e| Status::new(issue_code(&e), e.to_string()))?;
+        agent.prev_serial = std::mem::replace(&mut agent.serial, svid.serial.clone());
+        agent.expires_at = unix(svid.not_after);
+        st.store.upsert_agent(&agent).await.map_err(|e| Status::internal(e.to_string()))?;
+        let bundle = st.own_bundle().await.map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(RenewAgentResponse { svid: Some(svid_to_proto(&svid)), bundle: Some(bundle) }))
+    }
+
+    type SyncStream = ReceiverStream<Result<SyncResponse, Status>>;
+
+    async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
+        let agent = self.agent(&req).await?;
+        let leaf = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.certs.as_ref())
+            .and_then(|c| c.first().cloned())
+            .unwrap_or_default();
+        let st = self.state.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut changes = st.changes.subscribe();
+        tokio::spawn(async move {
+            st.metrics.sync_streams.inc();
+            let mut agent = agent;
+            loop {
+                changes.borrow_and_update();
+                let msg = async {
+                    let entries = st.store.list_entries_by_parents(&agent.parent_ids()).await?;
+                    let federated_bundles = st.federated_bundles_for(&entries).await?;
+                    let bundle = st.own_bundle().await?;
+                    Ok::<_, crate::store::StoreError>(SyncResponse {
+                        entries,
+                        bundle: Some(bundle),
+                        federated_bundles,
+                    })
+                }
+                .await
+                .map_err(|e| Status::internal(e.to_string()));
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { break },
+                    () = tx.closed() => break,
+                }
+                // A ban or eviction ends the stream.
+                match st.authenticate_agent(&leaf).await {
+                    Ok(a) => agent = a,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
+                }
+            }
+            st.metrics.sync_streams.dec();
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn sign_x509_svids(
+        &self,
+        req: Request<SignX509SvidsRequest>,
+    ) -> Result<Response<SignX509SvidsResponse>, Status> {
+        let started = Instant::now();
+        let agent = self.agent(&req).await?;
+        let st = self.state.clone();
+        let params = req.into_inner().params;
+        if params.is_empty() || params.len() > st.config.max_sign_batch {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds 1 to {} params, got {}",
+                st.config.max_sign_batch,
+                params.len()
+            )));
+        }
+        let ids: Vec<String> = params.iter().map(|p| p.entry_id.clone()).collect();
+        let entries: HashMap<String, Entry> = st
+            .store
+            .get_entries(&ids)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        let parents = agent.parent_ids();
+        let mut events = Vec::new();
+        let mut jobs = Vec::with_capacity(params.len());
+        for p in params {
+            match authorize_item(&entries, &parents, &p.entry_id) {
+                Ok(e) => jobs.push(Ok((e.clone(), p.csr))),
+                Err((code, msg)) => {
+                    if code == Code::PermissionDenied {
+                        tracing::warn!(agent = %agent.spiffe_id, entry = %p.entry_id, "signing refused: entry not parented by agent");
+                        events.push(Event::new("x509_svid_refused")
+                            .with("agent", agent.spiffe_id.clone())
+                            .with("entry_id", p.entry_id.clone())
+                            .with("reason", msg.clone()));
+                    }
+                    jobs.push(Err((code, msg)));
+                }
+            }
+        }
+        let default_ttl = st.config.default_svid_ttl;
+        let max_ttl = st.config.max_svid_ttl;
+        let ca = st.ca.clone();
+        let signed = tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now();
+            jobs.into_iter()
+                .map(|j| {
+                    let (entry, csr) = j?;
+                    let ttl = match u64::try_from(entry.x509_svid_ttl) {
+                        Ok(0) | Err(_) => default_ttl,
+                        Ok(s) => Duration::from_secs(s),
+                    }
+                    .min(max_ttl);
+                    ca.sign_x509_svid(&csr, &entry.spiffe_id, &entry.dns_names, ttl, now)
+                        .map(|s| (entry.id, s))
+                        .map_err(|e| (issue_code(&e), e.to_string()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+
+        let now = unix(SystemTime::now());
+        let mut records = Vec::new();
+        let mut results = Vec::with_capacity(signed.len());
+        let (mut ok, mut denied, mut not_found, mut invalid) = (0u64, 0u64, 0u64, 0u64);
+        for r in signed {
+            match r {
+                Ok((entry_id, s)) => {
+                    ok += 1;
+                    let rec = IssuedRecord {
+                        serial: s.serial.clone(),
+                        spiffe_id: s.spiffe_id.clone(),
+                        entry_id,
+                        agent_id: agent.spiffe_id.clone(),
+                        not_after: unix(s.not_after),
+                        issued_at: now,
+                    };
+                    events.push(Event::new("x509_svid_issued")
+                        .with("serial", rec.serial.clone())
+                        .with("spiffe_id", rec.spiffe_id.clone())
+                        .with("entry_id", rec.entry_id.clone())
+                        .with("agent", rec.agent_id.clone())
+                        .with("not_after", rec.not_after));
+                    records.push(rec);
+                    results.push(X509SvidResult { svid: Some(svid_to_proto(&s)), status: item_status(Code::Ok, "") });
+                }
+                Err((code, msg)) => {
+                    match code {
+                        Code::PermissionDenied => denied += 1,
+                        Code::NotFound => not_found += 1,
+                        _ => invalid += 1,
+                    }
+                    results.push(X509SvidResult { svid: None, status: item_status(code, msg) });
+                }
+            }
+        }
+        // Journal and audit before anything is handed out.
+        let outcome = if let Err(e) = st.store.record_issued(&records).await {
+            Err(Status::internal(format!("journal: {e}")))
+        } else if let Err(e) = st.audit.record(events).await {
+            Err(Status::internal(e.to_string()))
+        } else {
+            Ok(())
+        };
+        let m = &st.metrics;
+        if let Err(e) = outcome {
+            m.issued("x509", "error", ok);
+            m.sign_latency.get_or_create(&OutcomeLabels { outcome: "error" }).observe(started.elapsed().as_secs_f64());
+            return Err(e);
+        }
+        m.issued("x509", "ok", ok);
+        m.issued("x509", "denied", denied);
+        m.issued("x509", "not_found", not_found);
+        m.issued("x509", "invalid", invalid);
+        let label = if ok as usize == results.len() { "ok" } else { "partial" };
+        m.sign_latency.get_or_create(&OutcomeLabels { outcome: label }).observe(started.elapsed().as_secs_f64());
+        Ok(Response::new(SignX509SvidsResponse { results }))
+    }
+
+    async fn sign_jwt_svids(
+        &self,
+        req: Request<SignJwtSvidsRequest>,
+    ) -> Result<Response<SignJwtSvidsResponse>, Status> {
+        let agent = self.agent(&req).await?;
+        let st = &self.state;
+        let params = req.into_inner().params;
+        if params.is_empty() || params.len() > st.config.max_sign_batch {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds 1 to {} params, got {}",
+                st.config.max_sign_batch,
+                params.len()
+            )));
+        }
+        let ids: Vec<String> = params.iter().map(|p| p.entry_id.clone()).collect();
+        let entries: HashMap<String, Entry> = st
+            .store
+            .get_entries(&ids)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        let parents = agent.parent_ids();
+        let now = SystemTime::now();
+        let mut events = Vec::new();
+        let mut results = Vec::with_capacity(params.len());
+        for p in params {
+            let r = authorize_item(&entries, &parents, &p.entry_id).and_then(|e| {
+                if p.audience.is_empty() || p.audience.iter().any(String::is_empty) {
+                    return Err((Code::InvalidArgument, "audience is required".to_string()));
+                }
+                let ttl = match u64::try_from(e.jwt_svid_ttl) {
+                    Ok(0) | Err(_) => st.config.default_jwt_svid_ttl,
+                    Ok(s) => Duration::from_secs(s),
+                }
+                .min(st.config.max_svid_ttl);
+                st.jwt
+                    .sign(&e.spiffe_id, &p.audience, ttl, now, now + st.config.max_svid_ttl)
+                    .map(|j| (e, j))
+                    .map_err(|err| (Code::Internal, err.to_string()))
+            });
+            match r {
+                Ok((e, j)) => {
+                    st.metrics.issued("jwt", "ok", 1);
+                    events.push(Event::new("jwt_svid_issued")
+                        .with("spiffe_id", e.spiffe_id.clone())
+                        .with("entry_id", e.id.clone())
+                        .with("agent", agent.spiffe_id.clone())
+                        .with("audience", p.audience.clone())
+                        .with("expires_at", j.expires_at));
+                    results.push(JwtSvidResult {
+                        svid: Some(JwtSvid {
+                            spiffe_id: e.spiffe_id.clone(),
+                            token: j.token,
+                            issued_at: j.issued_at,
+                            expires_at: j.expires_at,
+                        }),
+                        status: item_status(Code::Ok, ""),
+                    });
+                }
+                Err((code, msg)) => {
+                    st.metrics.issued("jwt", if code == Code::PermissionDenied { "denied" } else { "invalid" }, 1);
+                    if code == Code::PermissionDenied {
+                        events.push(Event::new("jwt_svid_refused")
+                            .with("agent", agent.spiffe_id.clone())
+                            .with("entry_id", p.entry_id.clone()));
+                    }
+                    results.push(JwtSvidResult { svid: None, status: item_status(code, msg) });
+                }
+            }
+        }
+        st.audit.record(events).await.map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(SignJwtSvidsResponse { results }))
+    }
+}

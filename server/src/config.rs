@@ -1,0 +1,265 @@
+//! Server configuration: one TOML file, unknown keys refused.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, or has unknown keys or wrong types.
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// What the parser said (names the key and line).
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// `[store]`: where the registry lives.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// Embedded SQLite (default). `path` defaults to `<data_dir>/meshid.db`.
+    Sqlite {
+        /// Database file.
+        path: Option<PathBuf>,
+    },
+    /// PostgreSQL, shared by several servers.
+    Postgres {
+        /// Connection URL, e.g. `postgres://user@host/meshid`.
+        url: String,
+    },
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self::Sqlite { path: None }
+    }
+}
+
+/// `[upstream]`: an external CA under which the server keeps its own
+/// intermediate signing CA.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// PEM: the upstream CA certificate, followed by any intermediates up to
+    /// (optionally including) the root.
+    pub cert_path: PathBuf,
+    /// PEM private key of the upstream CA certificate.
+    pub key_path: PathBuf,
+    /// PEM roots of trust published in the bundle. Defaults to the last
+    /// certificate of `cert_path`, which must then be self-signed.
+    pub bundle_path: Option<PathBuf>,
+}
+
+/// The server's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The trust domain name, e.g. `example.org`.
+    pub trust_domain: String,
+    /// Directory for CA keys, the default SQLite database and the audit log.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Node API (agents) listen address.
+    #[serde(default = "default_bind_address")]
+    pub bind_address: SocketAddr,
+    /// Admin API Unix socket; default `<data_dir>/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
+    /// Prometheus metrics, `/healthz` and `/readyz`; off when unset.
+    pub metrics_address: Option<SocketAddr>,
+    /// X509-SVID TTL for entries that set none.
+    #[serde(default = "default_svid_ttl", with = "humantime_serde")]
+    pub default_svid_ttl: Duration,
+    /// Upper bound for any SVID TTL.
+    #[serde(default = "default_max_svid_ttl", with = "humantime_serde")]
+    pub max_svid_ttl: Duration,
+    /// JWT-SVID TTL for entries that set none.
+    #[serde(default = "default_jwt_ttl", with = "humantime_serde")]
+    pub default_jwt_svid_ttl: Duration,
+    /// Agent SVID TTL.
+    #[serde(default = "default_svid_ttl", with = "humantime_serde")]
+    pub agent_svid_ttl: Duration,
+    /// Lifetime of the server's signing CA.
+    #[serde(default = "default_ca_ttl", with = "humantime_serde")]
+    pub ca_ttl: Duration,
+    /// Default join token TTL.
+    #[serde(default = "default_join_token_ttl", with = "humantime_serde")]
+    pub join_token_ttl: Duration,
+    /// Audit log file (JSON lines); default `<data_dir>/audit.log`.
+    pub audit_log: Option<PathBuf>,
+    /// Largest number of SVIDs signed in one node API call.
+    #[serde(default = "default_max_batch")]
+    pub max_sign_batch: usize,
+    /// Storage backend.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Optional upstream CA.
+    pub upstream: Option<UpstreamConfig>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/meshid/server")
+}
+fn default_bind_address() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8081))
+}
+fn default_svid_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_svid_ttl() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_jwt_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_ca_ttl() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_join_token_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_batch() -> usize {
+    1000
+}
+
+impl ServerConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        spiffe::TrustDomain::new(&self.trust_domain).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "trust_domain {:?} is not a valid trust domain name: {e}",
+                self.trust_domain
+            ))
+        })?;
+        if self.trust_domain.starts_with("spiffe://") {
+            return Err(ConfigError::Invalid(
+                "trust_domain is a name like \"example.org\", without spiffe://".into(),
+            ));
+        }
+        let min = Duration::from_secs(1);
+        for (name, d) in [
+            ("default_svid_ttl", self.default_svid_ttl),
+            ("max_svid_ttl", self.max_svid_ttl),
+            ("agent_svid_ttl", self.agent_svid_ttl),
+            ("default_jwt_svid_ttl", self.default_jwt_svid_ttl),
+            ("ca_ttl", self.ca_ttl),
+            ("join_token_ttl", self.join_token_ttl),
+        ] {
+            if d < min {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1s")));
+            }
+        }
+        if self.default_svid_ttl > self.max_svid_ttl {
+            return Err(ConfigError::Invalid(format!(
+                "default_svid_ttl ({}) exceeds max_svid_ttl ({})",
+                humantime::format_duration(self.default_svid_ttl),
+                humantime::format_duration(self.max_svid_ttl)
+            )));
+        }
+        if self.max_sign_batch == 0 {
+            return Err(ConfigError::Invalid("max_sign_batch must be > 0".into()));
+        }
+        Ok(())
+    }
+
+    /// The admin socket path in effect.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+
+    /// The audit log path in effect.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit.log"))
+    }
+
+    /// `spiffe://<trust_domain>`.
+    pub fn trust_domain_id(&self) -> String {
+        format!("spiffe://{}", self.trust_domain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = ServerConfig::parse("trust_domain = \"example.org\"").expect("parses");
+        assert_eq!(c.default_svid_ttl, Duration::from_secs(3600));
+        assert_eq!(c.max_svid_ttl, Duration::from_secs(7 * 86400));
+        assert_eq!(c.store, StoreConfig::Sqlite { path: None });
+    }
+
+    #[test]
+    fn durations_and_store() {
+        let c = ServerConfig::parse(
+            "trust_domain = \"td\"\ndefault_svid_ttl = \"30s\"\nca_ttl = \"2d\"\n[store]\nkind = \"sqlite\"\npath = \"/tmp/x.db\"\n",
+        )
+        .expect("parses");
+        assert_eq!(c.default_svid_ttl, Duration::from_secs(30));
+        assert_eq!(c.ca_ttl, Duration::from_secs(2 * 86400));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let e = ServerConfig::parse("trust_domain = \"td\"\nbind_adress = \"1.2.3.4:1\"")
+            .expect_err("unknown key");
+        assert!(e.to_string().contains("bind_adress"), "{e}");
+    }
+
+    #[test]
+    fn bad_trust_domain_and_ttls() {
+        assert!(ServerConfig::parse("trust_domain = \"Bad TD\"").is_err());
+        assert!(
+            ServerConfig::parse(
+                "trust_domain = \"td\"\ndefault_svid_ttl = \"8d\"\nmax_svid_ttl = \"7d\""
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! The running server's shared state and the operations both APIs use.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshid_proto::types::{Bundle, Entry, JwtKey, X509Svid};
+use tokio::sync::watch;
+
+use crate::audit::{AuditLog, Event};
+use crate::ca::{IssuedSvid, JwtSigner, SigningCa};
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::store::{AgentRecord, IssuedRecord, Store, StoreError};
+use meshid_identity::svid::unix;
+
+/// Shared by the node API, the admin API and background tasks.
+pub struct ServerState {
+    /// Configuration in effect.
+    pub config: ServerConfig,
+    /// The signing CA.
+    pub ca: Arc<SigningCa>,
+    /// The JWT-SVID signer.
+    pub jwt: Arc<JwtSigner>,
+    /// Persistent state.
+    pub store: Arc<dyn Store>,
+    /// Audit log.
+    pub audit: AuditLog,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Bumped on every change that agents must see (entries, bundles, agents).
+    pub changes: watch::Sender<u64>,
+    /// Addresses actually bound, for the Health RPC.
+    pub node_address: std::sync::OnceLock<String>,
+    /// Metrics address actually bound.
+    pub metrics_address: std::sync::OnceLock<String>,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState").finish_non_exhaustive()
+    }
+}
+
+/// The SPIFFE ID prefix reserved for meshid's own components.
+pub const RESERVED_PATH: &str = "/meshid/";
+
+/// Converts a signed SVID to the wire type.
+pub fn svid_to_proto(s: &IssuedSvid) -> X509Svid {
+    X509Svid {
+        spiffe_id: s.spiffe_id.clone(),
+        cert_chain: s.chain.clone(),
+        expires_at: unix(s.not_after),
+        serial: s.serial.clone(),
+    }
+}
+
+impl ServerState {
+    /// `spiffe://<td>`.
+    pub fn td_id(&self) -> String {
+        self.config.trust_domain_id()
+    }
+
+    /// The server's own SPIFFE ID.
+    pub fn server_id(&self) -> String {
+        format!("{}/meshid/server", self.td_id())
+    }
+
+    /// Signals agents that something changed.
+    pub fn notify_change(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// The trust domain's own bundle, as stored (published at start-up).
+    pub async fn own_bundle(&self) -> Result<Bundle, StoreError> {
+        Ok(self
+            .store
+            .get_bundle(&self.config.trust_domain)
+            .await?
+            .unwrap_or_else(|| self.build_own_bundle(0)))
+    }
+
+    fn build_own_bundle(&self, sequence_number: i64) -> Bundle {
+        Bundle {
+            trust_domain: self.config.trust_domain.clone(),
+            x509_authorities: self.ca.roots().to_vec(),
+            jwt_authorities: vec![JwtKey {
+                key_id: self.jwt.kid().to_string(),
+                public_key: self.jwt.public_key_der().to_vec(),
+                expires_at: 0,
+            }],
+            sequence_number,
+            refresh_hint: 300,
+        }
+    }
+
+    /// Validates the CA chain, then publishes the own bundle if it changed
+    /// (bumping its sequence number). An invalid chain is never published.
+    pub async fn publish_own_bundle(&self) -> anyhow::Result<Bundle> {
+        self.ca.revalidate(SystemTime::now())?;
+        let stored = self.store.get_bundle(&self.config.trust_domain).await?;
+        let seq = stored.as_ref().map_or(0, |b| b.sequence_number);
+        let mut next = self.build_own_bundle(seq);
+        if let Some(old) = stored {
+            if old.x509_authorities == next.x509_authorities
+                && old.jwt_authorities == next.jwt_authorities
+            {
+                return Ok(old);
+            }
+        }
+        next.sequence_number = seq + 1;
+        self.store.put_bundle(&next, false).await?;
+        self.audit
+            .record(vec![Event::new("bundle_published")
+                .with("trust_domain", next.trust_domain.clone())
+                .with("sequence_number", next.sequence_number)
+                .with("x509_authorities", next.x509_authorities.len())])
+            .await?;
+        self.notify_change();
+        Ok(next)
+    }
+
+    /// Bundles of the trust domains the entries federate with.
+    pub async fn federated_bundles_for(&self, entries: &[Entry]) -> Result<Vec<Bundle>, StoreError> {
+        let mut wanted: Vec<String> = entries
+            .iter()
+            .flat_map(|e| e.federates_with.iter())
+            .map(|td| td.trim_start_matches("spiffe://").to_string())
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .store
+            .list_federated_bundles()
+            .await?
+            .into_iter()
+            .filter(|b| wanted.contains(&b.trust_domain))
+            .collect())
+    }
+
+    /// Signs an agent or server SVID, journals and audits it.
+    pub async fn issue_identity(
+        &self,
+        csr: &[u8],
+        spiffe_id: &str,
+        ttl: Duration,
+        agent_id: &str,
+        kind: &'static str,
+    ) -> Result<IssuedSvid, crate::ca::IssueError> {
+        let ttl = ttl.min(self.config.max_svid_ttl);
+        let svid = self
+            .ca
+            .sign_x509_svid(csr, spiffe_id, &[], ttl, SystemTime::now());
+        match &svid {
+            Ok(s) => {
+                self.metrics.issued(kind, "ok", 1);
+                let rec = IssuedRecord {
+                    serial: s.serial.clone(),
+                    spiffe_id: s.spiffe_id.clone(),
+                    entry_id: String::new(),
+                    agent_id: agent_id.to_string(),
+                    not_after: unix(s.not_after),
+                    issued_at: unix(SystemTime::now()),
+                };
+                if let Err(e) = self.store.record_issued(std::slice::from_ref(&rec)).await {
+                    tracing::error!(error = %e, "cannot journal issued certificate");
+                }
+                let ev = Event::new("x509_svid_issued")
+                    .with("kind", kind)
+                    .with("serial", rec.serial)
+                    .with("spiffe_id", rec.spiffe_id)
+                    .with("agent", agent_id)
+                    .with("not_after", rec.not_after);
+                if let Err(e) = self.audit.record(vec![ev]).await {
+                    tracing::error!(error = %e, "cannot write audit log");
+                }
+            }
+            Err(_) => self.metrics.issued(kind, "invalid", 1),
+        }
+        svid
+    }
+
+    /// Refreshes the entry and agent gauges.
+    pub async fn refresh_gauges(&self) {
+        if let Ok(n) = self.store.count_entries().await {
+            self.metrics.entries.set(n);
+        }
+        if let Ok(a) = self.store.list_agents().await {
+            self.metrics.agents.set(i64::try_from(a.len()).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Looks up the agent behind a verified client certificate. Refuses
+    /// unknown (never attested or evicted) and banned agents, and SVIDs the
+    /// agent has since replaced.
+    pub async fn authenticate_agent(&self, leaf_der: &[u8]) -> Result<AgentRecord, tonic::Status> {
+        let info = meshid_identity::SvidInfo::from_der(leaf_der)
+            .map_err(|e| tonic::Status::unauthenticated(format!("client certificate: {e}")))?;
+        let id = info.spiffe_id.to_string();
+        let agent = self
+            .store
+            .get_agent(&id)
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .ok_or_else(|| {
+                tonic::Status::permission_denied(format!(
+                    "unknown agent {id}: never attested, or evicted"
+                ))
+            })?;
+        if agent.banned {
+            return Err(tonic::Status::permission_denied(format!("agent {id} is banned")));
+        }
+        if info.serial != agent.serial && info.serial != agent.prev_serial {
+            return Err(tonic::Status::permission_denied(format!(
+                "agent {id} presented SVID serial {} which has been superseded",
+                info.serial
+            )));
+        }
+        Ok(agent)
+    }
+}

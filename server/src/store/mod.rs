@@ -1,0 +1,183 @@
+//! The registry's storage: one [`Store`] trait, with an embedded SQLite
+//! implementation as the default. A PostgreSQL implementation is a second
+//! impl of the same trait.
+//!
+//! Entries and bundles are kept as the wire messages of `meshid-proto`
+//! (prost-encoded), so the store, the node API and the admin API share one
+//! model and nothing is translated twice.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use meshid_proto::admin::EntryFilter;
+use meshid_proto::types::{Bundle, Entry};
+
+pub use sqlite::SqliteStore;
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The row does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A conflicting row exists.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// An optimistic-concurrency check failed.
+    #[error("changed concurrently: {0}")]
+    Conflict(String),
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Stored data does not decode.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// A join token as stored (its hash, never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    /// Hex SHA-256 of the token.
+    pub token_hash: String,
+    /// Public id, used in the agent SPIFFE ID.
+    pub token_id: String,
+    /// Alias SPIFFE ID given at creation, or empty.
+    pub alias_id: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// An attested agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// The agent's SPIFFE ID.
+    pub spiffe_id: String,
+    /// Attestor that admitted it.
+    pub attestor: String,
+    /// Serial of its current SVID.
+    pub serial: String,
+    /// Serial of the SVID before the last renewal (accepted until it expires).
+    pub prev_serial: String,
+    /// notAfter of the current SVID, Unix seconds.
+    pub expires_at: i64,
+    /// Banned agents are refused everything.
+    pub banned: bool,
+    /// Alias SPIFFE IDs the agent also holds.
+    pub aliases: Vec<String>,
+    /// Unix seconds.
+    pub attested_at: i64,
+}
+
+impl AgentRecord {
+    /// The IDs an entry's parent may name for this agent.
+    pub fn parent_ids(&self) -> Vec<String> {
+        let mut v = vec![self.spiffe_id.clone()];
+        v.extend(self.aliases.iter().cloned());
+        v
+    }
+}
+
+/// Metadata of a CA key the server has used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaRecord {
+    /// Hex serial.
+    pub serial: String,
+    /// `self_signed` or `intermediate`.
+    pub kind: String,
+    /// Subject DN.
+    pub subject: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// `active`, `retired`.
+    pub state: String,
+}
+
+/// One issued certificate, for the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedRecord {
+    /// Hex serial.
+    pub serial: String,
+    /// SPIFFE ID in the certificate.
+    pub spiffe_id: String,
+    /// Entry it was issued for (empty for agent SVIDs).
+    pub entry_id: String,
+    /// Agent that requested it.
+    pub agent_id: String,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Unix seconds.
+    pub issued_at: i64,
+}
+
+/// Everything the server persists. Every multi-row change is atomic.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates an entry. Refuses a duplicate (same SPIFFE ID, parent and
+    /// selector set).
+    async fn create_entry(&self, entry: &Entry) -> Result<(), StoreError>;
+    /// One entry by id.
+    async fn get_entry(&self, id: &str) -> Result<Option<Entry>, StoreError>;
+    /// Entries by ids (missing ids are skipped).
+    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Entry>, StoreError>;
+    /// Entries matching a filter (empty filter: all), ordered by creation.
+    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError>;
+    /// Entries whose parent is one of `parents`.
+    async fn list_entries_by_parents(&self, parents: &[String]) -> Result<Vec<Entry>, StoreError>;
+    /// Replaces an entry if its stored revision is `expected_revision`.
+    async fn update_entry(&self, entry: &Entry, expected_revision: i64) -> Result<(), StoreError>;
+    /// Deletes entries atomically; fails without deleting anything if one is
+    /// missing.
+    async fn delete_entries(&self, ids: &[String]) -> Result<(), StoreError>;
+    /// Number of entries.
+    async fn count_entries(&self) -> Result<i64, StoreError>;
+
+    /// Stores a new join token.
+    async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError>;
+    /// Atomically removes and returns a token: a token can be consumed once.
+    async fn consume_join_token(&self, token_hash: &str) -> Result<Option<JoinTokenRecord>, StoreError>;
+
+    /// Inserts or replaces an agent.
+    async fn upsert_agent(&self, agent: &AgentRecord) -> Result<(), StoreError>;
+    /// One agent.
+    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError>;
+    /// All agents.
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Removes an agent (eviction).
+    async fn delete_agent(&self, spiffe_id: &str) -> Result<(), StoreError>;
+
+    /// Inserts or replaces a bundle.
+    async fn put_bundle(&self, bundle: &Bundle, federated: bool) -> Result<(), StoreError>;
+    /// One bundle.
+    async fn get_bundle(&self, trust_domain: &str) -> Result<Option<Bundle>, StoreError>;
+    /// Federated bundles.
+    async fn list_federated_bundles(&self) -> Result<Vec<Bundle>, StoreError>;
+    /// Removes a federated bundle.
+    async fn delete_bundle(&self, trust_domain: &str) -> Result<(), StoreError>;
+
+    /// Records CA metadata.
+    async fn put_ca(&self, ca: &CaRecord) -> Result<(), StoreError>;
+    /// Journals issued certificates (one transaction).
+    async fn record_issued(&self, certs: &[IssuedRecord]) -> Result<(), StoreError>;
+    /// Looks up a journaled certificate.
+    async fn get_issued(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError>;
+}
+
+/// Whether `entry` satisfies `filter` (fields ANDed; empty fields ignored).
+pub fn entry_matches(entry: &Entry, filter: &EntryFilter) -> bool {
+    (filter.parent_id.is_empty() || entry.parent_id == filter.parent_id)
+        && (filter.spiffe_id.is_empty() || entry.spiffe_id == filter.spiffe_id)
+        && filter.selectors.iter().all(|s| entry.selectors.contains(s))
+}
+
+/// Whether a filter matches everything.
+pub fn filter_is_empty(filter: &EntryFilter) -> bool {
+    filter.parent_id.is_empty() && filter.spiffe_id.is_empty() && filter.selectors.is_empty()
+}

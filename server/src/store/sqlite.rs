@@ -1,0 +1,445 @@
+//! The embedded SQLite store (default). WAL journal, `synchronous=FULL`, so an
+//! acknowledged change survives a crash.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use prost::Message;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use meshid_proto::admin::EntryFilter;
+use meshid_proto::types::{Bundle, Entry};
+
+use super::{
+    AgentRecord, CaRecord, IssuedRecord, JoinTokenRecord, Store, StoreError, entry_matches,
+};
+
+/// SQLite-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn decode_entry(data: &[u8]) -> Result<Entry, StoreError> {
+    Entry::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn decode_bundle(data: &[u8]) -> Result<Bundle, StoreError> {
+    Bundle::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn sorted_selectors(e: &Entry) -> Vec<(String, String)> {
+    let mut v: Vec<_> = e
+        .selectors
+        .iter()
+        .map(|s| (s.r#type.clone(), s.value.clone()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn agent_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord, StoreError> {
+    let aliases: String = r.try_get("aliases")?;
+    Ok(AgentRecord {
+        spiffe_id: r.try_get("spiffe_id")?,
+        attestor: r.try_get("attestor")?,
+        serial: r.try_get("serial")?,
+        prev_serial: r.try_get("prev_serial")?,
+        expires_at: r.try_get("expires_at")?,
+        banned: r.try_get::<i64, _>("banned")? != 0,
+        aliases: serde_json::from_str(&aliases).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        attested_at: r.try_get("attested_at")?,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating) the database at `path` and runs migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+        }
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_entry(&self, entry: &Entry) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query("SELECT data FROM entries WHERE spiffe_id = ? AND parent_id = ?")
+            .bind(&entry.spiffe_id)
+            .bind(&entry.parent_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let want = sorted_selectors(entry);
+        for r in rows {
+            let existing = decode_entry(r.try_get::<&[u8], _>("data")?)?;
+            if sorted_selectors(&existing) == want {
+                return Err(StoreError::AlreadyExists(format!(
+                    "entry {} has the same SPIFFE ID, parent and selectors",
+                    existing.id
+                )));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO entries (id, spiffe_id, parent_id, data, revision, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&entry.id)
+        .bind(&entry.spiffe_id)
+        .bind(&entry.parent_id)
+        .bind(entry.encode_to_vec())
+        .bind(entry.revision)
+        .bind(entry.created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
+        let row = sqlx::query("SELECT data FROM entries WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| decode_entry(r.try_get::<&[u8], _>("data")?))
+            .transpose()
+    }
+
+    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Entry>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let q = format!(
+                "SELECT data FROM entries WHERE id IN ({})",
+                vec!["?"; chunk.len()].join(",")
+            );
+            let mut query = sqlx::query(&q);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            for r in query.fetch_all(&self.pool).await? {
+                out.push(decode_entry(r.try_get::<&[u8], _>("data")?)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError> {
+        let rows = sqlx::query("SELECT data FROM entries ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let e = decode_entry(r.try_get::<&[u8], _>("data")?)?;
+            if entry_matches(&e, filter) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_entries_by_parents(&self, parents: &[String]) -> Result<Vec<Entry>, StoreError> {
+        if parents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let q = format!(
+            "SELECT data FROM entries WHERE parent_id IN ({}) ORDER BY created_at, id",
+            vec!["?"; parents.len()].join(",")
+        );
+        let mut query = sqlx::query(&q);
+        for p in parents {
+            query = query.bind(p);
+        }
+        query
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| decode_entry(r.try_get::<&[u8], _>("data")?))
+            .collect()
+    }
+
+    async fn update_entry(&self, entry: &Entry, expected_revision: i64) -> Result<(), StoreError> {
+        let res = sqlx::query(
+            "UPDATE entries SET spiffe_id = ?, parent_id = ?, data = ?, revision = ? WHERE id = ? AND revision = ?",
+        )
+        .bind(&entry.spiffe_id)
+        .bind(&entry.parent_id)
+        .bind(entry.encode_to_vec())
+        .bind(entry.revision)
+        .bind(&entry.id)
+        .bind(expected_revision)
+        .execute(&self.pool)
+        .await?;
+        if res.rows_affected() == 1 {
+            Ok(())
+        } else if self.get_entry(&entry.id).await?.is_some() {
+            Err(StoreError::Conflict(format!("entry {} was changed concurrently", entry.id)))
+        } else {
+            Err(StoreError::NotFound(format!("entry {}", entry.id)))
+        }
+    }
+
+    async fn delete_entries(&self, ids: &[String]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for id in ids {
+            let res = sqlx::query("DELETE FROM entries WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            if res.rows_affected() != 1 {
+                return Err(StoreError::NotFound(format!("entry {id}")));
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn count_entries(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM entries")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn create_join_token(&self, t: &JoinTokenRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO join_tokens (token_hash, token_id, alias_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&t.token_hash)
+        .bind(&t.token_id)
+        .bind(&t.alias_id)
+        .bind(t.expires_at)
+        .bind(t.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn consume_join_token(&self, token_hash: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
+        let row = sqlx::query(
+            "DELETE FROM join_tokens WHERE token_hash = ? RETURNING token_hash, token_id, alias_id, expires_at, created_at",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(JoinTokenRecord {
+                token_hash: r.try_get("token_hash")?,
+                token_id: r.try_get("token_id")?,
+                alias_id: r.try_get("alias_id")?,
+                expires_at: r.try_get("expires_at")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn upsert_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
+        let aliases = serde_json::to_string(&a.aliases).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO agents (spiffe_id, attestor, serial, prev_serial, expires_at, banned, aliases, attested_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT(spiffe_id) DO UPDATE SET attestor = excluded.attestor, serial = excluded.serial,
+               prev_serial = excluded.prev_serial, expires_at = excluded.expires_at, banned = excluded.banned,
+               aliases = excluded.aliases, attested_at = excluded.attested_at",
+        )
+        .bind(&a.spiffe_id)
+        .bind(&a.attestor)
+        .bind(&a.serial)
+        .bind(&a.prev_serial)
+        .bind(a.expires_at)
+        .bind(i64::from(a.banned))
+        .bind(aliases)
+        .bind(a.attested_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        sqlx::query("SELECT * FROM agents WHERE spiffe_id = ?")
+            .bind(spiffe_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(agent_from_row)
+            .transpose()
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        sqlx::query("SELECT * FROM agents ORDER BY attested_at, spiffe_id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(agent_from_row)
+            .collect()
+    }
+
+    async fn delete_agent(&self, spiffe_id: &str) -> Result<(), StoreError> {
+        let res = sqlx::query("DELETE FROM agents WHERE spiffe_id = ?")
+            .bind(spiffe_id)
+            .execute(&self.pool)
+            .await?;
+        if res.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!("agent {spiffe_id}")))
+        }
+    }
+
+    async fn put_bundle(&self, b: &Bundle, federated: bool) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO bundles (trust_domain, federated, data, updated_at) VALUES (?, ?, ?, strftime('%s','now'))
+             ON CONFLICT(trust_domain) DO UPDATE SET federated = excluded.federated, data = excluded.data, updated_at = excluded.updated_at",
+        )
+        .bind(&b.trust_domain)
+        .bind(i64::from(federated))
+        .bind(b.encode_to_vec())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_bundle(&self, trust_domain: &str) -> Result<Option<Bundle>, StoreError> {
+        sqlx::query("SELECT data FROM bundles WHERE trust_domain = ?")
+            .bind(trust_domain)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| decode_bundle(r.try_get::<&[u8], _>("data")?))
+            .transpose()
+    }
+
+    async fn list_federated_bundles(&self) -> Result<Vec<Bundle>, StoreError> {
+        sqlx::query("SELECT data FROM bundles WHERE federated = 1 ORDER BY trust_domain")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| decode_bundle(r.try_get::<&[u8], _>("data")?))
+            .collect()
+    }
+
+    async fn delete_bundle(&self, trust_domain: &str) -> Result<(), StoreError> {
+        let res = sqlx::query("DELETE FROM bundles WHERE trust_domain = ? AND federated = 1")
+            .bind(trust_domain)
+            .execute(&self.pool)
+            .await?;
+        if res.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!("federated bundle {trust_domain}")))
+        }
+    }
+
+    async fn put_ca(&self, ca: &CaRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO ca_keys (serial, kind, subject, not_before, not_after, state, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, strftime('%s','now'))
+             ON CONFLICT(serial) DO UPDATE SET state = excluded.state",
+        )
+        .bind(&ca.serial)
+        .bind(&ca.kind)
+        .bind(&ca.subject)
+        .bind(ca.not_before)
+        .bind(ca.not_after)
+        .bind(&ca.state)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_issued(&self, certs: &[IssuedRecord]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for c in certs {
+            sqlx::query(
+                "INSERT INTO issued_certs (serial, spiffe_id, entry_id, agent_id, not_after, issued_at) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&c.serial)
+            .bind(&c.spiffe_id)
+            .bind(&c.entry_id)
+            .bind(&c.agent_id)
+            .bind(c.not_after)
+            .bind(c.issued_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_issued(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError> {
+        sqlx::query("SELECT * FROM issued_certs WHERE serial = ?")
+            .bind(serial)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| {
+                Ok(IssuedRecord {
+                    serial: r.try_get("serial")?,
+                    spiffe_id: r.try_get("spiffe_id")?,
+                    entry_id: r.try_get("entry_id")?,
+                    agent_id: r.try_get("agent_id")?,
+                    not_after: r.try_get("not_after")?,
+                    issued_at: r.try_get("issued_at")?,
+                })
+            })
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshid_proto::types::Selector;
+
+    fn entry(id: &str, parent: &str, uid: &str) -> Entry {
+        Entry {
+            id: id.into(),
+            spiffe_id: "spiffe://td/w".into(),
+            parent_id: parent.into(),
+            selectors: vec![Selector { r#type: "unix".into(), value: format!("uid:{uid}") }],
+            revision: 1,
+            created_at: 1,
+            ..Entry::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_tokens_and_atomic_delete() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = SqliteStore::open(&dir.path().join("m.db")).await.expect("open");
+        s.create_entry(&entry("a", "spiffe://td/agent", "1")).await.expect("a");
+        assert!(matches!(
+            s.create_entry(&entry("b", "spiffe://td/agent", "1")).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        s.create_entry(&entry("c", "spiffe://td/agent", "2")).await.expect("c");
+        assert_eq!(s.list_entries_by_parents(&["spiffe://td/agent".into()]).await.expect("l").len(), 2);
+        // A delete that names a missing id deletes nothing.
+        assert!(s.delete_entries(&["a".into(), "zzz".into()]).await.is_err());
+        assert_eq!(s.count_entries().await.expect("n"), 2);
+        // Optimistic concurrency.
+        let mut a = s.get_entry("a").await.expect("g").expect("some");
+        a.revision = 2;
+        s.update_entry(&a, 1).await.expect("update");
+        assert!(matches!(s.update_entry(&a, 1).await, Err(StoreError::Conflict(_))));
+        // Tokens are single use.
+        let t = JoinTokenRecord { token_hash: "h".into(), token_id: "i".into(), alias_id: String::new(), expires_at: 10, created_at: 1 };
+        s.create_join_token(&t).await.expect("tok");
+        assert_eq!(s.consume_join_token("h").await.expect("c1"), Some(t));
+        assert_eq!(s.consume_join_token("h").await.expect("c2"), None);
+    }
+}

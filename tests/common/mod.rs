@@ -1,0 +1,216 @@
+//! Test harness: real `meshid` processes on loopback, in temp directories.
+#![allow(dead_code, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use meshid_identity::verify::{Authorizer, SpiffeServerVerifier, TrustBundles};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tonic::transport::{Channel, Endpoint};
+
+pub const TD: &str = "example.org";
+
+/// The `meshid` binary under test.
+pub fn meshid() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshid"))
+}
+
+/// Polls `cond` until it returns `Some`, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A running `meshid server run`.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub admin_socket: PathBuf,
+    pub node_addr: String,
+    pub metrics_addr: String,
+    child: Option<Child>,
+}
+
+/// Writes a server config into `dir` with `extra` TOML appended.
+pub fn write_server_config(dir: &Path, extra: &str) -> PathBuf {
+    let cfg = format!(
+        "trust_domain = \"{TD}\"\ndata_dir = \"{d}/data\"\nbind_address = \"127.0.0.1:0\"\nadmin_socket = \"{d}/admin.sock\"\nmetrics_address = \"127.0.0.1:0\"\n{extra}\n",
+        d = dir.display()
+    );
+    let p = dir.join("server.toml");
+    std::fs::write(&p, cfg).expect("write config");
+    p
+}
+
+impl Server {
+    /// Starts a server with `extra` config and waits until it answers.
+    pub fn start(extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_server_config(dir.path(), extra);
+        Self::start_with(dir, config)
+    }
+
+    /// Starts a server on an existing directory and config.
+    pub fn start_with(dir: tempfile::TempDir, config: PathBuf) -> Self {
+        let admin_socket = dir.path().join("admin.sock");
+        let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
+        let child = meshid()
+            .args(["server", "run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn server");
+        let mut s = Self {
+            dir,
+            config,
+            admin_socket,
+            node_addr: String::new(),
+            metrics_addr: String::new(),
+            child: Some(child),
+        };
+        let health: serde_json::Value = wait_for("server readiness", Duration::from_secs(30), || {
+            if let Some(c) = s.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("server exited early ({status}): {}", s.log());
+                }
+            }
+            let out = s.cli(&["healthcheck", "--json"]);
+            out.status
+                .success()
+                .then(|| serde_json::from_slice(&out.stdout).expect("health json"))
+        });
+        s.node_addr = health["node_address"].as_str().expect("node addr").to_string();
+        s.metrics_addr = health["metrics_address"].as_str().unwrap_or_default().to_string();
+        s
+    }
+
+    /// Runs `meshid server <args> --admin-socket <sock>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        meshid()
+            .arg("server")
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .output()
+            .expect("run cli")
+    }
+
+    /// Runs a CLI command that must succeed; returns trimmed stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "meshid server {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// The audit log so far.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("data/audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    /// Bundle PEM as `meshid server bundle show` prints it.
+    pub fn bundle_pem(&self) -> String {
+        self.ok(&["bundle", "show", "--format", "pem"]) + "\n"
+    }
+
+    /// Stops the server (SIGTERM) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid")),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A client identity: certificate chain and PKCS#8 key.
+pub type Identity = (Vec<Vec<u8>>, Vec<u8>);
+
+/// A gRPC channel to the node API over mTLS, verifying the server's SPIFFE ID.
+pub async fn node_channel(addr: &str, bundle_pem: &str, identity: Option<Identity>) -> Channel {
+    let provider = meshid_identity::crypto::provider();
+    let roots = meshid_identity::pem::parse_certs(bundle_pem.as_bytes()).expect("bundle pem");
+    let mut bundles = TrustBundles::new();
+    bundles.add(TD, &roots);
+    let server_id = format!("spiffe://{TD}/meshid/server").parse().expect("id");
+    let verifier = SpiffeServerVerifier::new(bundles, Authorizer::Exact(server_id), &provider);
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(meshid_identity::crypto::versions(false))
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                chain.into_iter().map(CertificateDer::from).collect(),
+                PrivateKeyDer::Pkcs8(key.into()),
+            )
+            .expect("client cert"),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let addr = addr.to_string();
+    Endpoint::from_static("http://meshid-server")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (connector, addr) = (connector.clone(), addr.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = ServerName::try_from("meshid-server").expect("name");
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .expect("connect node API")
+}
+
+/// A fresh P-256 key and a CSR for it.
+pub fn key_and_csr() -> (rcgen::KeyPair, Vec<u8>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .expect("csr")
+        .der()
+        .to_vec();
+    (key, csr)
+}
