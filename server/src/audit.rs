@@ -30,7 +30,9 @@ impl Event {
         let mut m = Map::new();
         m.insert(
             "ts".into(),
-            Value::String(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()),
+            Value::String(
+                humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            ),
         );
         m.insert("event".into(), Value::String(kind.into()));
         Self(m)

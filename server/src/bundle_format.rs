@@ -56,21 +56,21 @@ fn jwk_of_spki(spki: &SubjectPublicKeyInfo<'_>) -> Option<serde_json::Map<String
 pub fn to_spiffe_json(b: &Bundle) -> Value {
     let mut keys = Vec::new();
     for der in &b.x509_authorities {
-        if let Ok((_, c)) = X509Certificate::from_der(der) {
-            if let Some(mut k) = jwk_of_spki(c.public_key()) {
-                k.insert("use".into(), "x509-svid".into());
-                k.insert("x5c".into(), json!([STANDARD.encode(der)]));
-                keys.push(Value::Object(k));
-            }
+        if let Ok((_, c)) = X509Certificate::from_der(der)
+            && let Some(mut k) = jwk_of_spki(c.public_key())
+        {
+            k.insert("use".into(), "x509-svid".into());
+            k.insert("x5c".into(), json!([STANDARD.encode(der)]));
+            keys.push(Value::Object(k));
         }
     }
     for jk in &b.jwt_authorities {
-        if let Ok((_, spki)) = SubjectPublicKeyInfo::from_der(&jk.public_key) {
-            if let Some(mut k) = jwk_of_spki(&spki) {
-                k.insert("use".into(), "jwt-svid".into());
-                k.insert("kid".into(), jk.key_id.clone().into());
-                keys.push(Value::Object(k));
-            }
+        if let Ok((_, spki)) = SubjectPublicKeyInfo::from_der(&jk.public_key)
+            && let Some(mut k) = jwk_of_spki(&spki)
+        {
+            k.insert("use".into(), "jwt-svid".into());
+            k.insert("kid".into(), jk.key_id.clone().into());
+            keys.push(Value::Object(k));
         }
     }
     json!({
@@ -97,8 +97,14 @@ pub fn parse(td: &str, data: &[u8]) -> Result<Bundle, BundleFormatError> {
             .ok_or_else(|| BundleFormatError::Unrecognized("JSON has no \"keys\" array".into()))?;
         let mut b = Bundle {
             trust_domain: td.into(),
-            sequence_number: v.get("spiffe_sequence").and_then(Value::as_i64).unwrap_or(0),
-            refresh_hint: v.get("spiffe_refresh_hint").and_then(Value::as_i64).unwrap_or(0),
+            sequence_number: v
+                .get("spiffe_sequence")
+                .and_then(Value::as_i64)
+                .unwrap_or(0),
+            refresh_hint: v
+                .get("spiffe_refresh_hint")
+                .and_then(Value::as_i64)
+                .unwrap_or(0),
             ..Bundle::default()
         };
         for k in keys {
@@ -109,7 +115,9 @@ pub fn parse(td: &str, data: &[u8]) -> Result<Bundle, BundleFormatError> {
                         .and_then(Value::as_array)
                         .and_then(|a| a.first())
                         .and_then(Value::as_str)
-                        .ok_or_else(|| BundleFormatError::UnsupportedKey("x509-svid key without x5c".into()))?;
+                        .ok_or_else(|| {
+                            BundleFormatError::UnsupportedKey("x509-svid key without x5c".into())
+                        })?;
                     b.x509_authorities.push(
                         STANDARD
                             .decode(x5c)
@@ -130,19 +138,29 @@ pub fn parse(td: &str, data: &[u8]) -> Result<Bundle, BundleFormatError> {
                     };
                     let (x, y) = (URL_SAFE_NO_PAD.decode(x), URL_SAFE_NO_PAD.decode(y));
                     let (Ok(x), Ok(y)) = (x, y) else {
-                        return Err(BundleFormatError::UnsupportedKey(format!("jwt-svid key {kid:?}: bad x/y")));
+                        return Err(BundleFormatError::UnsupportedKey(format!(
+                            "jwt-svid key {kid:?}: bad x/y"
+                        )));
                     };
                     if x.len() != 32 || y.len() != 32 {
-                        return Err(BundleFormatError::UnsupportedKey(format!("jwt-svid key {kid:?}: bad x/y length")));
+                        return Err(BundleFormatError::UnsupportedKey(format!(
+                            "jwt-svid key {kid:?}: bad x/y length"
+                        )));
                     }
                     let mut der = P256_SPKI_PREFIX.to_vec();
                     der.push(4);
                     der.extend_from_slice(&x);
                     der.extend_from_slice(&y);
-                    b.jwt_authorities.push(JwtKey { key_id: kid.into(), public_key: der, expires_at: 0 });
+                    b.jwt_authorities.push(JwtKey {
+                        key_id: kid.into(),
+                        public_key: der,
+                        expires_at: 0,
+                    });
                 }
                 other => {
-                    return Err(BundleFormatError::UnsupportedKey(format!("unknown key use {other:?}")));
+                    return Err(BundleFormatError::UnsupportedKey(format!(
+                        "unknown key use {other:?}"
+                    )));
                 }
             }
         }
@@ -172,7 +190,11 @@ mod tests {
         let b = Bundle {
             trust_domain: "other.org".into(),
             x509_authorities: vec![cert.der().to_vec()],
-            jwt_authorities: vec![JwtKey { key_id: "k1".into(), public_key: key.subject_public_key_info(), expires_at: 0 }],
+            jwt_authorities: vec![JwtKey {
+                key_id: "k1".into(),
+                public_key: key.subject_public_key_info(),
+                expires_at: 0,
+            }],
             sequence_number: 7,
             refresh_hint: 300,
         };

@@ -303,8 +303,13 @@ enum AgentCmd {
 
 fn parse_selector(s: &str) -> Result<Selector, String> {
     match s.split_once(':') {
-        Some((t, v)) if !t.is_empty() && !v.is_empty() => Ok(Selector { r#type: t.into(), value: v.into() }),
-        _ => Err(format!("selector {s:?} must look like type:key:value, e.g. unix:uid:1000")),
+        Some((t, v)) if !t.is_empty() && !v.is_empty() => Ok(Selector {
+            r#type: t.into(),
+            value: v.into(),
+        }),
+        _ => Err(format!(
+            "selector {s:?} must look like type:key:value, e.g. unix:uid:1000"
+        )),
     }
 }
 
@@ -331,7 +336,11 @@ pub async fn admin_client(path: &std::path::Path) -> anyhow::Result<AdminClient<
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}: {}", format!("{:?}", e.code()).to_lowercase(), e.message())
+    anyhow::anyhow!(
+        "{}: {}",
+        format!("{:?}", e.code()).to_lowercase(),
+        e.message()
+    )
 }
 
 fn fmt_ttl(s: i64) -> String {
@@ -362,7 +371,12 @@ fn entry_json(e: &Entry) -> serde_json::Value {
 fn entry_text(e: &Entry) -> String {
     let mut s = format!(
         "Entry ID       : {}\nSPIFFE ID      : {}\nParent ID      : {}\nRevision       : {}\nX509-SVID TTL  : {}\nJWT-SVID TTL   : {}\n",
-        e.id, e.spiffe_id, e.parent_id, e.revision, fmt_ttl(e.x509_svid_ttl), fmt_ttl(e.jwt_svid_ttl)
+        e.id,
+        e.spiffe_id,
+        e.parent_id,
+        e.revision,
+        fmt_ttl(e.x509_svid_ttl),
+        fmt_ttl(e.jwt_svid_ttl)
     );
     for sel in &e.selectors {
         s += &format!("Selector       : {}:{}\n", sel.r#type, sel.value);
@@ -385,7 +399,17 @@ fn entry_text(e: &Entry) -> String {
 fn entry_diff(a: &Entry, b: &Entry) -> Vec<String> {
     let (ja, jb) = (entry_json(a), entry_json(b));
     let mut out = Vec::new();
-    for k in ["spiffe_id", "parent_id", "selectors", "x509_svid_ttl", "jwt_svid_ttl", "dns_names", "hint", "federates_with", "admin"] {
+    for k in [
+        "spiffe_id",
+        "parent_id",
+        "selectors",
+        "x509_svid_ttl",
+        "jwt_svid_ttl",
+        "dns_names",
+        "hint",
+        "federates_with",
+        "admin",
+    ] {
         if ja[k] != jb[k] {
             out.push(format!("  {k}: {} -> {}", ja[k], jb[k]));
         }
@@ -413,7 +437,11 @@ impl ServerCli {
             }
             Command::Healthcheck { admin, quiet, json } => {
                 let mut c = admin_client(&admin.admin_socket).await?;
-                let h = c.health(HealthRequest {}).await.map_err(status)?.into_inner();
+                let h = c
+                    .health(HealthRequest {})
+                    .await
+                    .map_err(status)?
+                    .into_inner();
                 if json {
                     println!(
                         "{}",
@@ -421,14 +449,24 @@ impl ServerCli {
                                "agents": h.agents, "node_address": h.node_address, "metrics_address": h.metrics_address})
                     );
                 } else if !quiet {
-                    println!("server is healthy: trust domain {}, {} entries, {} agents", h.trust_domain, h.entries, h.agents);
+                    println!(
+                        "server is healthy: trust domain {}, {} entries, {} agents",
+                        h.trust_domain, h.entries, h.agents
+                    );
                 }
                 Ok(())
             }
-            Command::Token(TokenCmd::Create { admin, spiffe_id, ttl }) => {
+            Command::Token(TokenCmd::Create {
+                admin,
+                spiffe_id,
+                ttl,
+            }) => {
                 let mut c = admin_client(&admin.admin_socket).await?;
                 let t = c
-                    .create_join_token(CreateJoinTokenRequest { ttl: secs(ttl), spiffe_id: spiffe_id.unwrap_or_default() })
+                    .create_join_token(CreateJoinTokenRequest {
+                        ttl: secs(ttl),
+                        spiffe_id: spiffe_id.unwrap_or_default(),
+                    })
                     .await
                     .map_err(status)?
                     .into_inner();
@@ -444,7 +482,18 @@ impl ServerCli {
 
 async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
     match cmd {
-        EntryCmd::Create { admin, parent_id, spiffe_id, selectors, ttl, jwt_ttl, dns_names, hint, federates_with, admin_entry } => {
+        EntryCmd::Create {
+            admin,
+            parent_id,
+            spiffe_id,
+            selectors,
+            ttl,
+            jwt_ttl,
+            dns_names,
+            hint,
+            federates_with,
+            admin_entry,
+        } => {
             let mut c = admin_client(&admin.admin_socket).await?;
             let e = Entry {
                 spiffe_id,
@@ -458,21 +507,38 @@ async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
                 admin: admin_entry,
                 ..Entry::default()
             };
-            let e = c.create_entry(CreateEntryRequest { entry: Some(e) }).await.map_err(status)?.into_inner();
+            let e = c
+                .create_entry(CreateEntryRequest { entry: Some(e) })
+                .await
+                .map_err(status)?
+                .into_inner();
             println!("{}", e.id);
         }
-        EntryCmd::List { admin, filter, output } => {
+        EntryCmd::List {
+            admin,
+            filter,
+            output,
+        } => {
             let mut c = admin_client(&admin.admin_socket).await?;
             let list = c
-                .list_entries(ListEntriesRequest { filter: Some(filter.to_filter()) })
+                .list_entries(ListEntriesRequest {
+                    filter: Some(filter.to_filter()),
+                })
                 .await
                 .map_err(status)?
                 .into_inner()
                 .entries;
             match output {
-                Output::Json => println!("{}", serde_json::Value::Array(list.iter().map(entry_json).collect())),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::Value::Array(list.iter().map(entry_json).collect())
+                ),
                 Output::Text => {
-                    println!("Found {} entr{}", list.len(), if list.len() == 1 { "y" } else { "ies" });
+                    println!(
+                        "Found {} entr{}",
+                        list.len(),
+                        if list.len() == 1 { "y" } else { "ies" }
+                    );
                     for e in &list {
                         println!("\n{}", entry_text(e).trim_end());
                     }
@@ -481,28 +547,76 @@ async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
         }
         EntryCmd::Show { admin, id, output } => {
             let mut c = admin_client(&admin.admin_socket).await?;
-            let e = c.get_entry(GetEntryRequest { id }).await.map_err(status)?.into_inner();
+            let e = c
+                .get_entry(GetEntryRequest { id })
+                .await
+                .map_err(status)?
+                .into_inner();
             match output {
                 Output::Json => println!("{}", entry_json(&e)),
                 Output::Text => print!("{}", entry_text(&e)),
             }
         }
-        EntryCmd::Update { admin, id, parent_id, spiffe_id, selectors, ttl, jwt_ttl, dns_names, hint, federates_with, dry_run } => {
+        EntryCmd::Update {
+            admin,
+            id,
+            parent_id,
+            spiffe_id,
+            selectors,
+            ttl,
+            jwt_ttl,
+            dns_names,
+            hint,
+            federates_with,
+            dry_run,
+        } => {
             let mut c = admin_client(&admin.admin_socket).await?;
-            let mut e = c.get_entry(GetEntryRequest { id }).await.map_err(status)?.into_inner();
-            if let Some(p) = parent_id { e.parent_id = p; }
-            if let Some(s) = spiffe_id { e.spiffe_id = s; }
-            if !selectors.is_empty() { e.selectors = selectors; }
-            if ttl.is_some() { e.x509_svid_ttl = secs(ttl); }
-            if jwt_ttl.is_some() { e.jwt_svid_ttl = secs(jwt_ttl); }
-            if !dns_names.is_empty() { e.dns_names = dns_names; }
-            if let Some(h) = hint { e.hint = h; }
-            if !federates_with.is_empty() { e.federates_with = federates_with; }
-            let r = c.update_entry(UpdateEntryRequest { entry: Some(e), dry_run }).await.map_err(status)?.into_inner();
+            let mut e = c
+                .get_entry(GetEntryRequest { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if let Some(p) = parent_id {
+                e.parent_id = p;
+            }
+            if let Some(s) = spiffe_id {
+                e.spiffe_id = s;
+            }
+            if !selectors.is_empty() {
+                e.selectors = selectors;
+            }
+            if ttl.is_some() {
+                e.x509_svid_ttl = secs(ttl);
+            }
+            if jwt_ttl.is_some() {
+                e.jwt_svid_ttl = secs(jwt_ttl);
+            }
+            if !dns_names.is_empty() {
+                e.dns_names = dns_names;
+            }
+            if let Some(h) = hint {
+                e.hint = h;
+            }
+            if !federates_with.is_empty() {
+                e.federates_with = federates_with;
+            }
+            let r = c
+                .update_entry(UpdateEntryRequest {
+                    entry: Some(e),
+                    dry_run,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
             let (before, after) = (r.before.unwrap_or_default(), r.after.unwrap_or_default());
             let diff = entry_diff(&before, &after);
             let verb = if dry_run { "Would update" } else { "Updated" };
-            println!("{verb} entry {} ({} field{} changed)", after.id, diff.len(), if diff.len() == 1 { "" } else { "s" });
+            println!(
+                "{verb} entry {} ({} field{} changed)",
+                after.id,
+                diff.len(),
+                if diff.len() == 1 { "" } else { "s" }
+            );
             for d in diff {
                 println!("{d}");
             }
@@ -510,10 +624,21 @@ async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
                 println!("dry run: nothing changed");
             }
         }
-        EntryCmd::Delete { admin, ids, filter, all, dry_run } => {
+        EntryCmd::Delete {
+            admin,
+            ids,
+            filter,
+            all,
+            dry_run,
+        } => {
             let mut c = admin_client(&admin.admin_socket).await?;
             let r = c
-                .delete_entries(DeleteEntriesRequest { ids, filter: Some(filter.to_filter()), all, dry_run })
+                .delete_entries(DeleteEntriesRequest {
+                    ids,
+                    filter: Some(filter.to_filter()),
+                    all,
+                    dry_run,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -521,8 +646,18 @@ async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
             let verb = if dry_run { "Would delete" } else { "Deleted" };
             println!("{verb} {n} entr{}:", if n == 1 { "y" } else { "ies" });
             for e in &r.entries {
-                let sels: Vec<String> = e.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect();
-                println!("  {}  {}  parent={}  selectors={}", e.id, e.spiffe_id, e.parent_id, sels.join(","));
+                let sels: Vec<String> = e
+                    .selectors
+                    .iter()
+                    .map(|s| format!("{}:{}", s.r#type, s.value))
+                    .collect();
+                println!(
+                    "  {}  {}  parent={}  selectors={}",
+                    e.id,
+                    e.spiffe_id,
+                    e.parent_id,
+                    sels.join(",")
+                );
             }
             if dry_run {
                 println!("dry run: nothing changed");
@@ -536,46 +671,95 @@ async fn bundle(cmd: BundleCmd) -> anyhow::Result<()> {
     match cmd {
         BundleCmd::Show { admin, format } => {
             let mut c = admin_client(&admin.admin_socket).await?;
-            let b = c.get_bundle(GetBundleRequest {}).await.map_err(status)?.into_inner();
+            let b = c
+                .get_bundle(GetBundleRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
             match format {
                 BundleFormat::Pem => print!("{}", bundle_format::to_pem(&b)),
-                BundleFormat::Spiffe => println!("{}", serde_json::to_string_pretty(&bundle_format::to_spiffe_json(&b))?),
+                BundleFormat::Spiffe => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&bundle_format::to_spiffe_json(&b))?
+                ),
             }
         }
-        BundleCmd::Set { admin, trust_domain, path } => {
-            let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        BundleCmd::Set {
+            admin,
+            trust_domain,
+            path,
+        } => {
+            let data =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             let td = trust_domain.trim_start_matches("spiffe://").to_string();
-            let b = bundle_format::parse(&td, &data).with_context(|| format!("{}", path.display()))?;
+            let b =
+                bundle_format::parse(&td, &data).with_context(|| format!("{}", path.display()))?;
             let mut c = admin_client(&admin.admin_socket).await?;
-            let b = c.set_federated_bundle(SetFederatedBundleRequest { bundle: Some(b) }).await.map_err(status)?.into_inner();
+            let b = c
+                .set_federated_bundle(SetFederatedBundleRequest { bundle: Some(b) })
+                .await
+                .map_err(status)?
+                .into_inner();
             println!(
                 "bundle for spiffe://{} set: {} X.509 authorit{}, {} JWT key(s), sequence {}",
                 b.trust_domain,
                 b.x509_authorities.len(),
-                if b.x509_authorities.len() == 1 { "y" } else { "ies" },
+                if b.x509_authorities.len() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                },
                 b.jwt_authorities.len(),
                 b.sequence_number
             );
         }
         BundleCmd::List { admin, format } => {
             let mut c = admin_client(&admin.admin_socket).await?;
-            let list = c.list_federated_bundles(ListFederatedBundlesRequest {}).await.map_err(status)?.into_inner().bundles;
+            let list = c
+                .list_federated_bundles(ListFederatedBundlesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .bundles;
             for b in &list {
                 match format {
-                    BundleFormat::Pem => print!("# spiffe://{}\n{}", b.trust_domain, bundle_format::to_pem(b)),
-                    BundleFormat::Spiffe => println!("spiffe://{}\n{}", b.trust_domain, serde_json::to_string_pretty(&bundle_format::to_spiffe_json(b))?),
+                    BundleFormat::Pem => print!(
+                        "# spiffe://{}\n{}",
+                        b.trust_domain,
+                        bundle_format::to_pem(b)
+                    ),
+                    BundleFormat::Spiffe => println!(
+                        "spiffe://{}\n{}",
+                        b.trust_domain,
+                        serde_json::to_string_pretty(&bundle_format::to_spiffe_json(b))?
+                    ),
                 }
             }
         }
-        BundleCmd::Delete { admin, trust_domain, dry_run } => {
+        BundleCmd::Delete {
+            admin,
+            trust_domain,
+            dry_run,
+        } => {
             let mut c = admin_client(&admin.admin_socket).await?;
             let r = c
-                .delete_federated_bundle(DeleteFederatedBundleRequest { trust_domain: trust_domain.clone(), dry_run })
+                .delete_federated_bundle(DeleteFederatedBundleRequest {
+                    trust_domain: trust_domain.clone(),
+                    dry_run,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
             let verb = if dry_run { "Would delete" } else { "Deleted" };
-            println!("{verb} bundle of {trust_domain}; {} entr{} lose it:", r.affected_entry_ids.len(), if r.affected_entry_ids.len() == 1 { "y" } else { "ies" });
+            println!(
+                "{verb} bundle of {trust_domain}; {} entr{} lose it:",
+                r.affected_entry_ids.len(),
+                if r.affected_entry_ids.len() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                }
+            );
             for id in r.affected_entry_ids {
                 println!("  {id}");
             }
@@ -591,7 +775,12 @@ async fn agent(cmd: AgentCmd) -> anyhow::Result<()> {
     match cmd {
         AgentCmd::List { admin, output } => {
             let mut c = admin_client(&admin.admin_socket).await?;
-            let list = c.list_agents(ListAgentsRequest {}).await.map_err(status)?.into_inner().agents;
+            let list = c
+                .list_agents(ListAgentsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .agents;
             match output {
                 Output::Json => println!(
                     "{}",
@@ -614,18 +803,38 @@ async fn agent(cmd: AgentCmd) -> anyhow::Result<()> {
                 }
             }
         }
-        AgentCmd::Ban { admin, spiffe_id, dry_run } => agent_action(&admin, spiffe_id, dry_run, true).await?,
-        AgentCmd::Evict { admin, spiffe_id, dry_run } => agent_action(&admin, spiffe_id, dry_run, false).await?,
+        AgentCmd::Ban {
+            admin,
+            spiffe_id,
+            dry_run,
+        } => agent_action(&admin, spiffe_id, dry_run, true).await?,
+        AgentCmd::Evict {
+            admin,
+            spiffe_id,
+            dry_run,
+        } => agent_action(&admin, spiffe_id, dry_run, false).await?,
     }
     Ok(())
 }
 
-async fn agent_action(admin: &AdminArgs, spiffe_id: String, dry_run: bool, ban: bool) -> anyhow::Result<()> {
+async fn agent_action(
+    admin: &AdminArgs,
+    spiffe_id: String,
+    dry_run: bool,
+    ban: bool,
+) -> anyhow::Result<()> {
     let mut c = admin_client(&admin.admin_socket).await?;
-    let req = AgentActionRequest { spiffe_id: spiffe_id.clone(), dry_run };
-    let r = if ban { c.ban_agent(req).await } else { c.evict_agent(req).await }
-        .map_err(status)?
-        .into_inner();
+    let req = AgentActionRequest {
+        spiffe_id: spiffe_id.clone(),
+        dry_run,
+    };
+    let r = if ban {
+        c.ban_agent(req).await
+    } else {
+        c.evict_agent(req).await
+    }
+    .map_err(status)?
+    .into_inner();
     let verb = match (ban, dry_run) {
         (true, true) => "Would ban",
         (true, false) => "Banned",
@@ -633,7 +842,10 @@ async fn agent_action(admin: &AdminArgs, spiffe_id: String, dry_run: bool, ban: 
         (false, false) => "Evicted",
     };
     let n = r.affected_entry_ids.len();
-    println!("{verb} agent {spiffe_id}; {n} entr{} it parents can no longer be renewed through it:", if n == 1 { "y" } else { "ies" });
+    println!(
+        "{verb} agent {spiffe_id}; {n} entr{} it parents can no longer be renewed through it:",
+        if n == 1 { "y" } else { "ies" }
+    );
     for id in r.affected_entry_ids {
         println!("  {id}");
     }

@@ -80,7 +80,11 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("meshid_server");
         let svids = Family::<IssueLabels, Counter>::default();
-        registry.register("svids_issued", "SVIDs signed, by kind and outcome", svids.clone());
+        registry.register(
+            "svids_issued",
+            "SVIDs signed, by kind and outcome",
+            svids.clone(),
+        );
         let sign_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
         registry.register(
             "sign_batch_duration_seconds",
@@ -88,17 +92,33 @@ impl Metrics {
             sign_latency.clone(),
         );
         let attestations = Family::<AttestLabels, Counter>::default();
-        registry.register("attestations", "Node attestations, by attestor and outcome", attestations.clone());
+        registry.register(
+            "attestations",
+            "Node attestations, by attestor and outcome",
+            attestations.clone(),
+        );
         let tls_refused = Family::<ReasonLabels, Counter>::default();
-        registry.register("node_tls_refused", "Node API TLS handshakes refused, by reason", tls_refused.clone());
+        registry.register(
+            "node_tls_refused",
+            "Node API TLS handshakes refused, by reason",
+            tls_refused.clone(),
+        );
         let ca_not_after = Gauge::default();
-        registry.register("ca_not_after_seconds", "notAfter of the signing CA (Unix seconds)", ca_not_after.clone());
+        registry.register(
+            "ca_not_after_seconds",
+            "notAfter of the signing CA (Unix seconds)",
+            ca_not_after.clone(),
+        );
         let entries = Gauge::default();
         registry.register("entries", "Registration entries", entries.clone());
         let agents = Gauge::default();
         registry.register("agents", "Attested agents", agents.clone());
         let sync_streams = Gauge::default();
-        registry.register("sync_streams", "Open agent sync streams", sync_streams.clone());
+        registry.register(
+            "sync_streams",
+            "Open agent sync streams",
+            sync_streams.clone(),
+        );
         Arc::new(Self {
             registry,
             svids,
@@ -115,7 +135,9 @@ impl Metrics {
     /// Counts `n` SVIDs.
     pub fn issued(&self, kind: &'static str, outcome: &'static str, n: u64) {
         if n > 0 {
-            self.svids.get_or_create(&IssueLabels { kind, outcome }).inc_by(n);
+            self.svids
+                .get_or_create(&IssueLabels { kind, outcome })
+                .inc_by(n);
         }
     }
 

@@ -33,14 +33,18 @@ const SERVER_SVID_TTL: Duration = Duration::from_secs(3600);
 async fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
     match &cfg.store {
         StoreConfig::Sqlite { path } => {
-            let p = path.clone().unwrap_or_else(|| cfg.data_dir.join("meshid.db"));
+            let p = path
+                .clone()
+                .unwrap_or_else(|| cfg.data_dir.join("meshid.db"));
             let s = SqliteStore::open(&p)
                 .await
                 .with_context(|| format!("opening SQLite store {}", p.display()))?;
             Ok(Arc::new(s))
         }
         StoreConfig::Postgres { .. } => {
-            anyhow::bail!("store kind \"postgres\" is not available in this build; use kind = \"sqlite\"")
+            anyhow::bail!(
+                "store kind \"postgres\" is not available in this build; use kind = \"sqlite\""
+            )
         }
     }
 }
@@ -56,7 +60,14 @@ fn ca_record(ca: &SigningCa, kind: &str) -> CaRecord {
             )
         })
         .unwrap_or_default();
-    CaRecord { serial, kind: kind.into(), subject, not_before: nb, not_after: unix(ca.not_after()), state: "active".into() }
+    CaRecord {
+        serial,
+        kind: kind.into(),
+        subject,
+        not_before: nb,
+        not_after: unix(ca.not_after()),
+        state: "active".into(),
+    }
 }
 
 /// Issues the server's own SVID and returns it as a rustls key.
@@ -64,13 +75,25 @@ async fn server_certified_key(st: &ServerState) -> anyhow::Result<(CertifiedKey,
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
     let svid = st
-        .issue_identity(csr.der(), &st.server_id(), SERVER_SVID_TTL, &st.server_id(), "server")
+        .issue_identity(
+            csr.der(),
+            &st.server_id(),
+            SERVER_SVID_TTL,
+            &st.server_id(),
+            "server",
+        )
         .await?;
     let provider = meshid_identity::crypto::provider();
     let signing = provider
         .key_provider
-        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))?;
-    let chain = svid.chain.iter().map(|d| CertificateDer::from(d.clone())).collect();
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        )))?;
+    let chain = svid
+        .chain
+        .iter()
+        .map(|d| CertificateDer::from(d.clone()))
+        .collect();
     Ok((CertifiedKey::new(chain, signing), svid.not_after))
 }
 
@@ -105,7 +128,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         SystemTime::now(),
     )
     .context("the signing CA cannot be used; refusing to start")?;
-    let kind = if cfg.upstream.is_some() { "intermediate" } else { "self_signed" };
+    let kind = if cfg.upstream.is_some() {
+        "intermediate"
+    } else {
+        "self_signed"
+    };
     let rec = ca_record(&ca, kind);
     store.put_ca(&rec).await?;
     audit.write(
@@ -138,8 +165,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let resolver = ServerCertResolver::new(ck);
     let provider = meshid_identity::crypto::provider();
     let mut bundles = TrustBundles::new();
-    let roots: Vec<CertificateDer<'static>> =
-        bundle.x509_authorities.iter().map(|d| CertificateDer::from(d.clone())).collect();
+    let roots: Vec<CertificateDer<'static>> = bundle
+        .x509_authorities
+        .iter()
+        .map(|d| CertificateDer::from(d.clone()))
+        .collect();
     bundles.add(&cfg.trust_domain, &roots);
     let verifier = SpiffeClientVerifier::new(bundles, Authorizer::Any, &provider, false);
     let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -173,7 +203,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         let mut not_after = not_after;
         tokio::spawn(async move {
             loop {
-                let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                let left = not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
                 tokio::time::sleep((left / 2).max(Duration::from_secs(1))).await;
                 match server_certified_key(&state).await {
                     Ok((ck, na)) => {
@@ -193,9 +225,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     if sock.exists() {
-        std::fs::remove_file(&sock).with_context(|| format!("removing stale socket {}", sock.display()))?;
+        std::fs::remove_file(&sock)
+            .with_context(|| format!("removing stale socket {}", sock.display()))?;
     }
-    let ul = UnixListener::bind(&sock).with_context(|| format!("binding admin socket {}", sock.display()))?;
+    let ul = UnixListener::bind(&sock)
+        .with_context(|| format!("binding admin socket {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     let my_uid = nix::unistd::geteuid().as_raw();
     let (admin_tx, admin_rx) = tokio::sync::mpsc::channel(16);
@@ -209,7 +243,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
                             break;
                         }
                     } else {
-                        tracing::warn!(?uid, "admin API connection refused: caller uid is neither the server's nor root");
+                        tracing::warn!(
+                            ?uid,
+                            "admin API connection refused: caller uid is neither the server's nor root"
+                        );
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "admin socket accept failed"),
@@ -235,20 +272,35 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
             .with_context(|| format!("binding metrics on {addr}"))?;
         let _ = state.metrics_address.set(l.local_addr()?.to_string());
         let app = axum::Router::new()
-            .route("/metrics", get(|State(s): State<Arc<ServerState>>| async move {
-                s.refresh_gauges().await;
-                ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
-            }))
+            .route(
+                "/metrics",
+                get(|State(s): State<Arc<ServerState>>| async move {
+                    s.refresh_gauges().await;
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        s.metrics.encode(),
+                    )
+                }),
+            )
             .route("/healthz", get(|| async { "ok\n" }))
-            .route("/readyz", get(|State(s): State<Arc<ServerState>>| async move {
-                match s.ca.revalidate(SystemTime::now()) {
-                    Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("CA not usable: {e}\n")),
-                    Ok(()) => match s.store.count_entries().await {
-                        Ok(_) => (StatusCode::OK, "ready\n".to_string()),
-                        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")),
-                    },
-                }
-            }))
+            .route(
+                "/readyz",
+                get(|State(s): State<Arc<ServerState>>| async move {
+                    match s.ca.revalidate(SystemTime::now()) {
+                        Err(e) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("CA not usable: {e}\n"),
+                        ),
+                        Ok(()) => match s.store.count_entries().await {
+                            Ok(_) => (StatusCode::OK, "ready\n".to_string()),
+                            Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")),
+                        },
+                    }
+                }),
+            )
             .with_state(state.clone());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(l, app).await {

@@ -100,27 +100,31 @@ impl ServerState {
         let stored = self.store.get_bundle(&self.config.trust_domain).await?;
         let seq = stored.as_ref().map_or(0, |b| b.sequence_number);
         let mut next = self.build_own_bundle(seq);
-        if let Some(old) = stored {
-            if old.x509_authorities == next.x509_authorities
-                && old.jwt_authorities == next.jwt_authorities
-            {
-                return Ok(old);
-            }
+        if let Some(old) = stored
+            && old.x509_authorities == next.x509_authorities
+            && old.jwt_authorities == next.jwt_authorities
+        {
+            return Ok(old);
         }
         next.sequence_number = seq + 1;
         self.store.put_bundle(&next, false).await?;
         self.audit
-            .record(vec![Event::new("bundle_published")
-                .with("trust_domain", next.trust_domain.clone())
-                .with("sequence_number", next.sequence_number)
-                .with("x509_authorities", next.x509_authorities.len())])
+            .record(vec![
+                Event::new("bundle_published")
+                    .with("trust_domain", next.trust_domain.clone())
+                    .with("sequence_number", next.sequence_number)
+                    .with("x509_authorities", next.x509_authorities.len()),
+            ])
             .await?;
         self.notify_change();
         Ok(next)
     }
 
     /// Bundles of the trust domains the entries federate with.
-    pub async fn federated_bundles_for(&self, entries: &[Entry]) -> Result<Vec<Bundle>, StoreError> {
+    pub async fn federated_bundles_for(
+        &self,
+        entries: &[Entry],
+    ) -> Result<Vec<Bundle>, StoreError> {
         let mut wanted: Vec<String> = entries
             .iter()
             .flat_map(|e| e.federates_with.iter())
@@ -188,7 +192,9 @@ impl ServerState {
             self.metrics.entries.set(n);
         }
         if let Ok(a) = self.store.list_agents().await {
-            self.metrics.agents.set(i64::try_from(a.len()).unwrap_or(i64::MAX));
+            self.metrics
+                .agents
+                .set(i64::try_from(a.len()).unwrap_or(i64::MAX));
         }
     }
 
@@ -210,7 +216,9 @@ impl ServerState {
                 ))
             })?;
         if agent.banned {
-            return Err(tonic::Status::permission_denied(format!("agent {id} is banned")));
+            return Err(tonic::Status::permission_denied(format!(
+                "agent {id} is banned"
+            )));
         }
         if info.serial != agent.serial && info.serial != agent.prev_serial {
             return Err(tonic::Status::permission_denied(format!(

@@ -76,7 +76,10 @@ fn agent_to_proto(a: &AgentRecord) -> Agent {
 
 /// Normalizes a trust domain given as `td` or `spiffe://td` to `td`.
 pub fn normalize_td(td: &str) -> Result<String, Status> {
-    let name = td.strip_prefix("spiffe://").unwrap_or(td).trim_end_matches('/');
+    let name = td
+        .strip_prefix("spiffe://")
+        .unwrap_or(td)
+        .trim_end_matches('/');
     spiffe::TrustDomain::new(name)
         .map_err(|e| Status::invalid_argument(format!("invalid trust domain {td:?}: {e}")))?;
     Ok(name.to_string())
@@ -85,8 +88,9 @@ pub fn normalize_td(td: &str) -> Result<String, Status> {
 /// Checks an entry before it is stored; returns it normalized.
 fn validate_entry(st: &ServerState, mut e: Entry) -> Result<Entry, Status> {
     let td = st.td_id();
-    let id = spiffe::SpiffeId::new(&e.spiffe_id)
-        .map_err(|err| Status::invalid_argument(format!("invalid --spiffe-id {:?}: {err}", e.spiffe_id)))?;
+    let id = spiffe::SpiffeId::new(&e.spiffe_id).map_err(|err| {
+        Status::invalid_argument(format!("invalid --spiffe-id {:?}: {err}", e.spiffe_id))
+    })?;
     if id.trust_domain().to_string() != td && format!("spiffe://{}", id.trust_domain()) != td {
         return Err(Status::invalid_argument(format!(
             "SPIFFE ID {} is not in this server's trust domain {td}",
@@ -98,10 +102,13 @@ fn validate_entry(st: &ServerState, mut e: Entry) -> Result<Entry, Status> {
             "SPIFFE IDs under {td}{RESERVED_PATH} are reserved for meshid itself"
         )));
     }
-    spiffe::SpiffeId::new(&e.parent_id)
-        .map_err(|err| Status::invalid_argument(format!("invalid --parent-id {:?}: {err}", e.parent_id)))?;
+    spiffe::SpiffeId::new(&e.parent_id).map_err(|err| {
+        Status::invalid_argument(format!("invalid --parent-id {:?}: {err}", e.parent_id))
+    })?;
     if e.selectors.is_empty() {
-        return Err(Status::invalid_argument("an entry needs at least one selector (type:key:value)"));
+        return Err(Status::invalid_argument(
+            "an entry needs at least one selector (type:key:value)",
+        ));
     }
     for s in &e.selectors {
         if s.r#type.is_empty() || s.value.is_empty() || s.r#type.contains(':') {
@@ -136,7 +143,10 @@ fn validate_entry(st: &ServerState, mut e: Entry) -> Result<Entry, Status> {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn health(&self, _req: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
         let st = &self.state;
         st.ca
             .revalidate(SystemTime::now())
@@ -162,8 +172,12 @@ impl Admin for AdminService {
         if !r.spiffe_id.is_empty() {
             let id = spiffe::SpiffeId::new(&r.spiffe_id)
                 .map_err(|e| Status::invalid_argument(format!("invalid --spiffe-id: {e}")))?;
-            if format!("spiffe://{}", id.trust_domain()) != st.td_id() && id.trust_domain().to_string() != st.td_id() {
-                return Err(Status::invalid_argument("alias SPIFFE ID must be in this trust domain"));
+            if format!("spiffe://{}", id.trust_domain()) != st.td_id()
+                && id.trust_domain().to_string() != st.td_id()
+            {
+                return Err(Status::invalid_argument(
+                    "alias SPIFFE ID must be in this trust domain",
+                ));
             }
         }
         let ttl = match u64::try_from(r.ttl) {
@@ -171,7 +185,9 @@ impl Admin for AdminService {
             Ok(s) => Duration::from_secs(s),
             Err(_) => return Err(Status::invalid_argument("ttl must not be negative")),
         };
-        let (token, rec) = join_token::create(st, ttl, &r.spiffe_id).await.map_err(store_status)?;
+        let (token, rec) = join_token::create(st, ttl, &r.spiffe_id)
+            .await
+            .map_err(store_status)?;
         self.audit(
             Event::new("join_token_created")
                 .with("token_id", rec.token_id.clone())
@@ -179,18 +195,29 @@ impl Admin for AdminService {
                 .with("expires_at", rec.expires_at),
         )
         .await?;
-        Ok(Response::new(JoinToken { token, expires_at: rec.expires_at, spiffe_id: rec.alias_id }))
+        Ok(Response::new(JoinToken {
+            token,
+            expires_at: rec.expires_at,
+            spiffe_id: rec.alias_id,
+        }))
     }
 
-    async fn create_entry(&self, req: Request<CreateEntryRequest>) -> Result<Response<Entry>, Status> {
+    async fn create_entry(
+        &self,
+        req: Request<CreateEntryRequest>,
+    ) -> Result<Response<Entry>, Status> {
         let st = &self.state;
-        let e = req.into_inner().entry.ok_or_else(|| Status::invalid_argument("entry is required"))?;
+        let e = req
+            .into_inner()
+            .entry
+            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
         let mut e = validate_entry(st, e)?;
         e.id = uuid::Uuid::new_v4().to_string();
         e.revision = 1;
         e.created_at = unix(SystemTime::now());
         st.store.create_entry(&e).await.map_err(store_status)?;
-        self.audit(Event::new("entry_created").with("entry", entry_summary(&e))).await?;
+        self.audit(Event::new("entry_created").with("entry", entry_summary(&e)))
+            .await?;
         st.refresh_gauges().await;
         st.notify_change();
         Ok(Response::new(e))
@@ -201,7 +228,12 @@ impl Admin for AdminService {
         req: Request<ListEntriesRequest>,
     ) -> Result<Response<ListEntriesResponse>, Status> {
         let filter = req.into_inner().filter.unwrap_or_default();
-        let entries = self.state.store.list_entries(&filter).await.map_err(store_status)?;
+        let entries = self
+            .state
+            .store
+            .list_entries(&filter)
+            .await
+            .map_err(store_status)?;
         Ok(Response::new(ListEntriesResponse { entries }))
     }
 
@@ -222,7 +254,9 @@ impl Admin for AdminService {
     ) -> Result<Response<UpdateEntryResponse>, Status> {
         let st = &self.state;
         let r = req.into_inner();
-        let new = r.entry.ok_or_else(|| Status::invalid_argument("entry is required"))?;
+        let new = r
+            .entry
+            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
         let before = st
             .store
             .get_entry(&new.id)
@@ -233,7 +267,10 @@ impl Admin for AdminService {
         after.created_at = before.created_at;
         after.revision = before.revision + 1;
         if !r.dry_run {
-            st.store.update_entry(&after, before.revision).await.map_err(store_status)?;
+            st.store
+                .update_entry(&after, before.revision)
+                .await
+                .map_err(store_status)?;
             self.audit(
                 Event::new("entry_updated")
                     .with("before", entry_summary(&before))
@@ -242,7 +279,11 @@ impl Admin for AdminService {
             .await?;
             st.notify_change();
         }
-        Ok(Response::new(UpdateEntryResponse { before: Some(before), after: Some(after), dry_run: r.dry_run }))
+        Ok(Response::new(UpdateEntryResponse {
+            before: Some(before),
+            after: Some(after),
+            dry_run: r.dry_run,
+        }))
     }
 
     async fn delete_entries(
@@ -254,11 +295,15 @@ impl Admin for AdminService {
         let filter = r.filter.unwrap_or_default();
         let entries = if !r.ids.is_empty() {
             if !filter_is_empty(&filter) || r.all {
-                return Err(Status::invalid_argument("give entry ids, or a filter, not both"));
+                return Err(Status::invalid_argument(
+                    "give entry ids, or a filter, not both",
+                ));
             }
             let found = st.store.get_entries(&r.ids).await.map_err(store_status)?;
             if let Some(missing) = r.ids.iter().find(|id| !found.iter().any(|e| &&e.id == id)) {
-                return Err(Status::not_found(format!("entry {missing} does not exist; nothing deleted")));
+                return Err(Status::not_found(format!(
+                    "entry {missing} does not exist; nothing deleted"
+                )));
             }
             found
         } else {
@@ -284,10 +329,16 @@ impl Admin for AdminService {
             st.refresh_gauges().await;
             st.notify_change();
         }
-        Ok(Response::new(DeleteEntriesResponse { entries, dry_run: r.dry_run }))
+        Ok(Response::new(DeleteEntriesResponse {
+            entries,
+            dry_run: r.dry_run,
+        }))
     }
 
-    async fn get_bundle(&self, _req: Request<GetBundleRequest>) -> Result<Response<Bundle>, Status> {
+    async fn get_bundle(
+        &self,
+        _req: Request<GetBundleRequest>,
+    ) -> Result<Response<Bundle>, Status> {
         let st = &self.state;
         st.ca
             .revalidate(SystemTime::now())
@@ -299,7 +350,12 @@ impl Admin for AdminService {
         &self,
         _req: Request<ListFederatedBundlesRequest>,
     ) -> Result<Response<ListFederatedBundlesResponse>, Status> {
-        let bundles = self.state.store.list_federated_bundles().await.map_err(store_status)?;
+        let bundles = self
+            .state
+            .store
+            .list_federated_bundles()
+            .await
+            .map_err(store_status)?;
         Ok(Response::new(ListFederatedBundlesResponse { bundles }))
     }
 
@@ -308,7 +364,10 @@ impl Admin for AdminService {
         req: Request<SetFederatedBundleRequest>,
     ) -> Result<Response<Bundle>, Status> {
         let st = &self.state;
-        let mut b = req.into_inner().bundle.ok_or_else(|| Status::invalid_argument("bundle is required"))?;
+        let mut b = req
+            .into_inner()
+            .bundle
+            .ok_or_else(|| Status::invalid_argument("bundle is required"))?;
         b.trust_domain = normalize_td(&b.trust_domain)?;
         if b.trust_domain == st.config.trust_domain {
             return Err(Status::invalid_argument(
@@ -316,9 +375,17 @@ impl Admin for AdminService {
             ));
         }
         crate::ca::validate::validate_bundle_roots(&b.x509_authorities, SystemTime::now())
-            .map_err(|e| Status::invalid_argument(format!("bundle for {} refused: {e}", b.trust_domain)))?;
-        let old = st.store.get_bundle(&b.trust_domain).await.map_err(store_status)?;
-        b.sequence_number = old.map_or(1, |o| o.sequence_number + 1).max(b.sequence_number);
+            .map_err(|e| {
+                Status::invalid_argument(format!("bundle for {} refused: {e}", b.trust_domain))
+            })?;
+        let old = st
+            .store
+            .get_bundle(&b.trust_domain)
+            .await
+            .map_err(store_status)?;
+        b.sequence_number = old
+            .map_or(1, |o| o.sequence_number + 1)
+            .max(b.sequence_number);
         st.store.put_bundle(&b, true).await.map_err(store_status)?;
         self.audit(
             Event::new("federated_bundle_set")
@@ -373,22 +440,37 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn list_agents(&self, _req: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
+    async fn list_agents(
+        &self,
+        _req: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
         let agents = self.state.store.list_agents().await.map_err(store_status)?;
-        Ok(Response::new(ListAgentsResponse { agents: agents.iter().map(agent_to_proto).collect() }))
+        Ok(Response::new(ListAgentsResponse {
+            agents: agents.iter().map(agent_to_proto).collect(),
+        }))
     }
 
-    async fn ban_agent(&self, req: Request<AgentActionRequest>) -> Result<Response<AgentActionResponse>, Status> {
+    async fn ban_agent(
+        &self,
+        req: Request<AgentActionRequest>,
+    ) -> Result<Response<AgentActionResponse>, Status> {
         self.agent_action(req.into_inner(), true).await
     }
 
-    async fn evict_agent(&self, req: Request<AgentActionRequest>) -> Result<Response<AgentActionResponse>, Status> {
+    async fn evict_agent(
+        &self,
+        req: Request<AgentActionRequest>,
+    ) -> Result<Response<AgentActionResponse>, Status> {
         self.agent_action(req.into_inner(), false).await
     }
 }
 
 impl AdminService {
-    async fn agent_action(&self, r: AgentActionRequest, ban: bool) -> Result<Response<AgentActionResponse>, Status> {
+    async fn agent_action(
+        &self,
+        r: AgentActionRequest,
+        ban: bool,
+    ) -> Result<Response<AgentActionResponse>, Status> {
         let st = &self.state;
         let mut agent = st
             .store
@@ -409,7 +491,10 @@ impl AdminService {
                 agent.banned = true;
                 st.store.upsert_agent(&agent).await.map_err(store_status)?;
             } else {
-                st.store.delete_agent(&agent.spiffe_id).await.map_err(store_status)?;
+                st.store
+                    .delete_agent(&agent.spiffe_id)
+                    .await
+                    .map_err(store_status)?;
             }
             self.audit(
                 Event::new(if ban { "agent_banned" } else { "agent_evicted" })

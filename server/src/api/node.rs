@@ -52,7 +52,10 @@ impl NodeService {
         self.state
             .metrics
             .attestations
-            .get_or_create(&AttestLabels { attestor: attestor.to_string(), outcome })
+            .get_or_create(&AttestLabels {
+                attestor: attestor.to_string(),
+                outcome,
+            })
             .inc();
         let ev = Event::new("attestation_failed")
             .with("attestor", attestor)
@@ -66,7 +69,10 @@ impl NodeService {
 }
 
 fn item_status(code: Code, message: impl Into<String>) -> Option<ItemStatus> {
-    Some(ItemStatus { code: code as i32, message: message.into() })
+    Some(ItemStatus {
+        code: code as i32,
+        message: message.into(),
+    })
 }
 
 fn issue_code(e: &IssueError) -> Code {
@@ -101,7 +107,10 @@ fn authorize_item<'a>(
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    async fn attest(&self, req: Request<AttestRequest>) -> Result<Response<AttestResponse>, Status> {
+    async fn attest(
+        &self,
+        req: Request<AttestRequest>,
+    ) -> Result<Response<AttestResponse>, Status> {
         let r = req.into_inner();
         let st = &self.state;
         if r.attestor != join_token::ATTESTOR {
@@ -126,10 +135,20 @@ impl Node for NodeService {
         };
         let agent_id = join_token::agent_id(&st.td_id(), &token.token_id);
         let svid = st
-            .issue_identity(&r.csr, &agent_id, st.config.agent_svid_ttl, &agent_id, "agent")
+            .issue_identity(
+                &r.csr,
+                &agent_id,
+                st.config.agent_svid_ttl,
+                &agent_id,
+                "agent",
+            )
             .await
             .map_err(|e| Status::new(issue_code(&e), e.to_string()))?;
-        let aliases = if token.alias_id.is_empty() { vec![] } else { vec![token.alias_id.clone()] };
+        let aliases = if token.alias_id.is_empty() {
+            vec![]
+        } else {
+            vec![token.alias_id.clone()]
+        };
         let record = AgentRecord {
             spiffe_id: agent_id.clone(),
             attestor: r.attestor.clone(),
@@ -140,24 +159,38 @@ impl Node for NodeService {
             aliases: aliases.clone(),
             attested_at: unix(SystemTime::now()),
         };
-        st.store.upsert_agent(&record).await.map_err(|e| Status::internal(e.to_string()))?;
+        st.store
+            .upsert_agent(&record)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         st.metrics
             .attestations
-            .get_or_create(&AttestLabels { attestor: r.attestor.clone(), outcome: "ok" })
+            .get_or_create(&AttestLabels {
+                attestor: r.attestor.clone(),
+                outcome: "ok",
+            })
             .inc();
         st.audit
-            .record(vec![Event::new("attestation_succeeded")
-                .with("attestor", r.attestor)
-                .with("agent", agent_id.clone())
-                .with("aliases", aliases)
-                .with("serial", svid.serial.clone())])
+            .record(vec![
+                Event::new("attestation_succeeded")
+                    .with("attestor", r.attestor)
+                    .with("agent", agent_id.clone())
+                    .with("aliases", aliases)
+                    .with("serial", svid.serial.clone()),
+            ])
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         st.refresh_gauges().await;
         st.notify_change();
         tracing::info!(agent = %agent_id, "agent attested");
-        let bundle = st.own_bundle().await.map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(AttestResponse { svid: Some(svid_to_proto(&svid)), bundle: Some(bundle) }))
+        let bundle = st
+            .own_bundle()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(AttestResponse {
+            svid: Some(svid_to_proto(&svid)),
+            bundle: Some(bundle),
+        }))
     }
 
     async fn renew_agent(
@@ -168,14 +201,29 @@ impl Node for NodeService {
         let st = &self.state;
         let r = req.into_inner();
         let svid = st
-            .issue_identity(&r.csr, &agent.spiffe_id, st.config.agent_svid_ttl, &agent.spiffe_id, "agent")
+            .issue_identity(
+                &r.csr,
+                &agent.spiffe_id,
+                st.config.agent_svid_ttl,
+                &agent.spiffe_id,
+                "agent",
+            )
             .await
             .map_err(|e| Status::new(issue_code(&e), e.to_string()))?;
         agent.prev_serial = std::mem::replace(&mut agent.serial, svid.serial.clone());
         agent.expires_at = unix(svid.not_after);
-        st.store.upsert_agent(&agent).await.map_err(|e| Status::internal(e.to_string()))?;
-        let bundle = st.own_bundle().await.map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(RenewAgentResponse { svid: Some(svid_to_proto(&svid)), bundle: Some(bundle) }))
+        st.store
+            .upsert_agent(&agent)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let bundle = st
+            .own_bundle()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(RenewAgentResponse {
+            svid: Some(svid_to_proto(&svid)),
+            bundle: Some(bundle),
+        }))
     }
 
     type SyncStream = ReceiverStream<Result<SyncResponse, Status>>;
@@ -197,7 +245,10 @@ impl Node for NodeService {
             loop {
                 changes.borrow_and_update();
                 let msg = async {
-                    let entries = st.store.list_entries_by_parents(&agent.parent_ids()).await?;
+                    let entries = st
+                        .store
+                        .list_entries_by_parents(&agent.parent_ids())
+                        .await?;
                     let federated_bundles = st.federated_bundles_for(&entries).await?;
                     let bundle = st.own_bundle().await?;
                     Ok::<_, crate::store::StoreError>(SyncResponse {
@@ -262,10 +313,12 @@ impl Node for NodeService {
                 Err((code, msg)) => {
                     if code == Code::PermissionDenied {
                         tracing::warn!(agent = %agent.spiffe_id, entry = %p.entry_id, "signing refused: entry not parented by agent");
-                        events.push(Event::new("x509_svid_refused")
-                            .with("agent", agent.spiffe_id.clone())
-                            .with("entry_id", p.entry_id.clone())
-                            .with("reason", msg.clone()));
+                        events.push(
+                            Event::new("x509_svid_refused")
+                                .with("agent", agent.spiffe_id.clone())
+                                .with("entry_id", p.entry_id.clone())
+                                .with("reason", msg.clone()),
+                        );
                     }
                     jobs.push(Err((code, msg)));
                 }
@@ -309,14 +362,19 @@ impl Node for NodeService {
                         not_after: unix(s.not_after),
                         issued_at: now,
                     };
-                    events.push(Event::new("x509_svid_issued")
-                        .with("serial", rec.serial.clone())
-                        .with("spiffe_id", rec.spiffe_id.clone())
-                        .with("entry_id", rec.entry_id.clone())
-                        .with("agent", rec.agent_id.clone())
-                        .with("not_after", rec.not_after));
+                    events.push(
+                        Event::new("x509_svid_issued")
+                            .with("serial", rec.serial.clone())
+                            .with("spiffe_id", rec.spiffe_id.clone())
+                            .with("entry_id", rec.entry_id.clone())
+                            .with("agent", rec.agent_id.clone())
+                            .with("not_after", rec.not_after),
+                    );
                     records.push(rec);
-                    results.push(X509SvidResult { svid: Some(svid_to_proto(&s)), status: item_status(Code::Ok, "") });
+                    results.push(X509SvidResult {
+                        svid: Some(svid_to_proto(&s)),
+                        status: item_status(Code::Ok, ""),
+                    });
                 }
                 Err((code, msg)) => {
                     match code {
@@ -324,7 +382,10 @@ impl Node for NodeService {
                         Code::NotFound => not_found += 1,
                         _ => invalid += 1,
                     }
-                    results.push(X509SvidResult { svid: None, status: item_status(code, msg) });
+                    results.push(X509SvidResult {
+                        svid: None,
+                        status: item_status(code, msg),
+                    });
                 }
             }
         }
@@ -339,15 +400,23 @@ impl Node for NodeService {
         let m = &st.metrics;
         if let Err(e) = outcome {
             m.issued("x509", "error", ok);
-            m.sign_latency.get_or_create(&OutcomeLabels { outcome: "error" }).observe(started.elapsed().as_secs_f64());
+            m.sign_latency
+                .get_or_create(&OutcomeLabels { outcome: "error" })
+                .observe(started.elapsed().as_secs_f64());
             return Err(e);
         }
         m.issued("x509", "ok", ok);
         m.issued("x509", "denied", denied);
         m.issued("x509", "not_found", not_found);
         m.issued("x509", "invalid", invalid);
-        let label = if ok as usize == results.len() { "ok" } else { "partial" };
-        m.sign_latency.get_or_create(&OutcomeLabels { outcome: label }).observe(started.elapsed().as_secs_f64());
+        let label = if ok as usize == results.len() {
+            "ok"
+        } else {
+            "partial"
+        };
+        m.sign_latency
+            .get_or_create(&OutcomeLabels { outcome: label })
+            .observe(started.elapsed().as_secs_f64());
         Ok(Response::new(SignX509SvidsResponse { results }))
     }
 
@@ -389,19 +458,27 @@ impl Node for NodeService {
                 }
                 .min(st.config.max_svid_ttl);
                 st.jwt
-                    .sign(&e.spiffe_id, &p.audience, ttl, now, now + st.config.max_svid_ttl)
+                    .sign(
+                        &e.spiffe_id,
+                        &p.audience,
+                        ttl,
+                        now,
+                        now + st.config.max_svid_ttl,
+                    )
                     .map(|j| (e, j))
                     .map_err(|err| (Code::Internal, err.to_string()))
             });
             match r {
                 Ok((e, j)) => {
                     st.metrics.issued("jwt", "ok", 1);
-                    events.push(Event::new("jwt_svid_issued")
-                        .with("spiffe_id", e.spiffe_id.clone())
-                        .with("entry_id", e.id.clone())
-                        .with("agent", agent.spiffe_id.clone())
-                        .with("audience", p.audience.clone())
-                        .with("expires_at", j.expires_at));
+                    events.push(
+                        Event::new("jwt_svid_issued")
+                            .with("spiffe_id", e.spiffe_id.clone())
+                            .with("entry_id", e.id.clone())
+                            .with("agent", agent.spiffe_id.clone())
+                            .with("audience", p.audience.clone())
+                            .with("expires_at", j.expires_at),
+                    );
                     results.push(JwtSvidResult {
                         svid: Some(JwtSvid {
                             spiffe_id: e.spiffe_id.clone(),
@@ -413,17 +490,33 @@ impl Node for NodeService {
                     });
                 }
                 Err((code, msg)) => {
-                    st.metrics.issued("jwt", if code == Code::PermissionDenied { "denied" } else { "invalid" }, 1);
+                    st.metrics.issued(
+                        "jwt",
+                        if code == Code::PermissionDenied {
+                            "denied"
+                        } else {
+                            "invalid"
+                        },
+                        1,
+                    );
                     if code == Code::PermissionDenied {
-                        events.push(Event::new("jwt_svid_refused")
-                            .with("agent", agent.spiffe_id.clone())
-                            .with("entry_id", p.entry_id.clone()));
+                        events.push(
+                            Event::new("jwt_svid_refused")
+                                .with("agent", agent.spiffe_id.clone())
+                                .with("entry_id", p.entry_id.clone()),
+                        );
                     }
-                    results.push(JwtSvidResult { svid: None, status: item_status(code, msg) });
+                    results.push(JwtSvidResult {
+                        svid: None,
+                        status: item_status(code, msg),
+                    });
                 }
             }
         }
-        st.audit.record(events).await.map_err(|e| Status::internal(e.to_string()))?;
+        st.audit
+            .record(events)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(SignJwtSvidsResponse { results }))
     }
 }

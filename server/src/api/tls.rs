@@ -75,13 +75,21 @@ impl Connected for NodeConn {
 }
 
 impl AsyncRead for NodeConn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for NodeConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -131,14 +139,16 @@ pub fn accept_loop(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let certs = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect::<Vec<_>>()));
+                        let certs =
+                            tls.get_ref().1.peer_certificates().map(|c| {
+                                Arc::new(c.iter().map(|d| d.to_vec()).collect::<Vec<_>>())
+                            });
                         let conn = NodeConn {
                             inner: tls,
-                            info: PeerInfo { addr: Some(addr), certs },
+                            info: PeerInfo {
+                                addr: Some(addr),
+                                certs,
+                            },
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
@@ -147,11 +157,17 @@ pub fn accept_loop(
                             .get_ref()
                             .and_then(|i| i.downcast_ref::<rustls::Error>())
                             .map_or("io", meshid_identity::verify::classify);
-                        metrics.tls_refused.get_or_create(&ReasonLabels { reason }).inc();
+                        metrics
+                            .tls_refused
+                            .get_or_create(&ReasonLabels { reason })
+                            .inc();
                         tracing::info!(peer = %addr, reason, error = %e, "node API TLS handshake refused");
                     }
                     Err(_) => {
-                        metrics.tls_refused.get_or_create(&ReasonLabels { reason: "timeout" }).inc();
+                        metrics
+                            .tls_refused
+                            .get_or_create(&ReasonLabels { reason: "timeout" })
+                            .inc();
                         tracing::info!(peer = %addr, "node API TLS handshake timed out");
                     }
                 }

@@ -23,7 +23,9 @@ pub struct JwtSigner {
 
 impl std::fmt::Debug for JwtSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtSigner").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("JwtSigner")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -43,12 +45,20 @@ impl JwtSigner {
     pub fn load_or_create(data_dir: &Path) -> Result<Self, CaError> {
         let path = data_dir.join("ca").join("jwt.key");
         let pkcs8 = if path.exists() {
-            std::fs::read(&path).map_err(|source| CaError::Io { path: path.clone(), source })?
+            std::fs::read(&path).map_err(|source| CaError::Io {
+                path: path.clone(),
+                source,
+            })?
         } else {
-            let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-                .map_err(|_| CaError::Invalid("cannot generate JWT key".into()))?;
-            keyfile::write_secret(&path, doc.as_ref())
-                .map_err(|source| CaError::Io { path: path.clone(), source })?;
+            let doc = EcdsaKeyPair::generate_pkcs8(
+                &ECDSA_P256_SHA256_FIXED_SIGNING,
+                &SystemRandom::new(),
+            )
+            .map_err(|_| CaError::Invalid("cannot generate JWT key".into()))?;
+            keyfile::write_secret(&path, doc.as_ref()).map_err(|source| CaError::Io {
+                path: path.clone(),
+                source,
+            })?;
             doc.as_ref().to_vec()
         };
         let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
@@ -58,7 +68,12 @@ impl JwtSigner {
             .subject_public_key_info();
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &public_key_der);
         let kid = URL_SAFE_NO_PAD.encode(&digest.as_ref()[..16]);
-        Ok(Self { key, kid, public_key_der, rng: SystemRandom::new() })
+        Ok(Self {
+            key,
+            kid,
+            public_key_der,
+            rng: SystemRandom::new(),
+        })
     }
 
     /// Key id, as in the JWT header and the bundle.
@@ -110,8 +125,8 @@ impl JwtSigner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
     use aws_lc_rs::signature::KeyPair as _;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 
     #[test]
     fn signs_verifiable_es256() {
@@ -119,13 +134,23 @@ mod tests {
         let s = JwtSigner::load_or_create(dir.path()).expect("key");
         let now = SystemTime::now();
         let j = s
-            .sign("spiffe://td/w", &["a".into()], Duration::from_secs(60), now, now + Duration::from_secs(3600))
+            .sign(
+                "spiffe://td/w",
+                &["a".into()],
+                Duration::from_secs(60),
+                now,
+                now + Duration::from_secs(3600),
+            )
             .expect("sign");
         let parts: Vec<&str> = j.token.split('.').collect();
         assert_eq!(parts.len(), 3);
         let sig = URL_SAFE_NO_PAD.decode(parts[2]).expect("b64");
-        let pk = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, s.key.public_key().as_ref().to_vec());
-        pk.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig).expect("verifies");
+        let pk = UnparsedPublicKey::new(
+            &ECDSA_P256_SHA256_FIXED,
+            s.key.public_key().as_ref().to_vec(),
+        );
+        pk.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+            .expect("verifies");
         let claims: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).expect("b64")).expect("json");
         assert_eq!(claims["sub"], "spiffe://td/w");

@@ -144,7 +144,11 @@ fn is_self_signed(der: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
-fn ca_params(trust_domain: &str, not_after: SystemTime, now: SystemTime) -> Result<CertificateParams, CaError> {
+fn ca_params(
+    trust_domain: &str,
+    not_after: SystemTime,
+    now: SystemTime,
+) -> Result<CertificateParams, CaError> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "meshid");
@@ -195,9 +199,10 @@ impl SigningCa {
             let chain = read_pem_certs(&files.cert)?;
             let key = read_key(&files.key)?;
             let root = chain.first().cloned().unwrap_or_default();
-            match validate::validate_chain(&chain[..1], &[root.clone()], now) {
+            match validate::validate_chain(&chain[..1], std::slice::from_ref(&root), now) {
                 Ok(not_after) => {
-                    let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(root.clone()), key)?;
+                    let issuer =
+                        Issuer::from_ca_cert_der(&CertificateDer::from(root.clone()), key)?;
                     return Ok((
                         Self {
                             trust_domain: td.into(),
@@ -220,9 +225,12 @@ impl SigningCa {
         let params = ca_params(td, now + ttl, now)?;
         let cert = params.self_signed(&key)?;
         let der = cert.der().to_vec();
-        keyfile::write_secret(&files.key, key.serialize_pem().as_bytes()).map_err(io_err(&files.key))?;
-        keyfile::write_file(&files.cert, cert.pem().as_bytes(), 0o644).map_err(io_err(&files.cert))?;
-        let not_after = validate::validate_chain(&[der.clone()], &[der.clone()], now)?;
+        keyfile::write_secret(&files.key, key.serialize_pem().as_bytes())
+            .map_err(io_err(&files.key))?;
+        keyfile::write_file(&files.cert, cert.pem().as_bytes(), 0o644)
+            .map_err(io_err(&files.cert))?;
+        let not_after =
+            validate::validate_chain(std::slice::from_ref(&der), std::slice::from_ref(&der), now)?;
         let issuer = Issuer::new(params, key);
         Ok((
             Self {
@@ -306,7 +314,11 @@ impl SigningCa {
             }
         }
         let up_not_after = validate::validate_chain(
-            if up_chain.is_empty() { &roots[..1] } else { &up_chain },
+            if up_chain.is_empty() {
+                &roots[..1]
+            } else {
+                &up_chain
+            },
             &roots,
             now,
         )?;
@@ -317,8 +329,10 @@ impl SigningCa {
         let mut chain = vec![der.clone()];
         chain.extend(up_chain.iter().cloned());
         let not_after = validate::validate_chain(&chain, &roots, now)?;
-        keyfile::write_secret(&files.key, key.serialize_pem().as_bytes()).map_err(io_err(&files.key))?;
-        keyfile::write_file(&files.cert, cert.pem().as_bytes(), 0o644).map_err(io_err(&files.cert))?;
+        keyfile::write_secret(&files.key, key.serialize_pem().as_bytes())
+            .map_err(io_err(&files.key))?;
+        keyfile::write_file(&files.cert, cert.pem().as_bytes(), 0o644)
+            .map_err(io_err(&files.cert))?;
         let issuer = Issuer::new(params, key);
         Ok((
             Self {

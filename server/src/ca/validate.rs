@@ -101,7 +101,10 @@ pub fn validate_chain(
         // Is this certificate itself one of the roots? Then the path ends here.
         if roots.iter().any(|r| r.as_slice() == chain[i].as_slice()) {
             c.verify_signature(None).map_err(|_| {
-                CaError::Invalid(format!("{}: root self-signature does not verify", subject(c)))
+                CaError::Invalid(format!(
+                    "{}: root self-signature does not verify",
+                    subject(c)
+                ))
             })?;
             return Ok(earliest.unwrap_or(na));
         }
@@ -145,7 +148,9 @@ pub fn validate_chain(
             return Err(last_err);
         }
     }
-    Err(CaError::UntrustedChain("chain does not reach a root".into()))
+    Err(CaError::UntrustedChain(
+        "chain does not reach a root".into(),
+    ))
 }
 
 /// Validates each certificate of a (federated) bundle on its own: parses, is

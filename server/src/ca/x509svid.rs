@@ -173,15 +173,21 @@ mod tests {
     use meshid_identity::svid::SvidInfo;
 
     fn ca(dir: &std::path::Path) -> SigningCa {
-        SigningCa::load_or_create(dir, "example.org", Duration::from_secs(86400), None, SystemTime::now())
-            .expect("ca")
-            .0
+        SigningCa::load_or_create(
+            dir,
+            "example.org",
+            Duration::from_secs(86400),
+            None,
+            SystemTime::now(),
+        )
+        .expect("ca")
+        .0
     }
 
     fn csr() -> Vec<u8> {
         let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-        let mut p = CertificateParams::new(vec!["spiffe://evil.org/claimed".to_string()])
-            .expect("params");
+        let mut p =
+            CertificateParams::new(vec!["spiffe://evil.org/claimed".to_string()]).expect("params");
         p.distinguished_name = DistinguishedName::new();
         p.serialize_request(&k).expect("csr").der().to_vec()
     }
@@ -192,7 +198,13 @@ mod tests {
         let ca = ca(dir.path());
         let now = SystemTime::now();
         let s = ca
-            .sign_x509_svid(&csr(), "spiffe://example.org/web", &["web.local".into()], Duration::from_secs(60), now)
+            .sign_x509_svid(
+                &csr(),
+                "spiffe://example.org/web",
+                &["web.local".into()],
+                Duration::from_secs(60),
+                now,
+            )
             .expect("sign");
         let info = SvidInfo::from_der(&s.chain[0]).expect("svid");
         assert_eq!(info.spiffe_id.to_string(), "spiffe://example.org/web");
@@ -213,12 +225,24 @@ mod tests {
         let ca = ca(dir.path());
         let now = SystemTime::now();
         let s = ca
-            .sign_x509_svid(&csr(), "spiffe://example.org/w", &[], Duration::from_secs(10 * 86400), now)
+            .sign_x509_svid(
+                &csr(),
+                "spiffe://example.org/w",
+                &[],
+                Duration::from_secs(10 * 86400),
+                now,
+            )
             .expect("sign");
         assert!(s.not_after <= ca.not_after());
         assert_eq!(
-            ca.sign_x509_svid(&csr(), "spiffe://other.org/w", &[], Duration::from_secs(60), now)
-                .expect_err("foreign"),
+            ca.sign_x509_svid(
+                &csr(),
+                "spiffe://other.org/w",
+                &[],
+                Duration::from_secs(60),
+                now
+            )
+            .expect_err("foreign"),
             IssueError::InvalidSpiffeId("spiffe://other.org/w".into())
         );
     }
@@ -229,14 +253,26 @@ mod tests {
         let ca = ca(dir.path());
         let now = SystemTime::now();
         assert!(matches!(
-            ca.sign_x509_svid(b"garbage", "spiffe://example.org/w", &[], Duration::from_secs(60), now),
+            ca.sign_x509_svid(
+                b"garbage",
+                "spiffe://example.org/w",
+                &[],
+                Duration::from_secs(60),
+                now
+            ),
             Err(IssueError::MalformedCsr(_))
         ));
         let mut c = csr();
         let n = c.len();
         c[n - 5] ^= 0xff;
         assert!(matches!(
-            ca.sign_x509_svid(&c, "spiffe://example.org/w", &[], Duration::from_secs(60), now),
+            ca.sign_x509_svid(
+                &c,
+                "spiffe://example.org/w",
+                &[],
+                Duration::from_secs(60),
+                now
+            ),
             Err(IssueError::BadCsrSignature | IssueError::MalformedCsr(_))
         ));
     }

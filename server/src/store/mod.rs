@@ -142,7 +142,10 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a new join token.
     async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError>;
     /// Atomically removes and returns a token: a token can be consumed once.
-    async fn consume_join_token(&self, token_hash: &str) -> Result<Option<JoinTokenRecord>, StoreError>;
+    async fn consume_join_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<JoinTokenRecord>, StoreError>;
 
     /// Inserts or replaces an agent.
     async fn upsert_agent(&self, agent: &AgentRecord) -> Result<(), StoreError>;

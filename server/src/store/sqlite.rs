@@ -189,7 +189,10 @@ impl Store for SqliteStore {
         if res.rows_affected() == 1 {
             Ok(())
         } else if self.get_entry(&entry.id).await?.is_some() {
-            Err(StoreError::Conflict(format!("entry {} was changed concurrently", entry.id)))
+            Err(StoreError::Conflict(format!(
+                "entry {} was changed concurrently",
+                entry.id
+            )))
         } else {
             Err(StoreError::NotFound(format!("entry {}", entry.id)))
         }
@@ -230,7 +233,10 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn consume_join_token(&self, token_hash: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
+    async fn consume_join_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
         let row = sqlx::query(
             "DELETE FROM join_tokens WHERE token_hash = ? RETURNING token_hash, token_id, alias_id, expires_at, created_at",
         )
@@ -250,7 +256,8 @@ impl Store for SqliteStore {
     }
 
     async fn upsert_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
-        let aliases = serde_json::to_string(&a.aliases).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let aliases =
+            serde_json::to_string(&a.aliases).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         sqlx::query(
             "INSERT INTO agents (spiffe_id, attestor, serial, prev_serial, expires_at, banned, aliases, attested_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -341,7 +348,9 @@ impl Store for SqliteStore {
         if res.rows_affected() == 1 {
             Ok(())
         } else {
-            Err(StoreError::NotFound(format!("federated bundle {trust_domain}")))
+            Err(StoreError::NotFound(format!(
+                "federated bundle {trust_domain}"
+            )))
         }
     }
 
@@ -410,7 +419,10 @@ mod tests {
             id: id.into(),
             spiffe_id: "spiffe://td/w".into(),
             parent_id: parent.into(),
-            selectors: vec![Selector { r#type: "unix".into(), value: format!("uid:{uid}") }],
+            selectors: vec![Selector {
+                r#type: "unix".into(),
+                value: format!("uid:{uid}"),
+            }],
             revision: 1,
             created_at: 1,
             ..Entry::default()
@@ -420,14 +432,26 @@ mod tests {
     #[tokio::test]
     async fn entries_tokens_and_atomic_delete() {
         let dir = tempfile::tempdir().expect("tmp");
-        let s = SqliteStore::open(&dir.path().join("m.db")).await.expect("open");
-        s.create_entry(&entry("a", "spiffe://td/agent", "1")).await.expect("a");
+        let s = SqliteStore::open(&dir.path().join("m.db"))
+            .await
+            .expect("open");
+        s.create_entry(&entry("a", "spiffe://td/agent", "1"))
+            .await
+            .expect("a");
         assert!(matches!(
             s.create_entry(&entry("b", "spiffe://td/agent", "1")).await,
             Err(StoreError::AlreadyExists(_))
         ));
-        s.create_entry(&entry("c", "spiffe://td/agent", "2")).await.expect("c");
-        assert_eq!(s.list_entries_by_parents(&["spiffe://td/agent".into()]).await.expect("l").len(), 2);
+        s.create_entry(&entry("c", "spiffe://td/agent", "2"))
+            .await
+            .expect("c");
+        assert_eq!(
+            s.list_entries_by_parents(&["spiffe://td/agent".into()])
+                .await
+                .expect("l")
+                .len(),
+            2
+        );
         // A delete that names a missing id deletes nothing.
         assert!(s.delete_entries(&["a".into(), "zzz".into()]).await.is_err());
         assert_eq!(s.count_entries().await.expect("n"), 2);
@@ -435,9 +459,18 @@ mod tests {
         let mut a = s.get_entry("a").await.expect("g").expect("some");
         a.revision = 2;
         s.update_entry(&a, 1).await.expect("update");
-        assert!(matches!(s.update_entry(&a, 1).await, Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            s.update_entry(&a, 1).await,
+            Err(StoreError::Conflict(_))
+        ));
         // Tokens are single use.
-        let t = JoinTokenRecord { token_hash: "h".into(), token_id: "i".into(), alias_id: String::new(), expires_at: 10, created_at: 1 };
+        let t = JoinTokenRecord {
+            token_hash: "h".into(),
+            token_id: "i".into(),
+            alias_id: String::new(),
+            expires_at: 10,
+            created_at: 1,
+        };
         s.create_join_token(&t).await.expect("tok");
         assert_eq!(s.consume_join_token("h").await.expect("c1"), Some(t));
         assert_eq!(s.consume_join_token("h").await.expect("c2"), None);
