@@ -7,6 +7,7 @@ pub mod bundle_format;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod journal;
 pub mod metrics;
 pub mod run;
 pub mod state;

@@ -146,8 +146,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     metrics.ca_not_after.set(unix(ca.not_after()));
     let (changes, _) = tokio::sync::watch::channel(0u64);
+    let journal = crate::journal::Journal::start(store.clone(), audit.clone());
     let state = Arc::new(ServerState {
         config: cfg.clone(),
+        journal,
         ca: Arc::new(ca),
         jwt: Arc::new(jwt),
         store,

@@ -27,6 +27,8 @@ pub struct ServerState {
     pub audit: AuditLog,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Group-commit writer for the issuance journal and its audit events.
+    pub journal: crate::journal::Journal,
     /// Bumped on every change that agents must see (entries, bundles, agents).
     pub changes: watch::Sender<u64>,
     /// Addresses actually bound, for the Health RPC.
@@ -168,17 +170,15 @@ impl ServerState {
                     not_after: unix(s.not_after),
                     issued_at: unix(SystemTime::now()),
                 };
-                if let Err(e) = self.store.record_issued(std::slice::from_ref(&rec)).await {
-                    tracing::error!(error = %e, "cannot journal issued certificate");
-                }
                 let ev = Event::new("x509_svid_issued")
                     .with("kind", kind)
-                    .with("serial", rec.serial)
-                    .with("spiffe_id", rec.spiffe_id)
+                    .with("serial", rec.serial.clone())
+                    .with("spiffe_id", rec.spiffe_id.clone())
                     .with("agent", agent_id)
                     .with("not_after", rec.not_after);
-                if let Err(e) = self.audit.record(vec![ev]).await {
-                    tracing::error!(error = %e, "cannot write audit log");
+                if let Err(e) = self.journal.commit(vec![rec], vec![ev]).await {
+                    tracing::error!(error = %e, "cannot journal issued certificate");
+                    return Err(crate::ca::IssueError::Sign(format!("not journaled: {e}")));
                 }
             }
             Err(_) => self.metrics.issued(kind, "invalid", 1),

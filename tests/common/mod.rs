@@ -78,19 +78,26 @@ impl Server {
             metrics_addr: String::new(),
             child: Some(child),
         };
-        let health: serde_json::Value = wait_for("server readiness", Duration::from_secs(30), || {
-            if let Some(c) = s.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("server exited early ({status}): {}", s.log());
+        let health: serde_json::Value =
+            wait_for("server readiness", Duration::from_secs(30), || {
+                if let Some(c) = s.child.as_mut() {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        panic!("server exited early ({status}): {}", s.log());
+                    }
                 }
-            }
-            let out = s.cli(&["healthcheck", "--json"]);
-            out.status
-                .success()
-                .then(|| serde_json::from_slice(&out.stdout).expect("health json"))
-        });
-        s.node_addr = health["node_address"].as_str().expect("node addr").to_string();
-        s.metrics_addr = health["metrics_address"].as_str().unwrap_or_default().to_string();
+                let out = s.cli(&["healthcheck", "--json"]);
+                out.status
+                    .success()
+                    .then(|| serde_json::from_slice(&out.stdout).expect("health json"))
+            });
+        s.node_addr = health["node_address"]
+            .as_str()
+            .expect("node addr")
+            .to_string();
+        s.metrics_addr = health["metrics_address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         s
     }
 
@@ -195,6 +202,7 @@ pub async fn node_channel(addr: &str, bundle_pem: &str, identity: Option<Identit
             let (connector, addr) = (connector.clone(), addr.clone());
             async move {
                 let tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
                 let name = ServerName::try_from("meshid-server").expect("name");
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))

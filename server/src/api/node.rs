@@ -327,7 +327,7 @@ impl Node for NodeService {
         let default_ttl = st.config.default_svid_ttl;
         let max_ttl = st.config.max_svid_ttl;
         let ca = st.ca.clone();
-        let signed = tokio::task::spawn_blocking(move || {
+        let signed = tokio::task::block_in_place(move || {
             let now = SystemTime::now();
             jobs.into_iter()
                 .map(|j| {
@@ -342,9 +342,7 @@ impl Node for NodeService {
                         .map_err(|e| (issue_code(&e), e.to_string()))
                 })
                 .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        });
 
         let now = unix(SystemTime::now());
         let mut records = Vec::new();
@@ -390,13 +388,11 @@ impl Node for NodeService {
             }
         }
         // Journal and audit before anything is handed out.
-        let outcome = if let Err(e) = st.store.record_issued(&records).await {
-            Err(Status::internal(format!("journal: {e}")))
-        } else if let Err(e) = st.audit.record(events).await {
-            Err(Status::internal(e.to_string()))
-        } else {
-            Ok(())
-        };
+        let outcome = st
+            .journal
+            .commit(records, events)
+            .await
+            .map_err(Status::internal);
         let m = &st.metrics;
         if let Err(e) = outcome {
             m.issued("x509", "error", ok);

@@ -372,19 +372,26 @@ impl Store for SqliteStore {
     }
 
     async fn record_issued(&self, certs: &[IssuedRecord]) -> Result<(), StoreError> {
+        if certs.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
-        for c in certs {
-            sqlx::query(
-                "INSERT INTO issued_certs (serial, spiffe_id, entry_id, agent_id, not_after, issued_at) VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&c.serial)
-            .bind(&c.spiffe_id)
-            .bind(&c.entry_id)
-            .bind(&c.agent_id)
-            .bind(c.not_after)
-            .bind(c.issued_at)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in certs.chunks(500) {
+            let q = format!(
+                "INSERT INTO issued_certs (serial, spiffe_id, entry_id, agent_id, not_after, issued_at) VALUES {}",
+                vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(",")
+            );
+            let mut query = sqlx::query(&q);
+            for c in chunk {
+                query = query
+                    .bind(&c.serial)
+                    .bind(&c.spiffe_id)
+                    .bind(&c.entry_id)
+                    .bind(&c.agent_id)
+                    .bind(c.not_after)
+                    .bind(c.issued_at);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -1,0 +1,116 @@
+//! Signing throughput over the node API: a real `meshid server run` (release
+//! build, audit log and SQLite journal on), one attested agent, concurrent
+//! clients sending batches of CSRs over mTLS. Printed beside the raw
+//! in-process signing rate of the same CA code, as a ratio.
+//!
+//! `cargo bench --bench node_sign` (env: BATCH, CLIENTS, SECONDS).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{Server, TD, key_and_csr, node_channel};
+use meshid_proto::node::node_client::NodeClient;
+use meshid_proto::node::{AttestRequest, SignX509SvidsRequest, X509SvidParams};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn in_process_rate(csrs: &[Vec<u8>], seconds: f64) -> f64 {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca, _) = meshid_server::ca::SigningCa::load_or_create(dir.path(), TD, Duration::from_secs(86400), None, SystemTime::now())
+        .expect("ca");
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        for csr in csrs {
+            ca.sign_x509_svid(csr, "spiffe://example.org/bench", &[], Duration::from_secs(3600), SystemTime::now())
+                .expect("sign");
+            n += 1;
+        }
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let batch = env("BATCH", 100);
+    let clients = env("CLIENTS", 4);
+    let seconds = env("SECONDS", 10) as f64;
+
+    let csrs: Arc<Vec<Vec<u8>>> = Arc::new((0..batch).map(|_| key_and_csr().1).collect());
+    let baseline = in_process_rate(&csrs, 3.0);
+
+    let server = Server::start("max_sign_batch = 10000\ndefault_svid_ttl = \"1h\"");
+    let bundle = server.bundle_pem();
+    let alias = format!("spiffe://{TD}/node/bench");
+    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
+    let entry = server.ok(&["entry", "create", "--parent-id", &alias, "--spiffe-id", &format!("spiffe://{TD}/bench"), "--selector", "unix:uid:1"]);
+    let (key, csr) = key_and_csr();
+    let mut c = NodeClient::new(node_channel(&server.node_addr, &bundle, None).await);
+    let svid = c
+        .attest(AttestRequest { attestor: "join_token".into(), payload: token.into_bytes(), csr })
+        .await
+        .expect("attest")
+        .into_inner()
+        .svid
+        .expect("svid");
+    let identity = (svid.cert_chain, key.serialize_der());
+
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let ch = node_channel(&server.node_addr, &bundle, Some(identity.clone())).await;
+        let csrs = csrs.clone();
+        let entry = entry.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut node = NodeClient::new(ch);
+            let mut lat = Vec::new();
+            let mut signed = 0u64;
+            while Instant::now() < deadline {
+                let params = csrs.iter().map(|c| X509SvidParams { entry_id: entry.clone(), csr: c.clone() }).collect();
+                let t = Instant::now();
+                let r = node.sign_x509_svids(SignX509SvidsRequest { params }).await.expect("sign").into_inner();
+                lat.push(t.elapsed());
+                signed += r.results.iter().filter(|x| x.svid.is_some()).count() as u64;
+            }
+            (signed, lat)
+        }));
+    }
+    let mut total = 0u64;
+    let mut lat = Vec::new();
+    for t in tasks {
+        let (n, l) = t.await.expect("task");
+        total += n;
+        lat.extend(l);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort();
+    let rate = total as f64 / elapsed;
+    let audit_lines = std::fs::read_to_string(server.dir.path().join("data/audit.log")).map(|s| s.lines().count()).unwrap_or(0);
+
+    println!("node API X509-SVID signing: batch={batch} clients={clients} duration={elapsed:.1}s, audit log + SQLite journal on");
+    println!("{:<44} {:>12} {:>10} {:>10}", "path", "SVIDs/s", "p50 batch", "p99 batch");
+    println!("{:<44} {:>12.0} {:>10} {:>10}", "in-process CA signing (baseline, 1 thread)", baseline, "-", "-");
+    println!(
+        "{:<44} {:>12.0} {:>8.1}ms {:>8.1}ms",
+        "meshid node API (mTLS, gRPC, audited)",
+        rate,
+        pct(&lat, 0.50).as_secs_f64() * 1e3,
+        pct(&lat, 0.99).as_secs_f64() * 1e3
+    );
+    println!("ratio node API / in-process: {:.2}", rate / baseline);
+    println!("SVIDs signed: {total}; audit lines: {audit_lines}");
+}
