@@ -63,7 +63,10 @@ impl TrustBundles {
     }
 
     fn anchors(&self, td: &str) -> Option<&[rustls_pki_types::TrustAnchor<'static>]> {
-        self.roots.get(td).map(Vec::as_slice).filter(|a| !a.is_empty())
+        self.roots
+            .get(td)
+            .map(Vec::as_slice)
+            .filter(|a| !a.is_empty())
     }
 }
 
@@ -132,9 +135,7 @@ fn webpki_error(e: webpki::Error) -> rustls::Error {
         W::CertNotValidYet { .. } => CertificateError::NotValidYet,
         W::UnknownIssuer => CertificateError::UnknownIssuer,
         W::InvalidSignatureForPublicKey => CertificateError::BadSignature,
-        W::RequiredEkuNotFoundContext(_) => {
-            CertificateError::InvalidPurpose
-        }
+        W::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
         other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
     };
     rustls::Error::InvalidCertificate(ce)

@@ -1,5 +1,16 @@
 //! `meshid sidecar …` subcommands.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ENDPOINT_ENV};
+use crate::identity::{Identity, run_workload_api};
+use crate::metrics::Metrics;
+use crate::{Sidecar, policies};
+
 /// `meshid sidecar`
 #[derive(Debug, clap::Args)]
 pub struct SidecarCli {
@@ -9,15 +20,94 @@ pub struct SidecarCli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// Not yet available.
-    Run,
+    /// Runs the mTLS sidecar.
+    Run {
+        /// Path to the sidecar TOML config.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only validate the config and exit.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 impl SidecarCli {
     /// Runs the subcommand.
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
-            Command::Run => anyhow::bail!("meshid sidecar is not available in this build"),
+            Command::Run { config, check } => run(config, check).await,
         }
+    }
+}
+
+async fn run(path: PathBuf, check: bool) -> anyhow::Result<()> {
+    let v = Config::load(&path)?.validate(std::env::var(ENDPOINT_ENV).ok())?;
+    if check {
+        println!(
+            "config ok: {} inbound, {} outbound listener(s)",
+            v.config.inbound.len(),
+            v.config.outbound.len()
+        );
+        return Ok(());
+    }
+    let endpoint = v.endpoint.clone().with_context(|| {
+        format!("no Workload API address: set workload_api_socket or ${ENDPOINT_ENV}")
+    })?;
+    let metrics = Arc::new(Metrics::new());
+    let identity = Identity::new(policies(&v), metrics.clone());
+    let shutdown = CancellationToken::new();
+    let sidecar = Sidecar::bind(&v, identity.clone(), metrics, shutdown.clone()).await?;
+    tracing::info!(
+        inbound = ?sidecar.inbound_addrs(),
+        outbound = ?sidecar.outbound_addrs(),
+        admin = ?sidecar.admin_addr(),
+        "sidecar listening; connections are refused until the first SVID arrives"
+    );
+    let source = tokio::spawn(run_workload_api(
+        identity,
+        endpoint,
+        v.spiffe_id.clone(),
+        shutdown.clone(),
+    ));
+    let signals = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested: no new connections, draining");
+            shutdown.cancel();
+        })
+    };
+    let cut = sidecar.run().await?;
+    signals.abort();
+    shutdown.cancel();
+    let _ = source.await;
+    if cut > 0 {
+        tracing::warn!(
+            cut,
+            "exited with connections still open after drain_timeout"
+        );
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

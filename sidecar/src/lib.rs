@@ -1,3 +1,231 @@
-//! meshid sidecar.
+//! meshid sidecar: mTLS inbound and outbound proxies whose identity comes
+//! from the SPIFFE Workload API.
+//!
+//! - [`config`]: the TOML file, defaults and validation.
+//! - [`authz`]: SPIFFE ID allow policies (exact, trust domain, path prefix).
+//! - [`identity`]: SVID updates → rustls configs, swapped atomically.
+//! - [`inbound`] / [`outbound`]: the proxies.
+//! - [`health`]: `/healthz`, `/readyz` (a real mTLS handshake) and `/metrics`.
+//! - [`proxy_protocol`]: the PROXY v2 header carrying the peer's SPIFFE ID.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+pub mod authz;
 pub mod cli;
+pub mod config;
+pub mod health;
+pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod proxy_protocol;
+
+use config::Validated;
+
+use identity::{Identity, Policies};
+use metrics::Metrics;
+/// The shutdown signal type [`Sidecar::bind`] takes (re-exported so callers
+/// need no direct `tokio-util` dependency).
+pub use tokio_util::sync::CancellationToken;
+
+/// Buffer size for each direction of a proxied connection.
+pub const COPY_BUFFER: usize = 64 * 1024;
+
+/// Errors starting the sidecar.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SidecarError {
+    /// A listener cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The admin server failed.
+    #[error("admin server: {0}")]
+    Admin(std::io::Error),
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The current identity.
+    pub identity: Arc<Identity>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// TLS handshake time limit.
+    pub handshake_timeout: Duration,
+    /// Dial time limit.
+    pub connect_timeout: Duration,
+    /// Caps open connections across all listeners.
+    pub limit: Arc<Semaphore>,
+    /// Tracks connection tasks for draining.
+    pub tracker: TaskTracker,
+    /// Cancelled on SIGTERM: stop accepting and drain.
+    pub shutdown: CancellationToken,
+    /// Where `/readyz` handshakes: the first inbound listener, if any.
+    pub probe_target: Option<SocketAddr>,
+}
+
+/// Policies for [`Identity`] from a validated config.
+pub fn policies(v: &Validated) -> Policies {
+    Policies {
+        inbound: v.policies.iter().map(authz::Policy::authorizer).collect(),
+        outbound: v.server_ids.clone(),
+        allow_tls12: v.config.allow_tls12,
+    }
+}
+
+/// A sidecar with every listener bound, not yet serving.
+#[derive(Debug)]
+pub struct Sidecar {
+    shared: Arc<Shared>,
+    inbound: Vec<(TcpListener, Arc<inbound::InboundCtx>)>,
+    outbound: Vec<(TcpListener, Arc<outbound::OutboundCtx>)>,
+    admin: Option<TcpListener>,
+    drain_timeout: Duration,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, SidecarError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| SidecarError::Bind { addr, source })
+}
+
+fn local(l: &TcpListener) -> SocketAddr {
+    // A bound listener always has a local address; fall back to unspecified.
+    l.local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+impl Sidecar {
+    /// Binds every listener of `v`. Serving starts with [`Sidecar::run`];
+    /// connections are refused until `identity` has an SVID.
+    pub async fn bind(
+        v: &Validated,
+        identity: Arc<Identity>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, SidecarError> {
+        let mut inbound = Vec::new();
+        for (idx, ib) in v.config.inbound.iter().enumerate() {
+            let l = bind(ib.listen).await?;
+            inbound.push((l, Arc::new(inbound::InboundCtx::new(idx, ib))));
+        }
+        let mut outbound = Vec::new();
+        for (idx, ob) in v.config.outbound.iter().enumerate() {
+            let l = bind(ob.listen).await?;
+            outbound.push((l, Arc::new(outbound::OutboundCtx::new(idx, ob))));
+        }
+        let admin = match v.config.admin_address {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let probe_target = inbound.first().map(|(l, _)| {
+            let mut a = local(l);
+            if a.ip().is_unspecified() {
+                a.set_ip(if a.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            a
+        });
+        Ok(Self {
+            shared: Arc::new(Shared {
+                identity,
+                metrics,
+                handshake_timeout: v.config.handshake_timeout,
+                connect_timeout: v.config.connect_timeout,
+                limit: Arc::new(Semaphore::new(v.config.max_connections)),
+                tracker: TaskTracker::new(),
+                shutdown,
+                probe_target,
+            }),
+            inbound,
+            outbound,
+            admin,
+            drain_timeout: v.config.drain_timeout,
+        })
+    }
+
+    /// Bound inbound addresses, in config order.
+    pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
+        self.inbound.iter().map(|(l, _)| local(l)).collect()
+    }
+
+    /// Bound outbound addresses, in config order.
+    pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
+        self.outbound.iter().map(|(l, _)| local(l)).collect()
+    }
+
+    /// Bound admin address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(local)
+    }
+
+    /// The shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves until the shutdown token is cancelled, then stops accepting
+    /// and waits up to `drain_timeout` for open connections. Returns the
+    /// number of connections cut when the drain timed out.
+    pub async fn run(self) -> Result<usize, SidecarError> {
+        let mut loops = tokio::task::JoinSet::new();
+        for (l, ctx) in self.inbound {
+            loops.spawn(inbound::serve(self.shared.clone(), l, ctx));
+        }
+        for (l, ctx) in self.outbound {
+            loops.spawn(outbound::serve(self.shared.clone(), l, ctx));
+        }
+        let admin = self
+            .admin
+            .map(|l| tokio::spawn(health::serve(self.shared.clone(), l)));
+        while loops.join_next().await.is_some() {}
+        // Accept loops end only on shutdown.
+        self.shared.tracker.close();
+        let open = self.shared.tracker.len();
+        if open > 0 {
+            tracing::info!(open, timeout = ?self.drain_timeout, "draining connections");
+        }
+        let cut = match tokio::time::timeout(self.drain_timeout, self.shared.tracker.wait()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                let cut = self.shared.tracker.len();
+                tracing::warn!(cut, "drain timeout: closing remaining connections");
+                cut
+            }
+        };
+        if let Some(a) = admin
+            && let Ok(Err(e)) = a.await
+        {
+            return Err(SidecarError::Admin(e));
+        }
+        Ok(cut)
+    }
+}
+
+/// Classifies a handshake I/O error for metrics.
+pub fn classify_io(e: &std::io::Error) -> &'static str {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(
+            err @ (rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::AlertReceived(_)),
+        ) => meshid_identity::verify::classify(err),
+        Some(_) => "tls",
+        None if e.kind() == std::io::ErrorKind::InvalidData => "tls",
+        None => "io",
+    }
+}

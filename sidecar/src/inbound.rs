@@ -1,0 +1,390 @@
+//! The inbound proxy: accept mTLS, authorize the peer's SPIFFE ID, forward
+//! plaintext to the local application.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use meshid_identity::SvidInfo;
+use rustls::server::Acceptor;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::config::{Inbound, Mode};
+use crate::identity::PROBE_SNI;
+use crate::metrics::{ByteLabels, DirLabels, Direction};
+use crate::{COPY_BUFFER, Shared, classify_io};
+
+/// The header carrying the peer's SPIFFE ID to the application.
+pub const SPIFFE_ID_HEADER: &str = "x-spiffe-id";
+
+/// One inbound listener's settings.
+#[derive(Debug)]
+pub struct InboundCtx {
+    idx: usize,
+    forward_to: String,
+    mode: Mode,
+    proxy_protocol: bool,
+}
+
+impl InboundCtx {
+    /// Settings of inbound listener number `idx`.
+    pub fn new(idx: usize, ib: &Inbound) -> Self {
+        Self {
+            idx,
+            forward_to: ib.forward_to.clone(),
+            mode: ib.mode,
+            proxy_protocol: ib.proxy_protocol,
+        }
+    }
+}
+
+/// Accepts until shutdown; each connection runs in its own task.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, ctx: Arc<InboundCtx>) {
+    loop {
+        let permit = tokio::select! {
+            p = shared.limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = shared.shutdown.cancelled() => return,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    // e.g. EMFILE: back off briefly instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shared.shutdown.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        shared
+            .tracker
+            .spawn(handle(shared.clone(), ctx.clone(), tcp, peer, permit));
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    ctx: Arc<InboundCtx>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let m = &shared.metrics;
+    if shared.identity.current().is_none() {
+        // Not ready: close before any TLS byte, the client sees a reset/EOF.
+        m.handshake(Direction::Inbound, "not_ready");
+        return;
+    }
+    let local = tcp.local_addr().ok();
+    let hs = async {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+        let probe = start.client_hello().server_name() == Some(PROBE_SNI);
+        // Load the snapshot at ClientHello time: the newest SVID and policy.
+        let Some(snap) = shared.identity.current() else {
+            return Err(std::io::Error::other("no SVID"));
+        };
+        let cfg = if probe {
+            snap.probe_server.clone()
+        } else {
+            match snap.inbound.get(ctx.idx) {
+                Some(c) => c.clone(),
+                None => return Err(std::io::Error::other("no config for listener")),
+            }
+        };
+        let stream = start.into_stream(cfg).await?;
+        Ok((stream, probe))
+    };
+    let (mut tls, probe) = match tokio::time::timeout(shared.handshake_timeout, hs).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            let outcome = classify_io(&e);
+            m.handshake(Direction::Inbound, outcome);
+            tracing::debug!(%peer, error = %e, outcome, "inbound handshake failed");
+            return;
+        }
+        Err(_) => {
+            m.handshake(Direction::Inbound, "timeout");
+            tracing::debug!(%peer, "inbound handshake timed out");
+            return;
+        }
+    };
+    if probe {
+        m.handshake(Direction::Inbound, "probe");
+        let _ = tls.shutdown().await;
+        return;
+    }
+    let Some(peer_id) = peer_spiffe_id(&tls) else {
+        // The verifier admitted the peer, so this cannot happen.
+        m.handshake(Direction::Inbound, "other");
+        return;
+    };
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    m.handshake(Direction::Inbound, if resumed { "resumed" } else { "ok" });
+    tracing::debug!(%peer, peer_id, resumed, "inbound connection authorized");
+
+    let dir = DirLabels {
+        direction: Direction::Inbound,
+    };
+    let started = Instant::now();
+    m.active.get_or_create(&dir).inc();
+    match ctx.mode {
+        Mode::Tcp => {
+            let dst = local.unwrap_or(peer);
+            forward_tcp(&shared, &ctx, tls, peer, dst, &peer_id).await;
+        }
+        Mode::Http => forward_http(&shared, &ctx, tls, peer_id).await,
+    }
+    m.active.get_or_create(&dir).dec();
+    m.duration
+        .get_or_create(&dir)
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// The SPIFFE ID of the verified peer.
+fn peer_spiffe_id(tls: &TlsStream<TcpStream>) -> Option<String> {
+    let leaf = tls.get_ref().1.peer_certificates()?.first()?;
+    SvidInfo::from_der(leaf)
+        .ok()
+        .map(|i| i.spiffe_id.to_string())
+}
+
+async fn dial(shared: &Shared, addr: &str) -> Option<TcpStream> {
+    let res = tokio::time::timeout(shared.connect_timeout, TcpStream::connect(addr)).await;
+    match res {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(addr, error = %e, "cannot reach application");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(addr, "timed out connecting to application");
+            None
+        }
+    }
+    .or_else(|| {
+        shared
+            .metrics
+            .dial_errors
+            .get_or_create(&DirLabels {
+                direction: Direction::Inbound,
+            })
+            .inc();
+        None
+    })
+}
+
+async fn forward_tcp(
+    shared: &Shared,
+    ctx: &InboundCtx,
+    mut tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    peer_id: &str,
+) {
+    let Some(mut app) = dial(shared, &ctx.forward_to).await else {
+        let _ = tls.shutdown().await;
+        return;
+    };
+    if ctx.proxy_protocol {
+        let header = match crate::proxy_protocol::encode_v2(peer, dst, peer_id) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode PROXY header");
+                return;
+            }
+        };
+        if let Err(e) = app.write_all(&header).await {
+            tracing::warn!(error = %e, "cannot write PROXY header");
+            return;
+        }
+    }
+    match tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut app, COPY_BUFFER, COPY_BUFFER)
+        .await
+    {
+        Ok((from_peer, to_peer)) => count_bytes(shared, from_peer, to_peer),
+        Err(e) => tracing::debug!(%peer, error = %e, "inbound connection ended with error"),
+    }
+}
+
+fn count_bytes(shared: &Shared, rx: u64, tx: u64) {
+    let m = &shared.metrics;
+    m.bytes
+        .get_or_create(&ByteLabels {
+            direction: Direction::Inbound,
+            flow: "rx",
+        })
+        .inc_by(rx);
+    m.bytes
+        .get_or_create(&ByteLabels {
+            direction: Direction::Inbound,
+            flow: "tx",
+        })
+        .inc_by(tx);
+}
+
+type Upstream = hyper::client::conn::http1::SendRequest<Incoming>;
+type Body = Either<Incoming, String>;
+
+fn status(code: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(Either::Right(format!("{msg}\n")));
+    *r.status_mut() = code;
+    r
+}
+
+async fn forward_http(
+    shared: &Arc<Shared>,
+    ctx: &Arc<InboundCtx>,
+    tls: TlsStream<TcpStream>,
+    peer_id: String,
+) {
+    let Ok(id_value) = HeaderValue::from_str(&peer_id) else {
+        return;
+    };
+    let upstream: Arc<tokio::sync::Mutex<Option<Upstream>>> = Arc::default();
+    let svc = {
+        let shared = shared.clone();
+        let ctx = ctx.clone();
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let headers = req.headers_mut();
+            // Whatever the client claims is replaced by what TLS proved.
+            headers.remove(SPIFFE_ID_HEADER);
+            headers.insert(SPIFFE_ID_HEADER, id_value.clone());
+            let upstream = upstream.clone();
+            let shared = shared.clone();
+            let ctx = ctx.clone();
+            async move {
+                let mut guard = upstream.lock().await;
+                if guard.as_ref().is_none_or(|s| s.is_closed()) {
+                    *guard = None;
+                    let Some(app) = dial(&shared, &ctx.forward_to).await else {
+                        return Ok::<_, std::convert::Infallible>(status(
+                            StatusCode::BAD_GATEWAY,
+                            "application unreachable",
+                        ));
+                    };
+                    match hyper::client::conn::http1::handshake(TokioIo::new(app)).await {
+                        Ok((sender, conn)) => {
+                            tokio::spawn(async move {
+                                if let Err(e) = conn.await {
+                                    tracing::debug!(error = %e, "application connection ended");
+                                }
+                            });
+                            *guard = Some(sender);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "HTTP handshake with application failed");
+                            return Ok(status(StatusCode::BAD_GATEWAY, "application error"));
+                        }
+                    }
+                }
+                let Some(sender) = guard.as_mut() else {
+                    return Ok(status(StatusCode::BAD_GATEWAY, "application unreachable"));
+                };
+                if let Err(e) = sender.ready().await {
+                    tracing::warn!(error = %e, "application connection not usable");
+                    *guard = None;
+                    return Ok(status(StatusCode::BAD_GATEWAY, "application error"));
+                }
+                match sender.send_request(req).await {
+                    Ok(resp) => Ok(resp.map(Either::Left)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "application request failed");
+                        *guard = None;
+                        Ok(status(StatusCode::BAD_GATEWAY, "application error"))
+                    }
+                }
+            }
+        })
+    };
+    let counts = Arc::new(Counts::default());
+    let io = Counted {
+        inner: tls,
+        counts: counts.clone(),
+    };
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "inbound HTTP connection ended with error");
+    }
+    count_bytes(
+        shared,
+        counts.rx.load(Ordering::Relaxed),
+        counts.tx.load(Ordering::Relaxed),
+    );
+}
+
+/// Bytes read from and written to the TLS peer.
+#[derive(Debug, Default)]
+struct Counts {
+    rx: AtomicU64,
+    tx: AtomicU64,
+}
+
+/// A stream that counts the bytes passing through it.
+struct Counted<S> {
+    inner: S,
+    counts: Arc<Counts>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        self.counts.rx.fetch_add(n as u64, Ordering::Relaxed);
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            self.counts.tx.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

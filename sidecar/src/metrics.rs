@@ -1,0 +1,148 @@
+//! Prometheus metrics of the sidecar.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Traffic direction.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Direction {
+    /// mTLS in, plaintext to the app.
+    Inbound,
+    /// Plaintext from the app, mTLS out.
+    Outbound,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        })
+    }
+}
+
+/// Labels for handshakes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// inbound/outbound.
+    pub direction: Direction,
+    /// `ok`, `resumed`, `probe`, a `verify::classify` label, `timeout`,
+    /// `not_ready`, `tls` (protocol error, e.g. garbage) or `io`.
+    pub outcome: &'static str,
+}
+
+/// Labels by direction only.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabels {
+    /// inbound/outbound.
+    pub direction: Direction,
+}
+
+/// Labels for byte counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByteLabels {
+    /// inbound/outbound.
+    pub direction: Direction,
+    /// `tx` (toward the TLS peer) or `rx` (from the TLS peer).
+    pub flow: &'static str,
+}
+
+/// All sidecar metrics, registered in one registry.
+#[derive(Debug)]
+pub struct Metrics {
+    /// The registry to encode.
+    pub registry: Registry,
+    /// Handshakes by direction and outcome.
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    /// Open proxied connections.
+    pub active: Family<DirLabels, Gauge>,
+    /// Bytes proxied.
+    pub bytes: Family<ByteLabels, Counter>,
+    /// Connection duration in seconds.
+    pub duration: Family<DirLabels, Histogram>,
+    /// Upstream/app dial failures.
+    pub dial_errors: Family<DirLabels, Counter>,
+    /// notAfter of the current SVID, Unix seconds (0 before the first).
+    pub svid_not_after: Gauge,
+    /// SVID updates applied (the first one included).
+    pub rotations: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `meshid_sidecar` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshid_sidecar");
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
+        let active = Family::<DirLabels, Gauge>::default();
+        let bytes = Family::<ByteLabels, Counter>::default();
+        let duration = Family::<DirLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.001, 4.0, 12))) as fn() -> Histogram,
+        );
+        let dial_errors = Family::<DirLabels, Counter>::default();
+        let svid_not_after = Gauge::default();
+        let rotations = Counter::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes by direction and outcome",
+            handshakes.clone(),
+        );
+        registry.register(
+            "active_connections",
+            "Open proxied connections",
+            active.clone(),
+        );
+        registry.register("bytes", "Bytes proxied", bytes.clone());
+        registry.register(
+            "connection_duration_seconds",
+            "Duration of proxied connections",
+            duration.clone(),
+        );
+        registry.register(
+            "dial_errors",
+            "Failures to connect to the app or upstream",
+            dial_errors.clone(),
+        );
+        registry.register(
+            "svid_not_after_seconds",
+            "notAfter of the current SVID (Unix seconds)",
+            svid_not_after.clone(),
+        );
+        registry.register("svid_rotations", "SVID updates applied", rotations.clone());
+        Self {
+            registry,
+            handshakes,
+            active,
+            bytes,
+            duration,
+            dial_errors,
+            svid_not_after,
+            rotations,
+        }
+    }
+
+    /// Counts one handshake.
+    pub fn handshake(&self, direction: Direction, outcome: &'static str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels { direction, outcome })
+            .inc();
+    }
+
+    /// Text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
