@@ -231,7 +231,7 @@ async fn server_issues_valid_svids_and_refuses_bad_input() {
     // The key in the certificate is the CSR's.
     assert_eq!(
         leaf.public_key().subject_public_key.data.as_ref(),
-        &k1.public_key_raw()[..]
+        k1.public_key_raw()
     );
 
     // The chain verifies to the bundle: webpki (our verifier) and openssl.

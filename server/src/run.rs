@@ -179,6 +179,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver.clone());
     tls.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: every connection presents the agent's current SVID.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let listener = TcpListener::bind(cfg.bind_address)
         .await
         .with_context(|| format!("binding node API on {}", cfg.bind_address))?;

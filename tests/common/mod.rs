@@ -42,8 +42,13 @@ pub struct Server {
 
 /// Writes a server config into `dir` with `extra` TOML appended.
 pub fn write_server_config(dir: &Path, extra: &str) -> PathBuf {
+    let bind = if extra.contains("bind_address") {
+        String::new()
+    } else {
+        "bind_address = \"127.0.0.1:0\"\n".to_string()
+    };
     let cfg = format!(
-        "trust_domain = \"{TD}\"\ndata_dir = \"{d}/data\"\nbind_address = \"127.0.0.1:0\"\nadmin_socket = \"{d}/admin.sock\"\nmetrics_address = \"127.0.0.1:0\"\n{extra}\n",
+        "trust_domain = \"{TD}\"\ndata_dir = \"{d}/data\"\n{bind}admin_socket = \"{d}/admin.sock\"\nmetrics_address = \"127.0.0.1:0\"\n{extra}\n",
         d = dir.display()
     );
     let p = dir.join("server.toml");
@@ -80,10 +85,10 @@ impl Server {
         };
         let health: serde_json::Value =
             wait_for("server readiness", Duration::from_secs(30), || {
-                if let Some(c) = s.child.as_mut() {
-                    if let Ok(Some(status)) = c.try_wait() {
-                        panic!("server exited early ({status}): {}", s.log());
-                    }
+                if let Some(c) = s.child.as_mut()
+                    && let Ok(Some(status)) = c.try_wait()
+                {
+                    panic!("server exited early ({status}): {}", s.log());
                 }
                 let out = s.cli(&["healthcheck", "--json"]);
                 out.status
@@ -141,6 +146,29 @@ impl Server {
     /// Bundle PEM as `meshid server bundle show` prints it.
     pub fn bundle_pem(&self) -> String {
         self.ok(&["bundle", "show", "--format", "pem"]) + "\n"
+    }
+
+    /// Starts the server again on the same directory and config.
+    pub fn restart(&mut self) {
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("log");
+        self.child = Some(
+            meshid()
+                .args(["server", "run", "--config"])
+                .arg(&self.config)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn server"),
+        );
+        wait_for(
+            "server readiness after restart",
+            Duration::from_secs(30),
+            || self.cli(&["healthcheck"]).status.success().then_some(()),
+        );
     }
 
     /// Stops the server (SIGTERM) and waits for it.
@@ -221,4 +249,114 @@ pub fn key_and_csr() -> (rcgen::KeyPair, Vec<u8>) {
         .der()
         .to_vec();
     (key, csr)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A running `meshid agent run`.
+pub struct AgentProc {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl AgentProc {
+    /// Writes a config under `dir` for `server` and starts the agent, with
+    /// `token` if given; waits until the Workload API answers.
+    pub fn start(dir: &Path, server: &Server, token: Option<&str>) -> Self {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        std::fs::write(dir.join("bootstrap.pem"), server.bundle_pem()).expect("bundle");
+        let socket = dir.join("api.sock");
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "trust_domain = \"{TD}\"\nserver_address = \"{}\"\ntrust_bundle_path = \"{d}/bootstrap.pem\"\ndata_dir = \"{d}/data\"\nsocket_path = \"{}\"\nmax_backoff = \"1s\"\n",
+                server.node_addr,
+                socket.display(),
+                d = dir.display()
+            ),
+        )
+        .expect("config");
+        let mut a = Self {
+            dir: dir.to_path_buf(),
+            socket,
+            config,
+            child: None,
+        };
+        a.spawn(token);
+        a
+    }
+
+    fn spawn(&mut self, token: Option<&str>) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("log");
+        let mut cmd = meshid();
+        cmd.args(["agent", "run", "--config"]).arg(&self.config);
+        if let Some(t) = token {
+            cmd.args(["--join-token", t]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        let sock = self.socket.clone();
+        wait_for("agent Workload API socket", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "agent exited early ({st}): {}",
+                    std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+                );
+            }
+            std::os::unix::net::UnixStream::connect(&sock)
+                .ok()
+                .map(|_| ())
+        });
+        self.child = Some(child);
+    }
+
+    /// Stops and starts the agent again, without a token.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn(None);
+    }
+
+    /// `unix://` endpoint for SPIFFE clients.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid")),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

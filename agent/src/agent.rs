@@ -1,0 +1,336 @@
+//! The running agent: node attestation, agent SVID renewal, the sync stream,
+//! and minting/rotation of workload SVIDs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshid_proto::node::{RenewAgentRequest, SignX509SvidsRequest, SyncRequest, X509SvidParams};
+use tokio::sync::{Notify, watch};
+
+use crate::cache::{CachedSvid, Snapshot, renew_at};
+use crate::config::AgentConfig;
+use crate::metrics::Metrics;
+use crate::server_client::{
+    AgentIdentity, ClientError, IdentityStore, ServerClient, load_roots, new_key_and_csr,
+};
+
+/// Shared agent state.
+pub struct Agent {
+    /// Configuration.
+    pub config: AgentConfig,
+    /// Node API client.
+    pub client: ServerClient,
+    /// Snapshot publisher.
+    pub snapshot: watch::Sender<Arc<Snapshot>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    ids: IdentityStore,
+    kick: Notify,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Agent")
+    }
+}
+
+/// Exponential backoff with full jitter.
+pub fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(200).saturating_mul(1u32 << attempt.min(16));
+    base.min(max).mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}
+
+impl Agent {
+    /// Loads the persisted identity or attests with `join_token`.
+    pub async fn start(
+        config: AgentConfig,
+        join_token: Option<String>,
+    ) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let ids = IdentityStore::new(&config.data_dir);
+        let persisted = ids.load()?;
+        let roots = match (&persisted, &config.trust_bundle_path) {
+            (Some((_, roots)), _) if !roots.is_empty() => roots.clone(),
+            (_, Some(p)) => load_roots(p)?,
+            _ => anyhow::bail!(
+                "no trust bundle: set trust_bundle_path (PEM from `meshid server bundle show`)"
+            ),
+        };
+        let client =
+            ServerClient::new(config.server_address.to_vec(), &config.trust_domain, &roots)?;
+        let metrics = Metrics::new();
+        let id = if let Some((id, _)) = persisted {
+            tracing::info!(spiffe_id = %id.info.spiffe_id, "resuming with persisted agent SVID; no join token needed");
+            id
+        } else {
+            let token = join_token.or_else(|| config.join_token.clone()).ok_or_else(|| {
+                anyhow::anyhow!("no persisted agent SVID and no join token: pass --join-token or set join_token")
+            })?;
+            let (id, bundle) = client
+                .attest(&token)
+                .await
+                .map_err(|e| anyhow::anyhow!("node attestation failed: {e}"))?;
+            ids.save(&id, &bundle)?;
+            tracing::info!(spiffe_id = %id.info.spiffe_id, "node attested");
+            id
+        };
+        client.set_identity(&id)?;
+        metrics
+            .agent_not_after
+            .set(meshid_identity::svid::unix(id.info.not_after));
+        let snap = Snapshot {
+            agent_not_after: Some(id.info.not_after),
+            ..Snapshot::default()
+        };
+        let (snapshot, _) = watch::channel(Arc::new(snap));
+        let agent = Arc::new(Self {
+            config,
+            client,
+            snapshot,
+            metrics,
+            ids,
+            kick: Notify::new(),
+        });
+        tokio::spawn(agent.clone().renew_agent_loop(id));
+        tokio::spawn(agent.clone().sync_loop());
+        tokio::spawn(agent.clone().mint_loop());
+        Ok(agent)
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut Snapshot)) {
+        self.snapshot.send_modify(|s| {
+            let mut next = (**s).clone();
+            f(&mut next);
+            *s = Arc::new(next);
+        });
+        let s = self.snapshot.borrow().clone();
+        self.metrics
+            .svids_cached
+            .set(i64::try_from(s.svids.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .next_rotation
+            .set(s.seconds_to_next_renewal(SystemTime::now()));
+    }
+
+    async fn renew_agent_loop(self: Arc<Self>, mut id: AgentIdentity) {
+        let mut attempt = 0u32;
+        let mut at = renew_at(
+            SystemTime::now(),
+            id.info.not_after,
+            self.config.rotation_fraction,
+        );
+        loop {
+            tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await;
+            let res: Result<_, ClientError> = async {
+                let (key, csr) = new_key_and_csr()?;
+                let r = self
+                    .client
+                    .node()
+                    .renew_agent(RenewAgentRequest { csr })
+                    .await?
+                    .into_inner();
+                let svid = r
+                    .svid
+                    .ok_or_else(|| ClientError::Identity("no SVID in renewal".into()))?;
+                let new = AgentIdentity::new(&svid, key)?;
+                if let Some(b) = &r.bundle {
+                    self.ids.save(&new, b)?;
+                }
+                Ok(new)
+            }
+            .await;
+            match res {
+                Ok(new) => {
+                    attempt = 0;
+                    self.client.set_identity(&new).ok();
+                    id = new;
+                    self.metrics
+                        .agent_not_after
+                        .set(meshid_identity::svid::unix(id.info.not_after));
+                    let na = id.info.not_after;
+                    self.publish(|s| s.agent_not_after = Some(na));
+                    at = renew_at(
+                        SystemTime::now(),
+                        id.info.not_after,
+                        self.config.rotation_fraction,
+                    );
+                    tracing::info!(spiffe_id = %id.info.spiffe_id, serial = %id.info.serial, "agent SVID renewed");
+                }
+                Err(e) => {
+                    self.metrics.agent_renewal_failures.inc();
+                    if id.info.not_after <= SystemTime::now() {
+                        tracing::error!(error = %e, not_after = %humantime::format_rfc3339_seconds(id.info.not_after),
+                            "agent SVID has EXPIRED and cannot be renewed; workloads keep their current SVIDs until they expire. Re-attest with a new join token (restart with --join-token)");
+                    } else {
+                        tracing::warn!(error = %e, "agent SVID renewal failed; retrying");
+                    }
+                    attempt += 1;
+                    at = SystemTime::now() + backoff(attempt, self.config.max_backoff);
+                }
+            }
+        }
+    }
+
+    async fn sync_loop(self: Arc<Self>) {
+        let mut attempt = 0u32;
+        loop {
+            let res: Result<(), ClientError> = async {
+                let mut stream = self.client.node().sync(SyncRequest {}).await?.into_inner();
+                while let Some(msg) = stream.message().await? {
+                    attempt = 0;
+                    let entries = msg.entries;
+                    let bundle = msg.bundle;
+                    let federated: HashMap<String, _> = msg
+                        .federated_bundles
+                        .into_iter()
+                        .map(|b| (b.trust_domain.clone(), b))
+                        .collect();
+                    if let Some(b) = &bundle
+                        && let Err(e) = self.ids.save_bundle(b)
+                    {
+                        tracing::warn!(error = %e, "cannot persist bundle");
+                    }
+                    self.publish(|s| {
+                        let ids: std::collections::HashSet<&String> =
+                            entries.iter().map(|e| &e.id).collect();
+                        s.svids.retain(|id, _| ids.contains(id));
+                        s.entries = entries;
+                        if bundle.is_some() {
+                            s.bundle = bundle;
+                        }
+                        s.federated = federated;
+                    });
+                    self.kick.notify_one();
+                }
+                Ok(())
+            }
+            .await;
+            self.metrics.sync_reconnects.inc();
+            attempt += 1;
+            let wait = backoff(attempt, self.config.max_backoff);
+            match res {
+                Ok(()) => tracing::warn!(retry_in = ?wait, "sync stream ended; reconnecting"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?wait, "sync stream failed; reconnecting")
+                }
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn mint_loop(self: Arc<Self>) {
+        let mut retry_at: HashMap<String, (SystemTime, u32)> = HashMap::new();
+        loop {
+            let now = SystemTime::now();
+            let snap = self.snapshot.borrow().clone();
+            let due: Vec<_> = snap
+                .entries
+                .iter()
+                .filter(|e| snap.needs_mint(e, now))
+                .filter(|e| retry_at.get(&e.id).is_none_or(|(t, _)| *t <= now))
+                .cloned()
+                .collect();
+            for chunk in due.chunks(self.config.sign_batch_size) {
+                let mut keys = Vec::with_capacity(chunk.len());
+                let mut params = Vec::with_capacity(chunk.len());
+                for e in chunk {
+                    match new_key_and_csr() {
+                        Ok((k, csr)) => {
+                            keys.push(k);
+                            params.push(X509SvidParams {
+                                entry_id: e.id.clone(),
+                                csr,
+                            });
+                        }
+                        Err(err) => tracing::error!(error = %err, "cannot make a key"),
+                    }
+                }
+                match self
+                    .client
+                    .node()
+                    .sign_x509_svids(SignX509SvidsRequest { params })
+                    .await
+                {
+                    Ok(r) => {
+                        let received = SystemTime::now();
+                        let mut minted = Vec::new();
+                        for ((e, key), res) in chunk.iter().zip(keys).zip(r.into_inner().results) {
+                            match res.svid {
+                                Some(svid) => {
+                                    retry_at.remove(&e.id);
+                                    let not_after = SystemTime::UNIX_EPOCH
+                                        + Duration::from_secs(
+                                            u64::try_from(svid.expires_at).unwrap_or(0),
+                                        );
+                                    minted.push(Arc::new(CachedSvid {
+                                        entry_id: e.id.clone(),
+                                        entry_revision: e.revision,
+                                        spiffe_id: svid.spiffe_id,
+                                        chain: svid.cert_chain,
+                                        key,
+                                        serial: svid.serial,
+                                        not_after,
+                                        renew_at: renew_at(
+                                            received,
+                                            not_after,
+                                            self.config.rotation_fraction,
+                                        ),
+                                    }));
+                                }
+                                None => {
+                                    let st = res.status.unwrap_or_default();
+                                    let n = retry_at.get(&e.id).map_or(0, |(_, n)| n + 1);
+                                    retry_at.insert(
+                                        e.id.clone(),
+                                        (received + backoff(n, self.config.max_backoff), n),
+                                    );
+                                    tracing::warn!(entry = %e.id, code = st.code, message = %st.message, "SVID not issued; keeping the current one and retrying");
+                                }
+                            }
+                        }
+                        self.metrics.rotations.inc_by(minted.len() as u64);
+                        for m in &minted {
+                            tracing::info!(spiffe_id = %m.spiffe_id, serial = %m.serial, not_after = %humantime::format_rfc3339_seconds(m.not_after), "SVID minted");
+                        }
+                        self.publish(|s| {
+                            for m in minted {
+                                // Only keep SVIDs for entries still present.
+                                if s.entries.iter().any(|e| e.id == m.entry_id) {
+                                    s.svids.insert(m.entry_id.clone(), m);
+                                }
+                            }
+                        });
+                    }
+                    Err(status) => {
+                        self.metrics.sign_failures.inc();
+                        tracing::warn!(error = %status, "signing call failed; keeping current SVIDs and retrying");
+                        for e in chunk {
+                            let n = retry_at.get(&e.id).map_or(0, |(_, n)| n + 1);
+                            retry_at.insert(
+                                e.id.clone(),
+                                (SystemTime::now() + backoff(n, self.config.max_backoff), n),
+                            );
+                        }
+                    }
+                }
+            }
+            retry_at.retain(|id, _| snap.entries.iter().any(|e| &e.id == id));
+            let snap = self.snapshot.borrow().clone();
+            let next = snap
+                .next_renewal()
+                .into_iter()
+                .chain(retry_at.values().map(|(t, _)| *t))
+                .min()
+                .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(60));
+            let wait = next
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .max(Duration::from_millis(10));
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {},
+                () = self.kick.notified() => {},
+            }
+        }
+    }
+}

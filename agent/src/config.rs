@@ -1,0 +1,164 @@
+//! Agent configuration: one TOML file, unknown keys refused.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Malformed TOML, unknown key, wrong type.
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is unusable.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// One server address or several (tried in order).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ServerAddresses {
+    /// `"host:port"`.
+    One(String),
+    /// `["host:port", ...]`.
+    Many(Vec<String>),
+}
+
+impl ServerAddresses {
+    /// As a list.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Self::One(a) => vec![a.clone()],
+            Self::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The agent's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Trust domain name, e.g. `example.org`.
+    pub trust_domain: String,
+    /// The server's node API, `host:port` (or a list).
+    pub server_address: ServerAddresses,
+    /// PEM roots trusted for the first connection (`meshid server bundle show`).
+    pub trust_bundle_path: Option<PathBuf>,
+    /// Join token for the first attestation.
+    pub join_token: Option<String>,
+    /// Agent SVID, key (0600) and bundle are kept here.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The Workload API socket.
+    #[serde(default = "default_socket")]
+    pub socket_path: PathBuf,
+    /// Metrics, `/healthz`, `/readyz`; off when unset.
+    pub metrics_address: Option<SocketAddr>,
+    /// Fraction of an SVID's lifetime after which it is renewed.
+    #[serde(default = "default_rotation")]
+    pub rotation_fraction: f64,
+    /// Most CSRs per signing call.
+    #[serde(default = "default_batch")]
+    pub sign_batch_size: usize,
+    /// Longest wait between reconnection attempts.
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/meshid/agent")
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/meshid/agent/api.sock")
+}
+fn default_rotation() -> f64 {
+    0.75
+}
+fn default_batch() -> usize {
+    100
+}
+fn default_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl AgentConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        spiffe::TrustDomain::new(&self.trust_domain).map_err(|e| {
+            ConfigError::Invalid(format!("trust_domain {:?}: {e}", self.trust_domain))
+        })?;
+        if self.server_address.to_vec().is_empty() {
+            return Err(ConfigError::Invalid("server_address is empty".into()));
+        }
+        if !(0.1..=0.95).contains(&self.rotation_fraction) {
+            return Err(ConfigError::Invalid(
+                "rotation_fraction must be within 0.1..=0.95".into(),
+            ));
+        }
+        if self.sign_batch_size == 0 {
+            return Err(ConfigError::Invalid("sign_batch_size must be > 0".into()));
+        }
+        if !self.socket_path.is_absolute() {
+            return Err(ConfigError::Invalid("socket_path must be absolute".into()));
+        }
+        Ok(())
+    }
+
+    /// `spiffe://<td>`.
+    pub fn td_id(&self) -> String {
+        format!("spiffe://{}", self.trust_domain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<AgentConfig, ConfigError> {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("a.toml");
+        std::fs::write(&p, s).expect("write");
+        AgentConfig::load(&p)
+    }
+
+    #[test]
+    fn minimal_and_unknown_key() {
+        let c = parse("trust_domain = \"td\"\nserver_address = \"127.0.0.1:8081\"").expect("ok");
+        assert_eq!(c.server_address.to_vec(), vec!["127.0.0.1:8081"]);
+        let e = parse("trust_domain = \"td\"\nserver_address = \"x:1\"\nsocket = \"/x\"")
+            .expect_err("unknown");
+        assert!(e.to_string().contains("socket"), "{e}");
+        let c = parse("trust_domain = \"td\"\nserver_address = [\"a:1\", \"b:2\"]").expect("list");
+        assert_eq!(c.server_address.to_vec().len(), 2);
+    }
+}

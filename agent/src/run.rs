@@ -1,0 +1,126 @@
+//! `meshid agent run`: serve the Workload API and metrics until a signal.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use meshid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use tokio::net::UnixListener;
+
+use crate::agent::Agent;
+use crate::config::AgentConfig;
+use crate::workload_api::{CallerConn, WorkloadApi};
+
+async fn shutdown_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn ready(agent: &Agent) -> Result<(), String> {
+    let s = agent.snapshot.borrow().clone();
+    let now = SystemTime::now();
+    match s.agent_not_after {
+        Some(t) if t > now => {}
+        _ => return Err("agent SVID missing or expired".into()),
+    }
+    if s.bundle.is_none() {
+        return Err("no trust bundle from the server yet".into());
+    }
+    Ok(())
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> anyhow::Result<()> {
+    let sock = cfg.socket_path.clone();
+    let metrics_address = cfg.metrics_address;
+    let agent = Agent::start(cfg, join_token).await?;
+
+    if let Some(dir) = sock.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if sock.exists() {
+        std::fs::remove_file(&sock)
+            .with_context(|| format!("removing stale socket {}", sock.display()))?;
+    }
+    let listener = UnixListener::bind(&sock)
+        .with_context(|| format!("binding Workload API socket {}", sock.display()))?;
+    // Any local process may connect; attestation decides what it gets.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    if tx
+                        .send(Ok::<_, std::io::Error>(CallerConn::new(s)))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "Workload API accept failed"),
+            }
+        }
+    });
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let api = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
+                agent.clone(),
+            )))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                async move {
+                    let _ = stop_rx.changed().await;
+                },
+            ),
+    );
+
+    if let Some(addr) = metrics_address {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                get(|State(a): State<Arc<Agent>>| async move { a.metrics.encode() }),
+            )
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/readyz",
+                get(|State(a): State<Arc<Agent>>| async move {
+                    match ready(&a) {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+                    }
+                }),
+            )
+            .with_state(agent.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
+    tracing::info!(socket = %sock.display(), "meshid agent ready; Workload API serving");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), api).await;
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
