@@ -16,7 +16,10 @@ use meshid_proto::node::node_client::NodeClient;
 use meshid_proto::node::{AttestRequest, SignX509SvidsRequest, X509SvidParams};
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -29,14 +32,26 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 fn in_process_rate(csrs: &[Vec<u8>], seconds: f64) -> f64 {
     let dir = tempfile::tempdir().expect("tmp");
-    let (ca, _) = meshid_server::ca::SigningCa::load_or_create(dir.path(), TD, Duration::from_secs(86400), None, SystemTime::now())
-        .expect("ca");
+    let (ca, _) = meshid_server::ca::SigningCa::load_or_create(
+        dir.path(),
+        TD,
+        Duration::from_secs(86400),
+        None,
+        SystemTime::now(),
+    )
+    .expect("ca");
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed().as_secs_f64() < seconds {
         for csr in csrs {
-            ca.sign_x509_svid(csr, "spiffe://example.org/bench", &[], Duration::from_secs(3600), SystemTime::now())
-                .expect("sign");
+            ca.sign_x509_svid(
+                csr,
+                "spiffe://example.org/bench",
+                &[],
+                Duration::from_secs(3600),
+                SystemTime::now(),
+            )
+            .expect("sign");
             n += 1;
         }
     }
@@ -56,11 +71,24 @@ async fn main() {
     let bundle = server.bundle_pem();
     let alias = format!("spiffe://{TD}/node/bench");
     let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
-    let entry = server.ok(&["entry", "create", "--parent-id", &alias, "--spiffe-id", &format!("spiffe://{TD}/bench"), "--selector", "unix:uid:1"]);
+    let entry = server.ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        &alias,
+        "--spiffe-id",
+        &format!("spiffe://{TD}/bench"),
+        "--selector",
+        "unix:uid:1",
+    ]);
     let (key, csr) = key_and_csr();
     let mut c = NodeClient::new(node_channel(&server.node_addr, &bundle, None).await);
     let svid = c
-        .attest(AttestRequest { attestor: "join_token".into(), payload: token.into_bytes(), csr })
+        .attest(AttestRequest {
+            attestor: "join_token".into(),
+            payload: token.into_bytes(),
+            csr,
+        })
         .await
         .expect("attest")
         .into_inner()
@@ -80,9 +108,19 @@ async fn main() {
             let mut lat = Vec::new();
             let mut signed = 0u64;
             while Instant::now() < deadline {
-                let params = csrs.iter().map(|c| X509SvidParams { entry_id: entry.clone(), csr: c.clone() }).collect();
+                let params = csrs
+                    .iter()
+                    .map(|c| X509SvidParams {
+                        entry_id: entry.clone(),
+                        csr: c.clone(),
+                    })
+                    .collect();
                 let t = Instant::now();
-                let r = node.sign_x509_svids(SignX509SvidsRequest { params }).await.expect("sign").into_inner();
+                let r = node
+                    .sign_x509_svids(SignX509SvidsRequest { params })
+                    .await
+                    .expect("sign")
+                    .into_inner();
                 lat.push(t.elapsed());
                 signed += r.results.iter().filter(|x| x.svid.is_some()).count() as u64;
             }
@@ -99,11 +137,21 @@ async fn main() {
     let elapsed = start.elapsed().as_secs_f64();
     lat.sort();
     let rate = total as f64 / elapsed;
-    let audit_lines = std::fs::read_to_string(server.dir.path().join("data/audit.log")).map(|s| s.lines().count()).unwrap_or(0);
+    let audit_lines = std::fs::read_to_string(server.dir.path().join("data/audit.log"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0);
 
-    println!("node API X509-SVID signing: batch={batch} clients={clients} duration={elapsed:.1}s, audit log + SQLite journal on");
-    println!("{:<44} {:>12} {:>10} {:>10}", "path", "SVIDs/s", "p50 batch", "p99 batch");
-    println!("{:<44} {:>12.0} {:>10} {:>10}", "in-process CA signing (baseline, 1 thread)", baseline, "-", "-");
+    println!(
+        "node API X509-SVID signing: batch={batch} clients={clients} duration={elapsed:.1}s, audit log + SQLite journal on"
+    );
+    println!(
+        "{:<44} {:>12} {:>10} {:>10}",
+        "path", "SVIDs/s", "p50 batch", "p99 batch"
+    );
+    println!(
+        "{:<44} {:>12.0} {:>10} {:>10}",
+        "in-process CA signing (baseline, 1 thread)", baseline, "-", "-"
+    );
     println!(
         "{:<44} {:>12.0} {:>8.1}ms {:>8.1}ms",
         "meshid node API (mTLS, gRPC, audited)",

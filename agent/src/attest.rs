@@ -60,17 +60,22 @@ pub trait WorkloadAttestor: Send + Sync {
     fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError>;
 }
 
+/// Identity of an executable file: a changed file gets a new key.
+type FileKey = (u64, u64, u64, i64, i64);
+
 /// The `unix` attestor, reading `/proc` (or another root for tests).
-#[derive(Debug, Clone)]
+///
+/// Executable digests are cached by (device, inode, size, mtime) of the file
+/// the process runs, so a large binary is hashed once, not on every call.
+#[derive(Debug)]
 pub struct UnixAttestor {
     proc_root: PathBuf,
+    digests: std::sync::Mutex<std::collections::HashMap<FileKey, String>>,
 }
 
 impl Default for UnixAttestor {
     fn default() -> Self {
-        Self {
-            proc_root: PathBuf::from("/proc"),
-        }
+        Self::with_proc_root(PathBuf::from("/proc"))
     }
 }
 
@@ -82,6 +87,54 @@ fn sel(value: String) -> Selector {
 }
 
 impl UnixAttestor {
+    /// An attestor reading `proc_root` instead of `/proc`.
+    pub fn with_proc_root(proc_root: PathBuf) -> Self {
+        Self {
+            proc_root,
+            digests: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn exe_digest(&self, pid: i32) -> Result<String, AttestError> {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let path = self.proc_root.join(pid.to_string()).join("exe");
+        let mut f = std::fs::File::open(&path).map_err(|e| AttestError::Proc {
+            pid,
+            reason: format!("exe: {e}"),
+        })?;
+        let m = f.metadata().map_err(|e| AttestError::Proc {
+            pid,
+            reason: format!("exe: {e}"),
+        })?;
+        let key = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
+        if let Some(d) = self.digests.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return Ok(d);
+        }
+        let mut ctx = Context::new(&SHA256);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => ctx.update(&buf[..n]),
+                Err(e) => {
+                    return Err(AttestError::Proc {
+                        pid,
+                        reason: format!("exe read: {e}"),
+                    });
+                }
+            }
+        }
+        let d = hex::encode(ctx.finish());
+        if let Ok(mut c) = self.digests.lock() {
+            if c.len() > 4096 {
+                c.clear();
+            }
+            c.insert(key, d.clone());
+        }
+        Ok(d)
+    }
+
     fn start_time(&self, pid: i32) -> Result<String, AttestError> {
         let stat = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat"))
             .map_err(|e| AttestError::Proc {
@@ -145,24 +198,7 @@ impl WorkloadAttestor for UnixAttestor {
         out.push(sel(format!("path:{}", exe.display())));
         // Hash through /proc/<pid>/exe: the very file the process runs, even if
         // the path was replaced since.
-        if let Ok(mut f) = std::fs::File::open(self.proc_root.join(pid.to_string()).join("exe")) {
-            use std::io::Read;
-            let mut ctx = Context::new(&SHA256);
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                match f.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => ctx.update(&buf[..n]),
-                    Err(e) => {
-                        return Err(AttestError::Proc {
-                            pid,
-                            reason: format!("exe read: {e}"),
-                        });
-                    }
-                }
-            }
-            out.push(sel(format!("sha256:{}", hex::encode(ctx.finish()))));
-        }
+        out.push(sel(format!("sha256:{}", self.exe_digest(pid)?)));
         if self.start_time(pid)? != before {
             return Err(AttestError::PidReused(pid));
         }
@@ -225,9 +261,7 @@ mod tests {
         .expect("stat");
         std::fs::write(p.join("status"), "Groups:\t10 20\n").expect("status");
         // No exe link: the attestor refuses rather than guessing.
-        let a = UnixAttestor {
-            proc_root: dir.path().to_path_buf(),
-        };
+        let a = UnixAttestor::with_proc_root(dir.path().to_path_buf());
         let r = a.attest(&Caller {
             pid: Some(42),
             uid: 1,

@@ -87,7 +87,7 @@ type JwtKey = (String, Vec<String>);
 /// The Workload API service.
 pub struct WorkloadApi {
     agent: Arc<Agent>,
-    attestor: Box<dyn WorkloadAttestor>,
+    attestor: Arc<dyn WorkloadAttestor>,
     jwt_cache: Mutex<HashMap<JwtKey, (Jwtsvid, SystemTime)>>,
 }
 
@@ -110,7 +110,7 @@ impl WorkloadApi {
     pub fn new(agent: Arc<Agent>) -> Self {
         Self {
             agent,
-            attestor: Box::new(UnixAttestor::default()),
+            attestor: Arc::new(UnixAttestor::default()),
             jwt_cache: Mutex::new(HashMap::new()),
         }
     }
@@ -128,7 +128,7 @@ impl WorkloadApi {
     }
 
     /// Header check and attestation: the caller's selectors.
-    fn authenticate<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
         let ok = req
             .metadata()
             .get("workload.spiffe.io")
@@ -145,7 +145,11 @@ impl WorkloadApi {
             .copied()
             .flatten()
             .ok_or_else(|| Status::permission_denied("no peer credentials for caller"))?;
-        match self.attestor.attest(&caller) {
+        let attestor = self.attestor.clone();
+        let res = tokio::task::spawn_blocking(move || attestor.attest(&caller))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match res {
             Ok(s) => Ok(s),
             Err(e) => {
                 self.agent
@@ -281,7 +285,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let r = self.authenticate(&req).and_then(|sel| {
+        let r = self.authenticate(&req).await.and_then(|sel| {
             let snap = self.agent.snapshot.borrow().clone();
             if self.entitled(&snap, &sel).is_empty() {
                 return Err(Status::permission_denied(
@@ -317,7 +321,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let r = self.authenticate(&req);
+        let r = self.authenticate(&req).await;
         self.count(
             "FetchX509Bundles",
             &r.as_ref().map(|_| ()).map_err(Clone::clone),
@@ -353,7 +357,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let r = self.authenticate(&req);
+        let r = self.authenticate(&req).await;
         self.count(
             "FetchJWTBundles",
             &r.as_ref().map(|_| ()).map_err(Clone::clone),
@@ -372,8 +376,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        let sel = self.authenticate(&req).await;
         let res = (|| {
-            let sel = self.authenticate(&req)?;
+            let sel = sel?;
             let r = req.get_ref();
             if r.audience.is_empty() {
                 return Err(Status::invalid_argument("audience must be specified"));
@@ -409,7 +414,7 @@ impl WorkloadApi {
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<JwtsvidResponse, Status> {
-        let sel = self.authenticate(&req)?;
+        let sel = self.authenticate(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience must be specified"));

@@ -333,6 +333,11 @@ impl AgentProc {
         self.spawn(None);
     }
 
+    /// The agent's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `unix://` endpoint for SPIFFE clients.
     pub fn endpoint(&self) -> String {
         format!("unix://{}", self.socket.display())

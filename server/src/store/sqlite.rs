@@ -1,5 +1,8 @@
 //! The embedded SQLite store (default). WAL journal, `synchronous=FULL`, so an
-//! acknowledged change survives a crash.
+//! acknowledged change survives a crash. Write transactions start with
+//! `BEGIN IMMEDIATE`: a deferred transaction that reads and then writes can
+//! fail at once with SQLITE_BUSY when another writer commits in between,
+//! whatever the busy timeout.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -79,7 +82,7 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_entry(&self, entry: &Entry) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let rows = sqlx::query("SELECT data FROM entries WHERE spiffe_id = ? AND parent_id = ?")
             .bind(&entry.spiffe_id)
             .bind(&entry.parent_id)
@@ -199,7 +202,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_entries(&self, ids: &[String]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for id in ids {
             let res = sqlx::query("DELETE FROM entries WHERE id = ?")
                 .bind(id)
@@ -375,7 +378,7 @@ impl Store for SqliteStore {
         if certs.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in certs.chunks(500) {
             let q = format!(
                 "INSERT INTO issued_certs (serial, spiffe_id, entry_id, agent_id, not_after, issued_at) VALUES {}",
