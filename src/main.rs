@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod demo;
+
 /// Workload identity with SPIFFE: server (CA + registry), node agent
 /// (Workload API) and mTLS sidecar.
 #[derive(Debug, Parser)]
@@ -32,6 +34,8 @@ enum Command {
     Agent(meshid_agent::cli::AgentCli),
     /// The mTLS sidecar: inbound and outbound proxies with SPIFFE authorization.
     Sidecar(meshid_sidecar::cli::SidecarCli),
+    /// Run the whole system locally as separate processes and narrate it.
+    Demo(demo::DemoCli),
 }
 
 fn init_logging(format: LogFormat, filter: &str) {
@@ -54,6 +58,7 @@ async fn main() -> std::process::ExitCode {
         Command::Server(c) => c.run().await,
         Command::Agent(c) => c.run().await,
         Command::Sidecar(c) => c.run().await,
+        Command::Demo(c) => c.run().await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
