@@ -1,0 +1,293 @@
+//! Sidecar data path against baselines, in one run: the same HTTP traffic
+//! (1 KiB responses) through three paths —
+//!   direct plaintext;
+//!   meshid outbound sidecar -> mTLS -> meshid inbound sidecar (tcp mode);
+//!   HAProxy -> mTLS -> HAProxy (mode tcp), with the same SVIDs and bundle.
+//! Reports wrk requests/s and p50/p99 (-t1 -c32), new connections/s
+//! (Connection: close), and bulk MB/s on one connection, as ratios.
+//!
+//! `cargo bench --bench sidecar_paths` (needs `haproxy` and `wrk`; DURATION=8).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{AgentProc, Server, TD, free_port, meshid, wait_for};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const BULK: usize = 512 << 20;
+
+async fn app(port: u16) {
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind app");
+    let body = vec![b'x'; 1024];
+    loop {
+        let Ok((s, _)) = l.accept().await else {
+            continue;
+        };
+        let body = body.clone();
+        tokio::spawn(async move {
+            let _ = s.set_nodelay(true);
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let bulk = line.contains("/bulk");
+                let mut close = false;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if h.to_ascii_lowercase().starts_with("connection: close") {
+                        close = true;
+                    }
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                }
+                if bulk {
+                    let chunk = vec![b'y'; 1 << 20];
+                    let _ = w
+                        .write_all(
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {BULK}\r\n\r\n").as_bytes(),
+                        )
+                        .await;
+                    for _ in 0..(BULK >> 20) {
+                        if w.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                } else {
+                    let mut resp =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
+                            .into_bytes();
+                    resp.extend_from_slice(&body);
+                    if w.write_all(&resp).await.is_err() {
+                        return;
+                    }
+                }
+                if close {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn wrk(port: u16, secs: u64, close: bool) -> (f64, f64, f64) {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", "-c32", &format!("-d{secs}s"), "--latency"]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("wrk (apt-get install wrk)");
+    let s = String::from_utf8_lossy(&out.stdout);
+    let rps = s
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let ms = |p: &str| {
+        s.lines()
+            .find(|l| l.trim_start().starts_with(p))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map(|v| {
+                let (n, unit) = v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap_or(v.len()));
+                let n: f64 = n.parse().unwrap_or(0.0);
+                match unit {
+                    "us" => n / 1000.0,
+                    "s" => n * 1000.0,
+                    _ => n,
+                }
+            })
+            .unwrap_or(0.0)
+    };
+    (rps, ms("50%"), ms("99%"))
+}
+
+async fn bulk(port: u16) -> f64 {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.set_nodelay(true).ok();
+    s.write_all(b"GET /bulk HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let t = Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0usize;
+    while n < BULK {
+        let r = s.read(&mut buf).await.expect("read");
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    n as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+struct Kill(Vec<Child>);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let secs: u64 = std::env::var("DURATION")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let uid = nix::unistd::geteuid().as_raw();
+    let server = Server::start("");
+    let alias = format!("spiffe://{TD}/node/bench");
+    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
+    for n in ["frontend", "payments"] {
+        server.ok(&[
+            "entry",
+            "create",
+            "--parent-id",
+            &alias,
+            "--spiffe-id",
+            &format!("spiffe://{TD}/{n}"),
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--ttl",
+            "1h",
+            "--hint",
+            n,
+        ]);
+    }
+    let d = server.dir.path().to_path_buf();
+    let agent = AgentProc::start(&d.join("agent"), &server, Some(&token));
+    let ep = agent.endpoint();
+    let certs = d.join("certs");
+    wait_for("SVIDs", Duration::from_secs(30), || {
+        meshid()
+            .args(["agent", "api", "fetch", "x509", "--socket", &ep, "--write"])
+            .arg(&certs)
+            .output()
+            .ok()
+            .filter(|o| {
+                o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Received 2")
+            })
+            .map(|_| ())
+    });
+    // HAProxy wants certificate + key in one file; svid.N follows entry order.
+    let mut names = Vec::new();
+    for i in 0..2 {
+        let pem = std::fs::read_to_string(certs.join(format!("svid.{i}.pem"))).expect("pem");
+        let id = meshid_identity::SvidInfo::from_der(
+            &meshid_identity::pem::parse_certs(pem.as_bytes()).expect("certs")[0],
+        )
+        .expect("svid")
+        .spiffe_id
+        .to_string();
+        let key = std::fs::read_to_string(certs.join(format!("svid.{i}.key"))).expect("key");
+        let name = id.rsplit('/').next().unwrap_or_default().to_string();
+        std::fs::write(certs.join(format!("{name}.pem")), format!("{pem}{key}")).expect("w");
+        names.push(name);
+    }
+    std::fs::copy(certs.join("bundle.0.pem"), certs.join("bundle.pem")).expect("bundle");
+
+    let [app_p, m_in, m_out, h_in, h_out, m_adm_in, m_adm_out] = [(); 7].map(|()| free_port());
+    tokio::spawn(app(app_p));
+    let mut procs = Kill(Vec::new());
+    let sidecar = |name: &str, cfg: String| {
+        let p = d.join(format!("{name}.toml"));
+        std::fs::write(&p, cfg).expect("cfg");
+        let log = std::fs::File::create(d.join(format!("{name}.log"))).expect("log");
+        meshid()
+            .args(["--log", "warn", "sidecar", "run", "--config"])
+            .arg(&p)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("sidecar")
+    };
+    procs.0.push(sidecar("in", format!("workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{m_adm_in}\"\nspiffe_id = \"spiffe://{TD}/payments\"\n[[inbound]]\nlisten = \"127.0.0.1:{m_in}\"\nforward_to = \"127.0.0.1:{app_p}\"\nmode = \"tcp\"\nallow = [\"spiffe://{TD}/frontend\"]\n")));
+    procs.0.push(sidecar("out", format!("workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{m_adm_out}\"\nspiffe_id = \"spiffe://{TD}/frontend\"\n[[outbound]]\nlisten = \"127.0.0.1:{m_out}\"\nupstream = \"127.0.0.1:{m_in}\"\nserver_id = \"spiffe://{TD}/payments\"\n")));
+    let c = certs.display();
+    let hcfg = format!(
+        "global\n  maxconn 4000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend out\n  bind 127.0.0.1:{h_out}\n  default_backend to_in\nbackend to_in\n  server in 127.0.0.1:{h_in} ssl crt {c}/frontend.pem ca-file {c}/bundle.pem verify required\nfrontend in\n  bind 127.0.0.1:{h_in} ssl crt {c}/payments.pem ca-file {c}/bundle.pem verify required\n  default_backend app\nbackend app\n  server app 127.0.0.1:{app_p}\n"
+    );
+    std::fs::write(d.join("haproxy.cfg"), hcfg).expect("haproxy cfg");
+    procs.0.push(
+        Command::new("haproxy")
+            .args(["-db", "-f"])
+            .arg(d.join("haproxy.cfg"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("haproxy.log")).expect("log"))
+            .spawn()
+            .expect("haproxy (apt-get install haproxy)"),
+    );
+
+    let probe = |port: u16| {
+        eprintln!("probing {port} (logs in {})", d.display());
+        wait_for("path ready", Duration::from_secs(30), || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            use std::io::{Read, Write};
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            out.starts_with("HTTP/1.1 200").then_some(())
+        });
+    };
+    for p in [app_p, m_out, h_out] {
+        probe(p);
+    }
+
+    let paths = [
+        ("plaintext direct", app_p),
+        ("meshid sidecars (mTLS)", m_out),
+        ("HAProxy pair (mTLS)", h_out),
+    ];
+    let mut rows = Vec::new();
+    for (name, port) in paths {
+        let (rps, p50, p99) = wrk(port, secs, false);
+        let (cps, _, _) = wrk(port, secs, true);
+        let mbs = bulk(port).await;
+        rows.push((name, rps, p50, p99, cps, mbs));
+    }
+    println!(
+        "same traffic through three paths (wrk -t1 -c32 -d{secs}s, 1 KiB responses; bulk: 512 MiB on one connection)"
+    );
+    println!(
+        "{:<26} {:>10} {:>9} {:>9} {:>12} {:>10}",
+        "path", "req/s", "p50 ms", "p99 ms", "new conn/s", "bulk MB/s"
+    );
+    for (name, rps, p50, p99, cps, mbs) in &rows {
+        println!("{name:<26} {rps:>10.0} {p50:>9.2} {p99:>9.2} {cps:>12.0} {mbs:>10.0}");
+    }
+    let (m, h, p) = (&rows[1], &rows[2], &rows[0]);
+    println!(
+        "meshid / HAProxy: req/s {:.2}x, p99 {:.2}x (lower is better), new conn/s {:.2}x, bulk {:.2}x",
+        m.1 / h.1,
+        m.3 / h.3,
+        m.4 / h.4,
+        m.5 / h.5
+    );
+    println!(
+        "meshid / plaintext: req/s {:.2}x, new conn/s {:.2}x, bulk {:.2}x",
+        m.1 / p.1,
+        m.4 / p.4,
+        m.5 / p.5
+    );
+    drop(procs);
+}
