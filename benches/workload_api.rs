@@ -28,18 +28,9 @@ fn pct(v: &[Duration], p: f64) -> Duration {
 }
 
 async fn client(sock: std::path::PathBuf) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
-    let ch = tonic::transport::Endpoint::from_static("http://workload")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
+    meshid_agent::cli::connect(&sock.display().to_string())
         .await
-        .expect("connect");
-    SpiffeWorkloadApiClient::new(ch)
+        .expect("connect")
 }
 
 fn req() -> tonic::Request<X509svidRequest> {

@@ -19,19 +19,9 @@ fn me() -> String {
 }
 
 async fn raw_client(agent: &AgentProc) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
-    let p = agent.socket.clone();
-    let ch = tonic::transport::Endpoint::from_static("http://workload")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
+    meshid_agent::cli::connect(&agent.endpoint())
         .await
-        .expect("connect");
-    SpiffeWorkloadApiClient::new(ch)
+        .expect("connect")
 }
 
 fn with_header<T>(m: T) -> tonic::Request<T> {

@@ -48,6 +48,30 @@ impl NodeService {
         self.state.authenticate_agent(&leaf).await
     }
 
+    /// Checks a batch's size and loads the entries it names, by id.
+    async fn batch_entries(
+        &self,
+        ids: impl ExactSizeIterator<Item = String>,
+    ) -> Result<HashMap<String, Entry>, Status> {
+        let max = self.state.config.max_sign_batch;
+        if ids.len() == 0 || ids.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds 1 to {max} params, got {}",
+                ids.len()
+            )));
+        }
+        let ids: Vec<String> = ids.collect();
+        Ok(self
+            .state
+            .store
+            .get_entries(&ids)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect())
+    }
+
     fn attest_failed(&self, attestor: &str, outcome: &'static str, reason: &str) {
         self.state
             .metrics
@@ -288,22 +312,9 @@ impl Node for NodeService {
         let agent = self.agent(&req).await?;
         let st = self.state.clone();
         let params = req.into_inner().params;
-        if params.is_empty() || params.len() > st.config.max_sign_batch {
-            return Err(Status::invalid_argument(format!(
-                "a batch holds 1 to {} params, got {}",
-                st.config.max_sign_batch,
-                params.len()
-            )));
-        }
-        let ids: Vec<String> = params.iter().map(|p| p.entry_id.clone()).collect();
-        let entries: HashMap<String, Entry> = st
-            .store
-            .get_entries(&ids)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .into_iter()
-            .map(|e| (e.id.clone(), e))
-            .collect();
+        let entries = self
+            .batch_entries(params.iter().map(|p| p.entry_id.clone()))
+            .await?;
         let parents = agent.parent_ids();
         let mut events = Vec::new();
         let mut jobs = Vec::with_capacity(params.len());
@@ -423,22 +434,9 @@ impl Node for NodeService {
         let agent = self.agent(&req).await?;
         let st = &self.state;
         let params = req.into_inner().params;
-        if params.is_empty() || params.len() > st.config.max_sign_batch {
-            return Err(Status::invalid_argument(format!(
-                "a batch holds 1 to {} params, got {}",
-                st.config.max_sign_batch,
-                params.len()
-            )));
-        }
-        let ids: Vec<String> = params.iter().map(|p| p.entry_id.clone()).collect();
-        let entries: HashMap<String, Entry> = st
-            .store
-            .get_entries(&ids)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .into_iter()
-            .map(|e| (e.id.clone(), e))
-            .collect();
+        let entries = self
+            .batch_entries(params.iter().map(|p| p.entry_id.clone()))
+            .await?;
         let parents = agent.parent_ids();
         let now = SystemTime::now();
         let mut events = Vec::new();
