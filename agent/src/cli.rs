@@ -35,7 +35,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
         /// Join token (overrides join_token in the config); only needed for the first start.
-        #[arg(long)]
+        #[arg(long, env = "MESHID_JOIN_TOKEN", hide_env_values = true)]
         join_token: Option<String>,
         /// Validate the configuration and exit.
         #[arg(long)]

@@ -296,7 +296,24 @@ impl AgentProc {
         a
     }
 
+    /// Starts the agent on a config file written elsewhere; `token` goes in
+    /// `MESHID_JOIN_TOKEN`, as a systemd `EnvironmentFile` would pass it.
+    pub fn start_config(dir: &Path, config: PathBuf, socket: PathBuf, token: &str) -> Self {
+        let mut a = Self {
+            dir: dir.to_path_buf(),
+            socket,
+            config,
+            child: None,
+        };
+        a.spawn_env(None, Some(token));
+        a
+    }
+
     fn spawn(&mut self, token: Option<&str>) {
+        self.spawn_env(token, None);
+    }
+
+    fn spawn_env(&mut self, token: Option<&str>, env_token: Option<&str>) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -306,6 +323,9 @@ impl AgentProc {
         cmd.args(["agent", "run", "--config"]).arg(&self.config);
         if let Some(t) = token {
             cmd.args(["--join-token", t]);
+        }
+        if let Some(t) = env_token {
+            cmd.env("MESHID_JOIN_TOKEN", t);
         }
         let mut child = cmd
             .stdout(Stdio::null())
