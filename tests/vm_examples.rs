@@ -204,7 +204,7 @@ fn vm_walkthrough_yields_an_svid() {
     let socket = root.join("run/meshid/agent/api.sock");
     let agent_dir = root.join("agent-logs");
     std::fs::create_dir_all(&agent_dir).expect("mkdir");
-    let _agent = AgentProc::start_config(&agent_dir, agent_toml, socket.clone(), &token);
+    let _agent = AgentProc::start_config(&agent_dir, agent_toml, socket.clone(), Some(&token));
 
     let out = meshid()
         .args(["agent", "api", "fetch", "x509", "--socket"])

@@ -9,7 +9,7 @@ use meshid_proto::node::{RenewAgentRequest, SignX509SvidsRequest, SyncRequest, X
 use tokio::sync::{Notify, watch};
 
 use crate::cache::{CachedSvid, Snapshot, renew_at};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, NodeAttestorConfig};
 use crate::metrics::Metrics;
 use crate::server_client::{
     AgentIdentity, ClientError, IdentityStore, ServerClient, load_roots, new_key_and_csr,
@@ -41,8 +41,65 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
     base.min(max).mul_f64(0.5 + rand::random::<f64>() / 2.0)
 }
 
+/// Attests the node with the configured attestor. A join token is tried
+/// once (it is spent either way); a Kubernetes PSAT is presented again with
+/// backoff while the server is unreachable, since a DaemonSet pod often starts
+/// before the server does.
+async fn attest_node(
+    client: &ServerClient,
+    config: &AgentConfig,
+    join_token: Option<String>,
+) -> anyhow::Result<(AgentIdentity, meshid_proto::types::Bundle)> {
+    match &config.node_attestor {
+        NodeAttestorConfig::JoinToken => {
+            let token = join_token
+                .or_else(|| config.join_token.clone())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "no persisted agent SVID and no join token: pass --join-token, set \
+                     MESHID_JOIN_TOKEN or set join_token"
+                    )
+                })?;
+            client
+                .attest("join_token", token.into_bytes())
+                .await
+                .map_err(|e| anyhow::anyhow!("node attestation failed: {e}"))
+        }
+        NodeAttestorConfig::K8sPsat {
+            cluster,
+            token_path,
+        } => {
+            let mut attempt = 0u32;
+            loop {
+                let token = std::fs::read_to_string(token_path).map_err(|e| {
+                    anyhow::anyhow!(
+                        "k8s_psat: cannot read the projected token {}: {e}",
+                        token_path.display()
+                    )
+                })?;
+                let payload = serde_json::to_vec(&serde_json::json!({
+                    "cluster": cluster,
+                    "token": token.trim(),
+                }))?;
+                match client.attest("k8s_psat", payload).await {
+                    Ok(r) => return Ok(r),
+                    Err(ClientError::Status(s)) if s.code() != tonic::Code::Unavailable => {
+                        anyhow::bail!("node attestation failed: {s}")
+                    }
+                    Err(e) => {
+                        let wait = backoff(attempt, config.max_backoff);
+                        tracing::warn!(error = %e, retry_in = ?wait, "node attestation: server unavailable");
+                        tokio::time::sleep(wait).await;
+                        attempt = attempt.saturating_add(1);
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Agent {
-    /// Loads the persisted identity or attests with `join_token`.
+    /// Loads the persisted identity or attests the node.
     pub async fn start(
         config: AgentConfig,
         join_token: Option<String>,
@@ -60,20 +117,18 @@ impl Agent {
         let client =
             ServerClient::new(config.server_address.to_vec(), &config.trust_domain, &roots)?;
         let metrics = Metrics::new();
-        let id = if let Some((id, _)) = persisted {
-            tracing::info!(spiffe_id = %id.info.spiffe_id, "resuming with persisted agent SVID; no join token needed");
-            id
-        } else {
-            let token = join_token.or_else(|| config.join_token.clone()).ok_or_else(|| {
-                anyhow::anyhow!("no persisted agent SVID and no join token: pass --join-token or set join_token")
-            })?;
-            let (id, bundle) = client
-                .attest(&token)
-                .await
-                .map_err(|e| anyhow::anyhow!("node attestation failed: {e}"))?;
-            ids.save(&id, &bundle)?;
-            tracing::info!(spiffe_id = %id.info.spiffe_id, "node attested");
-            id
+        let psat = matches!(config.node_attestor, NodeAttestorConfig::K8sPsat { .. });
+        let id = match persisted {
+            Some((id, _)) if !(psat && id.info.not_after <= SystemTime::now()) => {
+                tracing::info!(spiffe_id = %id.info.spiffe_id, "resuming with persisted agent SVID; no attestation needed");
+                id
+            }
+            _ => {
+                let (id, bundle) = attest_node(&client, &config, join_token).await?;
+                ids.save(&id, &bundle)?;
+                tracing::info!(spiffe_id = %id.info.spiffe_id, "node attested");
+                id
+            }
         };
         client.set_identity(&id)?;
         metrics

@@ -51,6 +51,37 @@ impl ServerAddresses {
     }
 }
 
+/// `[node_attestor]`: how the agent proves which node it runs on.
+///
+/// ```toml
+/// [node_attestor]
+/// kind = "k8s_psat"
+/// cluster = "demo"
+/// token_path = "/var/run/secrets/tokens/meshid-agent"
+/// ```
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NodeAttestorConfig {
+    /// A single-use join token from `meshid server token create`, passed
+    /// with `--join-token`, `MESHID_JOIN_TOKEN` or the `join_token` key.
+    #[default]
+    JoinToken,
+    /// The service-account token Kubernetes projects into the agent's pod,
+    /// reviewed by the API server on the server's side. Re-attestation needs
+    /// no operator: an agent whose SVID is lost or expired presents it again.
+    K8sPsat {
+        /// The cluster's name, as in the server's `[node_attestor.k8s_psat]`.
+        cluster: String,
+        /// The projected token (audience `meshid-server`); re-read on each use.
+        #[serde(default = "default_psat_token")]
+        token_path: PathBuf,
+    },
+}
+
+fn default_psat_token() -> PathBuf {
+    PathBuf::from("/var/run/secrets/tokens/meshid-agent")
+}
+
 /// The agent's configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +94,9 @@ pub struct AgentConfig {
     pub trust_bundle_path: Option<PathBuf>,
     /// Join token for the first attestation.
     pub join_token: Option<String>,
+    /// How the agent proves its node: a join token (default) or Kubernetes PSAT.
+    #[serde(default)]
+    pub node_attestor: NodeAttestorConfig,
     /// Agent SVID, key (0600) and bundle are kept here.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
@@ -128,6 +162,13 @@ impl AgentConfig {
         if self.sign_batch_size == 0 {
             return Err(ConfigError::Invalid("sign_batch_size must be > 0".into()));
         }
+        if let NodeAttestorConfig::K8sPsat { cluster, .. } = &self.node_attestor
+            && cluster.is_empty()
+        {
+            return Err(ConfigError::Invalid(
+                "node_attestor.cluster must name the Kubernetes cluster".into(),
+            ));
+        }
         if !self.socket_path.is_absolute() {
             return Err(ConfigError::Invalid("socket_path must be absolute".into()));
         }
@@ -149,6 +190,32 @@ mod tests {
         let p = dir.path().join("a.toml");
         std::fs::write(&p, s).expect("write");
         AgentConfig::load(&p)
+    }
+
+    #[test]
+    fn node_attestor_kinds() {
+        let base = "trust_domain = \"td\"\nserver_address = \"x:1\"\n";
+        let c = parse(base).expect("default");
+        assert_eq!(c.node_attestor, NodeAttestorConfig::JoinToken);
+        let c = parse(&format!(
+            "{base}[node_attestor]\nkind = \"k8s_psat\"\ncluster = \"demo\"\n"
+        ))
+        .expect("psat");
+        assert_eq!(
+            c.node_attestor,
+            NodeAttestorConfig::K8sPsat {
+                cluster: "demo".into(),
+                token_path: default_psat_token(),
+            }
+        );
+        for bad in [
+            "[node_attestor]\nkind = \"k8s_psat\"\n",
+            "[node_attestor]\nkind = \"k8s_psat\"\ncluster = \"\"\n",
+            "[node_attestor]\nkind = \"tpm\"\n",
+            "[node_attestor]\nkind = \"k8s_psat\"\ncluster = \"d\"\naudience = \"x\"\n",
+        ] {
+            assert!(parse(&format!("{base}{bad}")).is_err(), "{bad}");
+        }
     }
 
     #[test]

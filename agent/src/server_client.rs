@@ -222,14 +222,18 @@ impl ServerClient {
         NodeClient::new((**self.channel.load()).clone())
     }
 
-    /// Attests with a join token.
-    pub async fn attest(&self, token: &str) -> Result<(AgentIdentity, Bundle), ClientError> {
+    /// Attests with the named node attestor and its payload.
+    pub async fn attest(
+        &self,
+        attestor: &str,
+        payload: Vec<u8>,
+    ) -> Result<(AgentIdentity, Bundle), ClientError> {
         let (key, csr) = new_key_and_csr()?;
         let r = self
             .node()
             .attest(AttestRequest {
-                attestor: "join_token".into(),
-                payload: token.as_bytes().to_vec(),
+                attestor: attestor.into(),
+                payload,
                 csr,
             })
             .await?

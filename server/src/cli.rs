@@ -289,7 +289,7 @@ enum AgentCmd {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Evict an agent: forget it; it must attest again with a new token.
+    /// Evict an agent: forget it; it must attest again (a new join token, or its Kubernetes token).
     Evict {
         #[command(flatten)]
         admin: AdminArgs,

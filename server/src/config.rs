@@ -112,6 +112,103 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Optional upstream CA.
     pub upstream: Option<UpstreamConfig>,
+    /// Node attestors besides join tokens, which are always on.
+    #[serde(default)]
+    pub node_attestor: NodeAttestorConfig,
+}
+
+/// `[node_attestor]`: how agents may prove which node they run on.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAttestorConfig {
+    /// `[node_attestor.k8s_psat]`: Kubernetes projected service-account tokens.
+    pub k8s_psat: Option<K8sPsatConfig>,
+}
+
+/// `[node_attestor.k8s_psat]`: agents in one Kubernetes cluster attest with the
+/// service-account token projected into their pod, reviewed by the API server.
+///
+/// ```toml
+/// [node_attestor.k8s_psat]
+/// cluster = "demo"
+/// service_accounts = ["meshid-system:meshid-agent"]
+/// # audience = "meshid-server"
+/// # api_server = "https://kubernetes.default.svc"   # default: in-cluster
+/// # alias_id = "spiffe://example.org/meshid/k8s/demo" # default shown
+/// ```
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPsatConfig {
+    /// The cluster's name; agents send the same name, and it is part of their IDs.
+    pub cluster: String,
+    /// `namespace:serviceaccount` pairs whose tokens may attest agents.
+    pub service_accounts: Vec<String>,
+    /// The audience the agent's projected token must be issued for.
+    #[serde(default = "default_psat_audience")]
+    pub audience: String,
+    /// API server URL; default from `KUBERNETES_SERVICE_HOST`/`_PORT` in a pod.
+    pub api_server: Option<String>,
+    /// CA certificates (PEM) of the API server.
+    #[serde(default = "default_kube_ca")]
+    pub ca_path: PathBuf,
+    /// The server's own token for the TokenReview call (re-read on each call).
+    #[serde(default = "default_kube_token")]
+    pub token_path: PathBuf,
+    /// The alias every agent of this cluster holds, to parent entries by;
+    /// default `spiffe://<td>/meshid/k8s/<cluster>`.
+    pub alias_id: Option<String>,
+}
+
+fn default_psat_audience() -> String {
+    "meshid-server".into()
+}
+fn default_kube_ca() -> PathBuf {
+    PathBuf::from(crate::attest::kube_api::IN_CLUSTER_CA)
+}
+fn default_kube_token() -> PathBuf {
+    PathBuf::from(crate::attest::kube_api::IN_CLUSTER_TOKEN)
+}
+
+impl K8sPsatConfig {
+    fn validate(&self, trust_domain: &str) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(format!("node_attestor.k8s_psat: {m}")));
+        if self.cluster.is_empty()
+            || !self
+                .cluster
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return bad(format!(
+                "cluster {:?} must be non-empty letters, digits, '-', '_' or '.'",
+                self.cluster
+            ));
+        }
+        if self.service_accounts.is_empty() {
+            return bad("service_accounts is empty: no agent could attest".into());
+        }
+        for sa in &self.service_accounts {
+            match sa.split_once(':') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains(':') => {}
+                _ => return bad(format!("service account {sa:?} is not namespace:name")),
+            }
+        }
+        if self.audience.is_empty() {
+            return bad("audience is empty".into());
+        }
+        if let Some(url) = &self.api_server
+            && !url.starts_with("https://")
+        {
+            return bad(format!("api_server {url:?} must be an https:// URL"));
+        }
+        if let Some(alias) = &self.alias_id
+            && !alias.starts_with(&format!("spiffe://{trust_domain}/"))
+        {
+            return bad(format!(
+                "alias_id {alias:?} is not in trust domain {trust_domain}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -197,6 +294,9 @@ impl ServerConfig {
                 humantime::format_duration(self.max_svid_ttl)
             )));
         }
+        if let Some(psat) = &self.node_attestor.k8s_psat {
+            psat.validate(&self.trust_domain)?;
+        }
         if self.max_sign_batch == 0 {
             return Err(ConfigError::Invalid("max_sign_batch must be > 0".into()));
         }
@@ -226,6 +326,47 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn k8s_psat_section() {
+        let base = "trust_domain = \"example.org\"\n[node_attestor.k8s_psat]\n";
+        let c = ServerConfig::parse(&format!(
+            "{base}cluster = \"demo\"\nservice_accounts = [\"meshid-system:meshid-agent\"]\n"
+        ))
+        .expect("parses");
+        let p = c.node_attestor.k8s_psat.expect("psat");
+        assert_eq!(p.audience, "meshid-server");
+        assert_eq!(
+            p.token_path,
+            PathBuf::from(crate::attest::kube_api::IN_CLUSTER_TOKEN)
+        );
+        for (bad, needle) in [
+            (
+                "cluster = \"demo\"\nservice_accounts = []",
+                "service_accounts is empty",
+            ),
+            ("cluster = \"a/b\"\nservice_accounts = [\"a:b\"]", "cluster"),
+            (
+                "cluster = \"demo\"\nservice_accounts = [\"agent\"]",
+                "namespace:name",
+            ),
+            (
+                "cluster = \"demo\"\nservice_accounts = [\"a:b\"]\napi_server = \"http://x\"",
+                "https://",
+            ),
+            (
+                "cluster = \"demo\"\nservice_accounts = [\"a:b\"]\nalias_id = \"spiffe://other.org/x\"",
+                "not in trust domain",
+            ),
+            (
+                "cluster = \"demo\"\nservice_accounts = [\"a:b\"]\ntokn = \"x\"",
+                "tokn",
+            ),
+        ] {
+            let e = ServerConfig::parse(&format!("{base}{bad}\n")).expect_err(bad);
+            assert!(e.to_string().contains(needle), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

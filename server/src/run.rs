@@ -195,9 +195,18 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
             let _ = rx.changed().await;
         }
     };
+    let psat = match &cfg.node_attestor.k8s_psat {
+        Some(c) => {
+            let a = crate::attest::k8s_psat::PsatAttestor::new(c, &state.td_id())
+                .context("node_attestor.k8s_psat")?;
+            tracing::info!(cluster = %c.cluster, "Kubernetes PSAT node attestation enabled");
+            Some(Arc::new(a))
+        }
+        None => None,
+    };
     let node_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(NodeServer::new(NodeService::new(state.clone())))
+        .add_service(NodeServer::new(NodeService::new(state.clone(), psat)))
         .serve_with_incoming_shutdown(incoming, node_stop);
     let node_task = tokio::spawn(node_server);
 

@@ -296,16 +296,16 @@ impl AgentProc {
         a
     }
 
-    /// Starts the agent on a config file written elsewhere; `token` goes in
+    /// Starts the agent on a config file written elsewhere; a `token` goes in
     /// `MESHID_JOIN_TOKEN`, as a systemd `EnvironmentFile` would pass it.
-    pub fn start_config(dir: &Path, config: PathBuf, socket: PathBuf, token: &str) -> Self {
+    pub fn start_config(dir: &Path, config: PathBuf, socket: PathBuf, token: Option<&str>) -> Self {
         let mut a = Self {
             dir: dir.to_path_buf(),
             socket,
             config,
             child: None,
         };
-        a.spawn_env(None, Some(token));
+        a.spawn_env(None, token);
         a
     }
 

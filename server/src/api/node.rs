@@ -17,6 +17,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::tls::PeerInfo;
 use crate::attest::join_token;
+use crate::attest::k8s_psat::{self, PsatAttestor};
 use crate::audit::Event;
 use crate::ca::IssueError;
 use crate::metrics::{AttestLabels, OutcomeLabels};
@@ -28,12 +29,75 @@ use meshid_identity::svid::unix;
 #[derive(Debug, Clone)]
 pub struct NodeService {
     state: Arc<ServerState>,
+    psat: Option<Arc<PsatAttestor>>,
+}
+
+/// Who a node attestor says the agent is.
+struct NodeIdentity {
+    agent_id: String,
+    aliases: Vec<String>,
+    /// May this agent ID be attested again (PSAT), or is it new every time?
+    reattestable: bool,
+    /// Attestor-specific facts for the audit log.
+    details: Vec<(&'static str, String)>,
 }
 
 impl NodeService {
-    /// A service over the shared state.
-    pub fn new(state: Arc<ServerState>) -> Self {
-        Self { state }
+    /// A service over the shared state, with the Kubernetes PSAT attestor if
+    /// configured (join tokens are always accepted).
+    pub fn new(state: Arc<ServerState>, psat: Option<Arc<PsatAttestor>>) -> Self {
+        Self { state, psat }
+    }
+
+    /// Runs the named attestor over the payload.
+    async fn attest_node(&self, r: &AttestRequest) -> Result<NodeIdentity, Status> {
+        let st = &self.state;
+        match r.attestor.as_str() {
+            join_token::ATTESTOR => {
+                let token = join_token::redeem(st, &r.payload).await.map_err(|e| {
+                    self.attest_failed(&r.attestor, e.outcome(), &e.to_string());
+                    Status::from(e)
+                })?;
+                Ok(NodeIdentity {
+                    agent_id: join_token::agent_id(&st.td_id(), &token.token_id),
+                    aliases: if token.alias_id.is_empty() {
+                        vec![]
+                    } else {
+                        vec![token.alias_id]
+                    },
+                    reattestable: false,
+                    details: vec![],
+                })
+            }
+            k8s_psat::ATTESTOR if self.psat.is_some() => {
+                let psat = self.psat.as_ref().ok_or_else(|| Status::internal("psat"))?;
+                let node = psat.attest(&r.payload).await.map_err(|e| {
+                    self.attest_failed(&r.attestor, e.outcome(), &e.to_string());
+                    Status::from(e)
+                })?;
+                Ok(NodeIdentity {
+                    agent_id: node.agent_id,
+                    aliases: vec![node.alias_id],
+                    reattestable: true,
+                    details: vec![
+                        ("node_name", node.node_name),
+                        ("service_account", node.service_account),
+                        ("pod_uid", node.pod_uid),
+                    ],
+                })
+            }
+            other => {
+                let supported = if self.psat.is_some() {
+                    format!("{}, {}", join_token::ATTESTOR, k8s_psat::ATTESTOR)
+                } else {
+                    join_token::ATTESTOR.to_string()
+                };
+                self.attest_failed(other, "bad_request", "unsupported attestor");
+                Err(Status::invalid_argument(format!(
+                    "unsupported attestor {other:?}; this server accepts: {supported}"
+                )))
+            }
+        }
     }
 
     async fn agent<T>(&self, req: &Request<T>) -> Result<AgentRecord, Status> {
@@ -137,27 +201,25 @@ impl Node for NodeService {
     ) -> Result<Response<AttestResponse>, Status> {
         let r = req.into_inner();
         let st = &self.state;
-        if r.attestor != join_token::ATTESTOR {
-            self.attest_failed(&r.attestor, "bad_request", "unsupported attestor");
-            return Err(Status::invalid_argument(format!(
-                "unsupported attestor {:?}; supported: {}",
-                r.attestor,
-                join_token::ATTESTOR
-            )));
-        }
-        // Check the CSR before consuming the token: a bad request changes nothing.
+        // Check the CSR before consuming a token: a bad request changes nothing.
         if let Err(e) = crate::ca::x509svid::parse_csr(&r.csr) {
             self.attest_failed(&r.attestor, "bad_request", &e.to_string());
             return Err(Status::invalid_argument(e.to_string()));
         }
-        let token = match join_token::redeem(st, &r.payload).await {
-            Ok(t) => t,
-            Err(e) => {
-                self.attest_failed(&r.attestor, e.outcome(), &e.to_string());
-                return Err(e.into());
-            }
-        };
-        let agent_id = join_token::agent_id(&st.td_id(), &token.token_id);
+        let node = self.attest_node(&r).await?;
+        let agent_id = node.agent_id.clone();
+        if node.reattestable
+            && let Some(prev) = st
+                .store
+                .get_agent(&agent_id)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+            && prev.banned
+        {
+            let reason = format!("agent {agent_id} is banned; `agent evict` lets it attest again");
+            self.attest_failed(&r.attestor, "banned", &reason);
+            return Err(Status::permission_denied(reason));
+        }
         let svid = st
             .issue_identity(
                 &r.csr,
@@ -168,11 +230,7 @@ impl Node for NodeService {
             )
             .await
             .map_err(|e| Status::new(issue_code(&e), e.to_string()))?;
-        let aliases = if token.alias_id.is_empty() {
-            vec![]
-        } else {
-            vec![token.alias_id.clone()]
-        };
+        let aliases = node.aliases;
         let record = AgentRecord {
             spiffe_id: agent_id.clone(),
             attestor: r.attestor.clone(),
@@ -194,14 +252,16 @@ impl Node for NodeService {
                 outcome: "ok",
             })
             .inc();
+        let event = node.details.into_iter().fold(
+            Event::new("attestation_succeeded")
+                .with("attestor", r.attestor)
+                .with("agent", agent_id.clone())
+                .with("aliases", aliases)
+                .with("serial", svid.serial.clone()),
+            |ev, (k, v)| ev.with(k, v),
+        );
         st.audit
-            .record(vec![
-                Event::new("attestation_succeeded")
-                    .with("attestor", r.attestor)
-                    .with("agent", agent_id.clone())
-                    .with("aliases", aliases)
-                    .with("serial", svid.serial.clone()),
-            ])
+            .record(vec![event])
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         st.refresh_gauges().await;

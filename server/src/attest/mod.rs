@@ -1,4 +1,6 @@
-//! Node attestors. Join tokens today; x509pop and Kubernetes PSAT are further
-//! implementations of the same flow.
+//! Node attestors: single-use join tokens, and Kubernetes projected
+//! service-account tokens reviewed by the cluster's API server.
 
 pub mod join_token;
+pub mod k8s_psat;
+pub mod kube_api;
