@@ -36,13 +36,18 @@ enum Command {
     Sidecar(meshid_sidecar::cli::SidecarCli),
     /// Run the whole system locally as separate processes and narrate it.
     Demo(demo::DemoCli),
+    /// Print the CLI reference as Markdown (docs/cli.md is this output).
+    #[command(hide = true)]
+    HelpMarkdown,
 }
 
 fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: log files and journald get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -59,6 +64,10 @@ async fn main() -> std::process::ExitCode {
         Command::Agent(c) => c.run().await,
         Command::Sidecar(c) => c.run().await,
         Command::Demo(c) => c.run().await,
+        Command::HelpMarkdown => {
+            print!("{}", clap_markdown::help_markdown::<Cli>());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

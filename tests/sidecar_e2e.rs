@@ -8,35 +8,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{AgentProc, Server, TD, free_port, meshid, wait_for};
-
-struct Sidecar(Child);
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sidecar(dir: &std::path::Path, name: &str, cfg: &str) -> Sidecar {
-    let p = dir.join(format!("{name}.toml"));
-    std::fs::write(&p, cfg).expect("config");
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
-    Sidecar(
-        meshid()
-            .args(["sidecar", "run", "--config"])
-            .arg(&p)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("sidecar"),
-    )
-}
+use common::{AgentProc, Server, TD, free_port, sidecar, wait_for};
 
 /// HTTP app recording the x-spiffe-id of every request.
 fn http_app(seen: Arc<Mutex<Vec<String>>>) -> u16 {

@@ -128,14 +128,32 @@ fn other(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
 }
 
+/// An EKU OID (as its arcs) in rustls' terms.
+fn purpose(oid: Vec<usize>) -> rustls::ExtendedKeyPurpose {
+    const SERVER_AUTH: &[usize] = &[1, 3, 6, 1, 5, 5, 7, 3, 1];
+    const CLIENT_AUTH: &[usize] = &[1, 3, 6, 1, 5, 5, 7, 3, 2];
+    match oid.as_slice() {
+        SERVER_AUTH => rustls::ExtendedKeyPurpose::ServerAuth,
+        CLIENT_AUTH => rustls::ExtendedKeyPurpose::ClientAuth,
+        _ => rustls::ExtendedKeyPurpose::Other(oid),
+    }
+}
+
 fn webpki_error(e: webpki::Error) -> rustls::Error {
     use webpki::Error as W;
     let ce = match e {
-        W::CertExpired { .. } => CertificateError::Expired,
-        W::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        // The context variants print the times and purposes involved, which
+        // is what an operator needs to tell clock skew from a stale cert.
+        W::CertExpired { time, not_after } => CertificateError::ExpiredContext { time, not_after },
+        W::CertNotValidYet { time, not_before } => {
+            CertificateError::NotValidYetContext { time, not_before }
+        }
         W::UnknownIssuer => CertificateError::UnknownIssuer,
         W::InvalidSignatureForPublicKey => CertificateError::BadSignature,
-        W::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
+        W::RequiredEkuNotFoundContext(ctx) => CertificateError::InvalidPurposeContext {
+            required: purpose(ctx.required.oid_values().collect()),
+            presented: ctx.present.into_iter().map(purpose).collect(),
+        },
         other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
     };
     rustls::Error::InvalidCertificate(ce)
@@ -316,6 +334,26 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.core.algs.supported_schemes()
+    }
+}
+
+/// A message for operators: what failed and, where it helps, what to check.
+/// The README's troubleshooting section quotes these.
+pub fn describe(err: &rustls::Error) -> String {
+    match err {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "certificate is not signed by any CA in the bundle of its trust domain (unknown CA)"
+                .into()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Other(o)) => o.to_string(),
+        rustls::Error::InvalidCertificate(
+            ce @ (CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYetContext { .. }
+            | CertificateError::InvalidPurposeContext { .. }),
+        ) => ce.to_string(),
+        rustls::Error::NoCertificatesPresented => "the peer presented no certificate".into(),
+        rustls::Error::AlertReceived(a) => format!("the peer refused our certificate ({a:?})"),
+        other => other.to_string(),
     }
 }
 

@@ -116,7 +116,13 @@ async fn handle(
         Ok(Err(e)) => {
             let outcome = classify_io(&e);
             m.handshake(Direction::Inbound, outcome);
-            tracing::debug!(%peer, error = %e, outcome, "inbound handshake failed");
+            // A refused peer certificate is worth an operator's eye; garbage
+            // and port scans ("other") only count in the metrics.
+            if outcome == "other" {
+                tracing::debug!(%peer, error = %crate::describe_io(&e), outcome, "inbound handshake failed");
+            } else {
+                tracing::info!(%peer, error = %crate::describe_io(&e), outcome, "inbound handshake failed");
+            }
             return;
         }
         Err(_) => {

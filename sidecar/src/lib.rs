@@ -216,7 +216,15 @@ impl Sidecar {
     }
 }
 
-/// Classifies a handshake I/O error for metrics.
+/// The operator-facing message for a handshake error.
+pub fn describe_io(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(err) => meshid_identity::verify::describe(err),
+        None => e.to_string(),
+    }
+}
+
+/// Metric label for a handshake error.
 pub fn classify_io(e: &std::io::Error) -> &'static str {
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         Some(

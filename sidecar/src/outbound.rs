@@ -110,7 +110,7 @@ async fn handle(
         Ok(Err(e)) => {
             let outcome = classify_io(&e);
             m.handshake(Direction::Outbound, outcome);
-            tracing::warn!(upstream = ctx.upstream, error = %e, outcome, "outbound handshake failed");
+            tracing::warn!(upstream = ctx.upstream, error = %crate::describe_io(&e), outcome, "outbound handshake failed");
             return;
         }
         Err(_) => {

@@ -385,3 +385,29 @@ impl Drop for AgentProc {
         self.stop();
     }
 }
+
+/// A running `meshid sidecar run`, killed on drop.
+pub struct Sidecar(Child);
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a sidecar with config `cfg`, logging to `<dir>/<name>.log`.
+pub fn sidecar(dir: &Path, name: &str, cfg: &str) -> Sidecar {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, cfg).expect("config");
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+    Sidecar(
+        meshid()
+            .args(["sidecar", "run", "--config"])
+            .arg(&p)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("sidecar"),
+    )
+}
