@@ -34,6 +34,8 @@ enum Command {
     Agent(meshid_agent::cli::AgentCli),
     /// The mTLS sidecar: inbound and outbound proxies with SPIFFE authorization.
     Sidecar(meshid_sidecar::cli::SidecarCli),
+    /// Kubernetes sidecar injection: a mutating admission webhook.
+    Injector(meshid_injector::cli::InjectorCli),
     /// Run the whole system locally as separate processes and narrate it.
     Demo(demo::DemoCli),
     /// Print the CLI reference as Markdown (docs/cli.md is this output).
@@ -63,6 +65,7 @@ async fn main() -> std::process::ExitCode {
         Command::Server(c) => c.run().await,
         Command::Agent(c) => c.run().await,
         Command::Sidecar(c) => c.run().await,
+        Command::Injector(c) => c.run().await,
         Command::Demo(c) => c.run().await,
         Command::HelpMarkdown => {
             print!("{}", clap_markdown::help_markdown::<Cli>());

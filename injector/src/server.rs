@@ -1,0 +1,300 @@
+//! The webhook's HTTPS transport: `POST /mutate` (AdmissionReview v1) and
+//! `GET /healthz`. Bodies over 1 MiB get 413, unreadable reviews 400; every
+//! other answer is an AdmissionReview carrying the request's uid.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::config::InjectorConfig;
+use crate::mutate::{Decision, mutate};
+use crate::review::{AdmissionResponse, AdmissionReview, ResponseStatus};
+
+/// Largest AdmissionReview accepted.
+pub const MAX_BODY: usize = 1 << 20;
+/// How often the certificate files are checked for a change.
+const RELOAD_CHECK: Duration = Duration::from_secs(5);
+
+/// Why the webhook cannot serve.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The certificate or key cannot be loaded.
+    #[error("webhook certificate {path}: {reason}")]
+    Cert {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The listener cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Serves the webhook certificate, re-reading the files when they change
+/// (cert-manager renews them in place). A broken new pair is logged and the
+/// previous one kept.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    cert: PathBuf,
+    key: PathBuf,
+    state: Mutex<CertState>,
+}
+
+#[derive(Debug)]
+struct CertState {
+    checked: Instant,
+    stamp: Option<(SystemTime, SystemTime)>,
+    current: Arc<CertifiedKey>,
+}
+
+fn mtime(p: &PathBuf) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+fn load(cert: &PathBuf, key: &PathBuf) -> Result<Arc<CertifiedKey>, ServeError> {
+    let err = |path: &PathBuf, reason: String| ServeError::Cert {
+        path: path.clone(),
+        reason,
+    };
+    let chain = std::fs::read(cert).map_err(|e| err(cert, e.to_string()))?;
+    let chain = meshid_identity::pem::parse_certs(&chain).map_err(|e| err(cert, e.to_string()))?;
+    let pem = std::fs::read(key).map_err(|e| err(key, e.to_string()))?;
+    let key_der = meshid_identity::pem::parse_key(&pem).map_err(|e| err(key, e.to_string()))?;
+    let ck = CertifiedKey::from_der(chain, key_der, &meshid_identity::crypto::provider())
+        .map_err(|e| err(cert, e.to_string()))?;
+    Ok(Arc::new(ck))
+}
+
+impl ReloadingCert {
+    /// Loads the pair once; fails if it is unusable.
+    pub fn new(cert: PathBuf, key: PathBuf) -> Result<Self, ServeError> {
+        let current = load(&cert, &key)?;
+        let stamp = mtime(&cert).zip(mtime(&key));
+        Ok(Self {
+            cert,
+            key,
+            state: Mutex::new(CertState {
+                checked: Instant::now(),
+                stamp,
+                current,
+            }),
+        })
+    }
+
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        let mut st = self.state.lock().ok()?;
+        if st.checked.elapsed() >= RELOAD_CHECK {
+            st.checked = Instant::now();
+            let stamp = mtime(&self.cert).zip(mtime(&self.key));
+            if stamp != st.stamp {
+                match load(&self.cert, &self.key) {
+                    Ok(ck) => {
+                        tracing::info!(cert = %self.cert.display(), "webhook certificate reloaded");
+                        st.current = ck;
+                        st.stamp = stamp;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "new webhook certificate unusable; keeping the previous one")
+                    }
+                }
+            }
+        }
+        Some(st.current.clone())
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+/// A bound webhook, ready to serve.
+pub struct Webhook {
+    listener: tokio::net::TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    cfg: Arc<InjectorConfig>,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Webhook {
+    /// Loads the certificate and binds the listener.
+    pub async fn bind(cfg: InjectorConfig) -> Result<Self, ServeError> {
+        let resolver = ReloadingCert::new(cfg.tls_cert.clone(), cfg.tls_key.clone())?;
+        let tls = rustls::ServerConfig::builder_with_provider(meshid_identity::crypto::provider())
+            .with_protocol_versions(meshid_identity::crypto::versions(true))
+            .map_err(|e| ServeError::Cert {
+                path: cfg.tls_cert.clone(),
+                reason: e.to_string(),
+            })?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(resolver));
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            cfg: Arc::new(cfg),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the task is dropped.
+    pub async fn run(self) {
+        loop {
+            let (tcp, peer) = match self.listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (tls, cfg) = (self.tls.clone(), self.cfg.clone());
+            tokio::spawn(async move {
+                let stream =
+                    match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                let svc = hyper::service::service_fn(move |req| {
+                    let cfg = cfg.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(req, &cfg).await) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.into())));
+    *r.status_mut() = status;
+    r
+}
+
+async fn handle(req: Request<Incoming>, cfg: &InjectorConfig) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::POST, "/mutate") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "AdmissionReview body refused");
+                    return text(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "AdmissionReview larger than {MAX_BODY} bytes or unreadable: {e}\n"
+                        ),
+                    );
+                }
+            };
+            match review(&body, cfg) {
+                Ok(answer) => {
+                    let mut r = Response::new(Full::new(Bytes::from(answer)));
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
+                    r
+                }
+                Err(msg) => {
+                    tracing::warn!(error = %msg, "malformed AdmissionReview");
+                    text(StatusCode::BAD_REQUEST, format!("{msg}\n"))
+                }
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "POST /mutate or GET /healthz\n"),
+    }
+}
+
+/// Answers one AdmissionReview body; `Err` means the body is not a review.
+pub fn review(body: &[u8], cfg: &InjectorConfig) -> Result<Vec<u8>, String> {
+    let review: AdmissionReview =
+        serde_json::from_slice(body).map_err(|e| format!("body is not an AdmissionReview: {e}"))?;
+    if review.api_version != "admission.k8s.io/v1" || review.kind != "AdmissionReview" {
+        return Err(format!(
+            "expected admission.k8s.io/v1 AdmissionReview, got {} {}",
+            review.api_version, review.kind
+        ));
+    }
+    let request = review
+        .request
+        .ok_or_else(|| "AdmissionReview has no request".to_string())?;
+    let name = request
+        .object
+        .as_ref()
+        .and_then(|o| {
+            o.pointer("/metadata/name")
+                .or(o.pointer("/metadata/generateName"))
+        })
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    let ns = request.namespace.clone().unwrap_or_default();
+    let mut response = AdmissionResponse {
+        uid: request.uid.clone(),
+        allowed: true,
+        ..AdmissionResponse::default()
+    };
+    match mutate(&request, cfg) {
+        Decision::Unchanged { reason, warnings } => {
+            tracing::debug!(namespace = %ns, pod = %name, reason, "not injected");
+            response.warnings = warnings;
+        }
+        Decision::Patch(ops) => {
+            let patch = serde_json::to_vec(&ops).map_err(|e| e.to_string())?;
+            tracing::info!(namespace = %ns, pod = %name, ops = ops.len(), "sidecar injected");
+            response.patch_type = Some("JSONPatch".into());
+            response.patch = Some(base64::engine::general_purpose::STANDARD.encode(patch));
+        }
+        Decision::Refuse(message) => {
+            tracing::warn!(namespace = %ns, pod = %name, %message, "pod refused");
+            response.allowed = false;
+            response.status = Some(ResponseStatus { code: 400, message });
+        }
+    }
+    serde_json::to_vec(&AdmissionReview::answer(response)).map_err(|e| e.to_string())
+}
