@@ -39,6 +39,17 @@ pub enum AttestError {
     /// The pid now belongs to another process.
     #[error("caller process {0} changed during attestation (pid reuse)")]
     PidReused(i32),
+    /// The kubelet could not be asked.
+    #[error("k8s attestor: kubelet: {0}")]
+    Kubelet(String),
+    /// The caller's pod or container is unknown to the kubelet.
+    #[error("k8s attestor: pod {pod_uid} container {container_id} is not running on this node")]
+    UnknownPod {
+        /// From the caller's cgroup.
+        pod_uid: String,
+        /// From the caller's cgroup.
+        container_id: String,
+    },
 }
 
 impl AttestError {
@@ -48,6 +59,8 @@ impl AttestError {
             Self::NoPid => "no_pid",
             Self::Proc { .. } => "proc_error",
             Self::PidReused(_) => "pid_reused",
+            Self::Kubelet(_) => "kubelet_error",
+            Self::UnknownPod { .. } => "unknown_pod",
         }
     }
 }
@@ -270,5 +283,29 @@ mod tests {
         assert!(matches!(r, Err(AttestError::Proc { .. })), "{r:?}");
         assert_eq!(a.supplementary_gids(42).expect("gids"), vec![10, 20]);
         assert_eq!(a.start_time(42).expect("start"), "111");
+    }
+}
+
+/// Several attestors; the caller's selectors are all of theirs together.
+#[derive(Debug)]
+pub struct Attestors(pub Vec<std::sync::Arc<dyn WorkloadAttestor>>);
+
+impl std::fmt::Debug for dyn WorkloadAttestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl WorkloadAttestor for Attestors {
+    fn name(&self) -> &'static str {
+        "all"
+    }
+
+    fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError> {
+        let mut out = Vec::new();
+        for a in &self.0 {
+            out.extend(a.attest(caller)?);
+        }
+        Ok(out)
     }
 }

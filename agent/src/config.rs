@@ -97,6 +97,9 @@ pub struct AgentConfig {
     /// How the agent proves its node: a join token (default) or Kubernetes PSAT.
     #[serde(default)]
     pub node_attestor: NodeAttestorConfig,
+    /// Workload attestors besides `unix`: `[workload_attestor.k8s]`.
+    #[serde(default)]
+    pub workload_attestor: crate::k8s_attestor::WorkloadAttestorConfig,
     /// Agent SVID, key (0600) and bundle are kept here.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
@@ -168,6 +171,9 @@ impl AgentConfig {
             return Err(ConfigError::Invalid(
                 "node_attestor.cluster must name the Kubernetes cluster".into(),
             ));
+        }
+        if let Some(k) = &self.workload_attestor.k8s {
+            k.validate().map_err(ConfigError::Invalid)?;
         }
         if !self.socket_path.is_absolute() {
             return Err(ConfigError::Invalid("socket_path must be absolute".into()));

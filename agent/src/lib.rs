@@ -7,6 +7,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod jwt;
+pub mod k8s_attestor;
 pub mod metrics;
 pub mod run;
 pub mod server_client;

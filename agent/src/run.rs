@@ -12,7 +12,9 @@ use meshid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::net::UnixListener;
 
 use crate::agent::Agent;
+use crate::attest::{Attestors, UnixAttestor, WorkloadAttestor};
 use crate::config::AgentConfig;
+use crate::k8s_attestor::K8sAttestor;
 use crate::workload_api::{CallerConn, WorkloadApi};
 
 async fn shutdown_signal() {
@@ -76,11 +78,18 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> anyhow::Result
             }
         }
     });
+    let mut attestors: Vec<Arc<dyn WorkloadAttestor>> = vec![Arc::new(UnixAttestor::default())];
+    if let Some(k) = &agent.config.workload_attestor.k8s {
+        let a = K8sAttestor::new(k, "/proc".into()).context("workload_attestor.k8s")?;
+        tracing::info!(kubelet = %k.kubelet_url, "k8s workload attestor enabled");
+        attestors.push(Arc::new(a));
+    }
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let api = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
+            .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::with_attestor(
                 agent.clone(),
+                Arc::new(Attestors(attestors)),
             )))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::ReceiverStream::new(rx),

@@ -108,9 +108,14 @@ fn td_key(td: &str) -> String {
 impl WorkloadApi {
     /// A service over the agent's snapshots, attesting with the unix attestor.
     pub fn new(agent: Arc<Agent>) -> Self {
+        Self::with_attestor(agent, Arc::new(UnixAttestor::default()))
+    }
+
+    /// A service attesting callers with `attestor`.
+    pub fn with_attestor(agent: Arc<Agent>, attestor: Arc<dyn WorkloadAttestor>) -> Self {
         Self {
             agent,
-            attestor: Arc::new(UnixAttestor::default()),
+            attestor,
             jwt_cache: Mutex::new(HashMap::new()),
         }
     }

@@ -7,6 +7,7 @@
 //! - [`pem`]: PEM encoding and decoding of certificates and keys.
 
 pub mod crypto;
+pub mod kube;
 pub mod pem;
 pub mod svid;
 pub mod verify;

@@ -163,10 +163,10 @@ fn default_psat_audience() -> String {
     "meshid-server".into()
 }
 fn default_kube_ca() -> PathBuf {
-    PathBuf::from(crate::attest::kube_api::IN_CLUSTER_CA)
+    PathBuf::from(meshid_identity::kube::IN_CLUSTER_CA)
 }
 fn default_kube_token() -> PathBuf {
-    PathBuf::from(crate::attest::kube_api::IN_CLUSTER_TOKEN)
+    PathBuf::from(meshid_identity::kube::IN_CLUSTER_TOKEN)
 }
 
 impl K8sPsatConfig {
@@ -338,7 +338,7 @@ mod tests {
         assert_eq!(p.audience, "meshid-server");
         assert_eq!(
             p.token_path,
-            PathBuf::from(crate::attest::kube_api::IN_CLUSTER_TOKEN)
+            PathBuf::from(meshid_identity::kube::IN_CLUSTER_TOKEN)
         );
         for (bad, needle) in [
             (

@@ -19,8 +19,8 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
 
-use super::kube_api::{self, KubeApi, KubeError};
 use crate::config::K8sPsatConfig;
+use meshid_identity::kube::{self as kube_api, KubeApi, KubeError};
 
 /// Attestor name on the wire.
 pub const ATTESTOR: &str = "k8s_psat";

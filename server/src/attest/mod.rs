@@ -3,4 +3,3 @@
 
 pub mod join_token;
 pub mod k8s_psat;
-pub mod kube_api;

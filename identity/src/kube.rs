@@ -1,10 +1,10 @@
-//! A minimal client for the Kubernetes API server: JSON over HTTPS/1.1 with
-//! the server's own service-account token, one request per connection.
+//! A minimal client for the Kubernetes API server and the kubelet: JSON over
+//! HTTPS/1.1 with a service-account token, one request per connection.
 //!
-//! The server makes a handful of calls per node attestation (a TokenReview and
-//! perhaps one pod lookup), so a pooled client buys nothing; what matters is
-//! that the API server's certificate is checked against the cluster CA and
-//! that the bearer token is re-read on every call (kubelet rotates it).
+//! Callers make few requests (a TokenReview per node attestation; a pod list
+//! every few seconds at most), so a pooled client buys nothing; what matters is
+//! that the peer's certificate is checked against the cluster CA and that the
+//! bearer token is re-read on every call (the kubelet rotates it).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,30 +92,84 @@ pub fn in_cluster_url() -> Option<String> {
     })
 }
 
+fn parse_url(url: &str) -> Result<(String, u16, ServerName<'static>), KubeError> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| KubeError::Config(format!("URL {url:?}: {e}")))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(KubeError::Config(format!(
+            "URL {url:?} must be an https:// URL"
+        )));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| KubeError::Config(format!("URL {url:?} has no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let server_name = ServerName::try_from(host.clone())
+        .map_err(|e| KubeError::Config(format!("host {host:?}: {e}")))?;
+    Ok((host, port, server_name))
+}
+
+/// Accepts any server certificate, still checking handshake signatures.
+#[derive(Debug)]
+struct AnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 impl KubeApi {
     /// A client for `url` (`https://host[:port]`), trusting the PEM CA
     /// certificates in `ca_path` and sending the token in `token_path`.
     pub fn new(url: &str, ca_path: &Path, token_path: &Path) -> Result<Self, KubeError> {
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|e| KubeError::Config(format!("api_server {url:?}: {e}")))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(KubeError::Config(format!(
-                "api_server {url:?} must be an https:// URL"
-            )));
-        }
-        let host = uri
-            .host()
-            .ok_or_else(|| KubeError::Config(format!("api_server {url:?} has no host")))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = uri.port_u16().unwrap_or(443);
-        let server_name = ServerName::try_from(host.clone())
-            .map_err(|e| KubeError::Config(format!("api_server host {host:?}: {e}")))?;
+        let (host, port, server_name) = parse_url(url)?;
         let pem = std::fs::read(ca_path)
             .map_err(|e| KubeError::Config(format!("CA {}: {e}", ca_path.display())))?;
-        let certs = meshid_identity::pem::parse_certs(&pem)
+        let certs = crate::pem::parse_certs(&pem)
             .map_err(|e| KubeError::Config(format!("CA {}: {e}", ca_path.display())))?;
         let mut roots = rustls::RootCertStore::empty();
         for c in certs {
@@ -129,12 +183,36 @@ impl KubeApi {
                 ca_path.display()
             )));
         }
-        let config =
-            rustls::ClientConfig::builder_with_provider(meshid_identity::crypto::provider())
-                .with_protocol_versions(meshid_identity::crypto::versions(true))
-                .map_err(|e| KubeError::Config(e.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+        let config = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
+            .with_protocol_versions(crate::crypto::versions(true))
+            .map_err(|e| KubeError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Self::with_tls(host, port, server_name, config, token_path)
+    }
+
+    /// A client that accepts any server certificate: for kubelets serving
+    /// self-signed certificates (`skip_kubelet_verification`). The bearer
+    /// token still goes only to the configured address.
+    pub fn new_unverified(url: &str, token_path: &Path) -> Result<Self, KubeError> {
+        let (host, port, server_name) = parse_url(url)?;
+        let provider = crate::crypto::provider();
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(crate::crypto::versions(true))
+            .map_err(|e| KubeError::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
+            .with_no_client_auth();
+        Self::with_tls(host, port, server_name, config, token_path)
+    }
+
+    fn with_tls(
+        host: String,
+        port: u16,
+        server_name: ServerName<'static>,
+        config: rustls::ClientConfig,
+        token_path: &Path,
+    ) -> Result<Self, KubeError> {
         Ok(Self {
             host,
             port,
