@@ -144,7 +144,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError> {
-        let rows = sqlx::query("SELECT data FROM entries ORDER BY created_at, id")
+        let rows = sqlx::query("SELECT data FROM entries ORDER BY created_at, rowid")
             .fetch_all(&self.pool)
             .await?;
         let mut out = Vec::new();
@@ -162,7 +162,7 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let q = format!(
-            "SELECT data FROM entries WHERE parent_id IN ({}) ORDER BY created_at, id",
+            "SELECT data FROM entries WHERE parent_id IN ({}) ORDER BY created_at, rowid",
             vec!["?"; parents.len()].join(",")
         );
         let mut query = sqlx::query(&q);
