@@ -52,7 +52,8 @@ fn documents() -> Vec<(String, Value)> {
 
 use serde::Deserialize as _;
 
-/// Drops nulls and empty maps so the round trip compares content.
+/// Drops nulls (k8s-openapi writes absent optionals as nothing, YAML may
+/// spell them `~`) so the round trip compares content.
 fn normalize(v: Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
@@ -227,6 +228,87 @@ fn manifests_are_kubernetes_objects_that_agree() {
     );
     assert_eq!(hook.admission_review_versions, vec!["v1".to_string()]);
     assert_eq!(hook.failure_policy.as_deref(), Some("Fail"));
+
+    // The Service reaches the port the injector listens on.
+    let listen_port = injector["listen"]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next())
+        .expect("injector listen");
+    let webhook_port = isvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|p| p.iter().find(|p| Some(p.port) == target.port))
+        .and_then(|p| p.target_port.clone())
+        .expect("targetPort");
+    assert_eq!(
+        webhook_port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
+            listen_port.parse().expect("port")
+        )
+    );
+    // The injector's own namespace is never sent to it (its pods would wait
+    // for themselves under failurePolicy: Fail).
+    let excluded = hook
+        .namespace_selector
+        .as_ref()
+        .and_then(|s| s.match_expressions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|e| {
+            e.key == "kubernetes.io/metadata.name"
+                && e.operator == "NotIn"
+                && e.values.iter().flatten().any(|v| v == &target.namespace)
+        });
+    assert!(excluded, "the webhook must exclude {}", target.namespace);
+    // The injector Deployment mounts the TLS Secret where its config reads it.
+    let inj = o
+        .deployments
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some("meshid-injector"))
+        .expect("injector deployment");
+    let inj_pod = inj.spec.template.spec.as_ref().expect("pod");
+    let tls_volume = inj_pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| {
+            v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("meshid-injector-tls")
+        })
+        .expect("TLS secret volume");
+    let tls_dir = inj_pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == tls_volume.name)
+        .map(|m| m.mount_path.clone())
+        .expect("TLS mount");
+    for key in ["tls_cert", "tls_key"] {
+        let path = injector[key].as_str().expect(key);
+        assert!(
+            path.starts_with(&format!("{tls_dir}/")),
+            "{key} {path} outside {tls_dir}"
+        );
+    }
+
+    // Injected sidecars are probed on the pod IP at the injector's admin_port.
+    let admin_port = injector
+        .get("admin_port")
+        .and_then(toml::Value::as_integer)
+        .unwrap_or(9901);
+    let mut sidecars = 0;
+    for (name, cm) in &o.config_maps {
+        if let Some(text) = cm.data.as_ref().and_then(|d| d.get("sidecar.toml")) {
+            let sc: toml::Value = toml::from_str(text).expect("sidecar toml");
+            assert_eq!(
+                sc["admin_address"].as_str(),
+                Some(format!("0.0.0.0:{admin_port}").as_str()),
+                "{name}"
+            );
+            sidecars += 1;
+        }
+    }
+    assert_eq!(sidecars, 2);
 
     // Every annotated demo pod names a ConfigMap that exists in its namespace.
     for d in &o.deployments {

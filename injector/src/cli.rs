@@ -66,6 +66,12 @@ impl InjectorCli {
                     .take(crate::server::MAX_BODY as u64 + 1)
                     .read_to_end(&mut body)
                     .context("reading stdin")?;
+                if body.len() > crate::server::MAX_BODY {
+                    anyhow::bail!(
+                        "AdmissionReview larger than {} bytes",
+                        crate::server::MAX_BODY
+                    );
+                }
                 let answer = review(&body, &cfg).map_err(anyhow::Error::msg)?;
                 println!("{}", String::from_utf8_lossy(&answer));
                 Ok(())

@@ -14,9 +14,28 @@
 //!   `meshid.io/sidecar-config`; a pod that asks for injection without it is
 //!   admitted unchanged with a warning kubectl shows, since without a policy
 //!   there is nothing the sidecar could enforce;
+//! - a pod that already has a volume named `meshid-agent-socket` or
+//!   `meshid-sidecar-config` (without being injected) is admitted unchanged
+//!   with a warning, since a duplicate volume name would fail the pod;
 //! - a pod object that cannot be read is refused: injection was asked for
 //!   and cannot be done, and admitting the pod without its sidecar would
 //!   leave it running without the mTLS it expects.
+//!
+//! Injection adds (every missing list or map is created whole, since a JSON
+//! Patch `add` to `/x/-` fails when `/x` does not exist):
+//! - the init container `meshid-sidecar`, first, with `restartPolicy: Always`
+//!   (a native sidecar, Kubernetes ≥ 1.29): `meshid sidecar run --config
+//!   /etc/meshid/sidecar/sidecar.toml`, `SPIFFE_ENDPOINT_SOCKET`, the socket
+//!   directory (read-only) and the ConfigMap mounted, non-root (65532) with a
+//!   read-only root filesystem and no capabilities, and startup/readiness
+//!   probes on `GET /readyz` at the configured admin port (so the sidecar's
+//!   `admin_address` must be `0.0.0.0:<admin_port>`: the kubelet probes the
+//!   pod IP);
+//! - the volumes `meshid-agent-socket` (hostPath of the agent's socket
+//!   directory, type `Directory`) and `meshid-sidecar-config` (the ConfigMap);
+//! - on every app container, `SPIFFE_ENDPOINT_SOCKET` unless already set, and
+//!   the socket directory mounted read-only at the same path;
+//! - the annotation `meshid.io/status: injected`.
 
 use std::collections::BTreeMap;
 
@@ -113,6 +132,22 @@ pub fn mutate(req: &AdmissionRequest, cfg: &InjectorConfig) -> Decision {
             )],
         };
     };
+    // Adding a second volume of the same name would make the API server
+    // reject the pod: leave it alone and say why.
+    if let Some(v) = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == ann::SOCKET_VOLUME || v.name == ann::CONFIG_VOLUME)
+    {
+        return Decision::Unchanged {
+            reason: "volume name taken",
+            warnings: vec![format!(
+                "meshid: the pod already has a volume named {:?}, which the injector adds; sidecar not injected",
+                v.name
+            )],
+        };
+    }
     Decision::Patch(patch(&pod, config_map, cfg))
 }
 
@@ -378,6 +413,16 @@ mod tests {
                 ..
             }
         ));
+        let taken = annotated(json!({"spec": {
+            "volumes": [{"name": "meshid-agent-socket", "emptyDir": {}}],
+            "containers": [{"name": "a"}]}}));
+        match mutate(&req("CREATE", taken), &c) {
+            Decision::Unchanged { reason, warnings } => {
+                assert_eq!(reason, "volume name taken");
+                assert!(warnings[0].contains("meshid-agent-socket"), "{warnings:?}");
+            }
+            other => panic!("{other:?}"),
+        }
         let not_a_pod = json!({"spec": {"containers": "nope"}});
         assert!(matches!(
             mutate(&req("CREATE", not_a_pod), &c),
@@ -408,5 +453,114 @@ mod tests {
                 "/spec/containers/0/volumeMounts/-",
             ]
         );
+    }
+
+    /// Applies the decision's patch to `pod`, as the API server would.
+    fn apply(pod: &Value, c: &InjectorConfig) -> Value {
+        let Decision::Patch(ops) = mutate(&req("CREATE", pod.clone()), c) else {
+            panic!("expected a patch for {pod}");
+        };
+        let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).expect("RFC 6902");
+        let mut doc = pod.clone();
+        json_patch::patch(&mut doc, &patch).unwrap_or_else(|e| panic!("{pod}: {e}"));
+        doc
+    }
+
+    #[test]
+    fn patches_apply_to_every_pod_shape() {
+        let mut all = cfg();
+        all.inject_by_default = true;
+        let shapes = [
+            // No inject annotation (injected by default), no env, volumes
+            // or init containers. (An injected pod always has annotations:
+            // the ConfigMap's name is one.)
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]}}),
+            // No metadata at all but the ConfigMap's name; two containers.
+            json!({"spec": {"containers": [{"name": "a"}, {"name": "b"}]}}),
+            // Empty lists are replaced, not appended to.
+            json!({"metadata": {"annotations": {}},
+                   "spec": {"initContainers": [], "volumes": [],
+                            "containers": [{"name": "a", "env": [], "volumeMounts": []}]}}),
+        ];
+        for pod in shapes {
+            let mut pod = pod;
+            // The ConfigMap annotation, wherever the annotations map is.
+            let ann = pod
+                .pointer_mut("/metadata/annotations")
+                .and_then(Value::as_object_mut);
+            let with_cfg = match ann {
+                Some(a) => {
+                    a.insert("meshid.io/sidecar-config".into(), json!("cm"));
+                    pod.clone()
+                }
+                None => {
+                    let mut p = pod.clone();
+                    p["metadata"] = json!({"annotations": {"meshid.io/sidecar-config": "cm"}});
+                    p
+                }
+            };
+            let out = apply(&with_cfg, &all);
+            let typed: Pod = serde_json::from_value(out.clone()).expect("a Pod");
+            let spec = typed.spec.expect("spec");
+            let inits = spec.init_containers.expect("inits");
+            assert_eq!(inits.len(), 1);
+            assert_eq!(inits[0].restart_policy.as_deref(), Some("Always"));
+            assert_eq!(spec.volumes.map(|v| v.len()), Some(2));
+            for c in &spec.containers {
+                assert_eq!(c.env.as_ref().map(Vec::len), Some(1), "{}", c.name);
+                assert_eq!(c.volume_mounts.as_ref().map(Vec::len), Some(1));
+            }
+            assert_eq!(
+                out["metadata"]["annotations"]["meshid.io/status"],
+                "injected"
+            );
+            // And the result is left alone the second time.
+            assert!(matches!(
+                mutate(&req("CREATE", out), &all),
+                Decision::Unchanged {
+                    reason: "already injected",
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn existing_endpoint_env_and_mount_are_kept() {
+        let pod = annotated(json!({"spec": {"containers": [{
+            "name": "a",
+            "env": [{"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///custom.sock"}],
+            "volumeMounts": [{"name": "mine", "mountPath": "/run/meshid/agent"}]}],
+            "volumes": [{"name": "mine", "emptyDir": {}}]}}));
+        let out = apply(&pod, &cfg());
+        let c = &out["spec"]["containers"][0];
+        assert_eq!(
+            c["env"],
+            json!([{"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///custom.sock"}])
+        );
+        assert_eq!(c["volumeMounts"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn status_annotation_alone_marks_injected_and_bad_values_warn() {
+        let c = cfg();
+        let mut pod = annotated(json!({}));
+        pod["metadata"]["annotations"]["meshid.io/status"] = json!("injected");
+        assert!(matches!(
+            mutate(&req("CREATE", pod), &c),
+            Decision::Unchanged {
+                reason: "already injected",
+                ..
+            }
+        ));
+        let mut pod = annotated(json!({}));
+        pod["metadata"]["annotations"]["meshid.io/inject"] = json!("yes");
+        match mutate(&req("CREATE", pod), &c) {
+            Decision::Unchanged { warnings, .. } => {
+                assert!(warnings[0].contains("\"yes\""), "{warnings:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(pointer_token("a/b~c"), "a~1b~0c");
     }
 }

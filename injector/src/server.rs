@@ -53,18 +53,29 @@ pub enum ServeError {
 pub struct ReloadingCert {
     cert: PathBuf,
     key: PathBuf,
+    interval: Duration,
     state: Mutex<CertState>,
 }
 
 #[derive(Debug)]
 struct CertState {
     checked: Instant,
-    stamp: Option<(SystemTime, SystemTime)>,
+    stamp: Option<(FileStamp, FileStamp)>,
+    /// The files' stamp when they last failed to load: logged once, retried
+    /// when they change again.
+    failed: Option<Option<(FileStamp, FileStamp)>>,
     current: Arc<CertifiedKey>,
 }
 
-fn mtime(p: &PathBuf) -> Option<SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+/// What tells a rewritten file from the old one: modification time, size and
+/// inode (a Secret volume update swaps a symlink to new files, which
+/// `metadata` follows).
+type FileStamp = (SystemTime, u64, u64);
+
+fn stamp(p: &PathBuf) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
 fn load(cert: &PathBuf, key: &PathBuf) -> Result<Arc<CertifiedKey>, ServeError> {
@@ -82,46 +93,64 @@ fn load(cert: &PathBuf, key: &PathBuf) -> Result<Arc<CertifiedKey>, ServeError> 
 }
 
 impl ReloadingCert {
-    /// Loads the pair once; fails if it is unusable.
+    /// Loads the pair once; fails if it is unusable. The files are checked
+    /// for a change at most every few seconds, during handshakes.
     pub fn new(cert: PathBuf, key: PathBuf) -> Result<Self, ServeError> {
+        Self::with_interval(cert, key, RELOAD_CHECK)
+    }
+
+    /// As [`ReloadingCert::new`], checking the files at most every `interval`.
+    pub fn with_interval(
+        cert: PathBuf,
+        key: PathBuf,
+        interval: Duration,
+    ) -> Result<Self, ServeError> {
         let current = load(&cert, &key)?;
-        let stamp = mtime(&cert).zip(mtime(&key));
+        let stamp = stamp(&cert).zip(stamp(&key));
         Ok(Self {
             cert,
             key,
+            interval,
             state: Mutex::new(CertState {
                 checked: Instant::now(),
                 stamp,
+                failed: None,
                 current,
             }),
         })
     }
 
-    fn current(&self) -> Option<Arc<CertifiedKey>> {
-        let mut st = self.state.lock().ok()?;
-        if st.checked.elapsed() >= RELOAD_CHECK {
+    fn current(&self) -> Arc<CertifiedKey> {
+        // Every field holds a complete value, so a poisoned lock is still usable.
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.checked.elapsed() >= self.interval {
             st.checked = Instant::now();
-            let stamp = mtime(&self.cert).zip(mtime(&self.key));
-            if stamp != st.stamp {
+            let now = stamp(&self.cert).zip(stamp(&self.key));
+            if now != st.stamp && st.failed != Some(now) {
                 match load(&self.cert, &self.key) {
                     Ok(ck) => {
                         tracing::info!(cert = %self.cert.display(), "webhook certificate reloaded");
                         st.current = ck;
-                        st.stamp = stamp;
+                        st.stamp = now;
+                        st.failed = None;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "new webhook certificate unusable; keeping the previous one")
+                        tracing::warn!(error = %e, "new webhook certificate unusable; keeping the previous one");
+                        st.failed = Some(now);
                     }
                 }
             }
         }
-        Some(st.current.clone())
+        st.current.clone()
     }
 }
 
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current()
+        Some(self.current())
     }
 }
 
@@ -297,4 +326,72 @@ pub fn review(body: &[u8], cfg: &InjectorConfig) -> Result<Vec<u8>, String> {
         }
     }
     serde_json::to_vec(&AdmissionReview::answer(response)).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn leaf(r: &ReloadingCert) -> Vec<u8> {
+        r.current().cert[0].to_vec()
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        meshid_identity::pem::parse_certs(pem.as_bytes()).expect("pem")[0].to_vec()
+    }
+
+    #[test]
+    fn reloads_changed_files_and_keeps_the_old_pair_when_broken() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let write = |c: &str, k: &str| {
+            std::fs::write(&cert, c).expect("w");
+            std::fs::write(&key, k).expect("w");
+        };
+        let (a_cert, a_key) = pair("a.svc");
+        write(&a_cert, &a_key);
+        let r = ReloadingCert::with_interval(cert.clone(), key.clone(), Duration::ZERO)
+            .expect("first pair");
+        assert_eq!(leaf(&r), der(&a_cert));
+
+        // Renewed in place: served from the next handshake on.
+        let (b_cert, b_key) = pair("b.svc");
+        write(&b_cert, &b_key);
+        assert_eq!(leaf(&r), der(&b_cert));
+
+        // Half-written (new cert, old key) and then garbage: the old pair stays.
+        let (c_cert, c_key) = pair("c.svc");
+        std::fs::write(&cert, &c_cert).expect("w");
+        assert_eq!(leaf(&r), der(&b_cert), "mismatched key must not be used");
+        std::fs::write(&key, "not a key").expect("w");
+        assert_eq!(leaf(&r), der(&b_cert));
+        std::fs::remove_file(&cert).expect("rm");
+        assert_eq!(leaf(&r), der(&b_cert));
+
+        // Complete again: picked up.
+        write(&c_cert, &c_key);
+        assert_eq!(leaf(&r), der(&c_cert));
+    }
+
+    #[test]
+    fn refuses_to_start_without_a_usable_pair() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let e = ReloadingCert::new(cert.clone(), key.clone()).expect_err("missing");
+        assert!(e.to_string().contains("tls.crt"), "{e}");
+        let (a_cert, _) = pair("a.svc");
+        let (_, b_key) = pair("b.svc");
+        std::fs::write(&cert, a_cert).expect("w");
+        std::fs::write(&key, b_key).expect("w");
+        assert!(ReloadingCert::new(cert, key).is_err(), "mismatched pair");
+    }
 }
