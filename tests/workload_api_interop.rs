@@ -11,72 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{AgentProc, Server, TD, free_port, meshid, wait_for};
-use interop_support::{Outcome, PREFACE, RawH2, authority_forms, frame, http_get};
+use common::TD;
+use interop_support::{
+    Outcome, PREFACE, RawH2, WORKLOAD_ID, authority_forms, fetch_jwt, frame, http_get, setup,
+    wait_served,
+};
 use meshid_proto::meshid::admin::v1::{HealthRequest, HealthResponse};
-use meshid_proto::workload::{JwtsvidRequest, JwtsvidResponse};
+use meshid_proto::workload::JwtsvidResponse;
 use prost::Message;
-
-const WORKLOAD_ID: &str = "spiffe://example.org/interop";
-
-/// A server, and an agent (with metrics) serving one entry for this uid.
-struct Setup {
-    server: Server,
-    agent: AgentProc,
-    metrics: String,
-}
-
-fn setup() -> Setup {
-    let server = Server::start("");
-    let alias = format!("spiffe://{TD}/node/interop");
-    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
-    let uid = nix::unistd::geteuid().as_raw();
-    server.ok(&[
-        "entry",
-        "create",
-        "--parent-id",
-        &alias,
-        "--spiffe-id",
-        WORKLOAD_ID,
-        "--selector",
-        &format!("unix:uid:{uid}"),
-    ]);
-    let dir = server.dir.path().join("agent");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(dir.join("bootstrap.pem"), server.bundle_pem()).expect("bundle");
-    let socket = dir.join("api.sock");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "trust_domain = \"{TD}\"\nserver_address = \"{}\"\ntrust_bundle_path = \"{d}/bootstrap.pem\"\ndata_dir = \"{d}/data\"\nsocket_path = \"{}\"\nmetrics_address = \"{metrics}\"\nmax_backoff = \"1s\"\n",
-            server.node_addr,
-            socket.display(),
-            d = dir.display()
-        ),
-    )
-    .expect("config");
-    let agent = AgentProc::start_config(&dir, config, socket, Some(&token));
-    Setup {
-        server,
-        agent,
-        metrics,
-    }
-}
-
-fn fetch_jwt(c: &mut RawH2, authority: Option<&[u8]>) -> Outcome {
-    let req = JwtsvidRequest {
-        audience: vec!["interop".into()],
-        spiffe_id: String::new(),
-    };
-    c.unary(
-        "/SpiffeWorkloadAPI/FetchJWTSVID",
-        authority,
-        &[("workload.spiffe.io", "true")],
-        &req.encode_to_vec(),
-    )
-}
 
 /// Asserts a FetchJWTSVID reply carrying this workload's JWT-SVID.
 fn assert_jwt_served(what: &str, o: &Outcome) {
@@ -89,28 +31,6 @@ fn assert_jwt_served(what: &str, o: &Outcome) {
     assert_eq!(resp.svids.len(), 1, "{what}");
     assert_eq!(resp.svids[0].spiffe_id, WORKLOAD_ID, "{what}");
     assert_eq!(resp.svids[0].svid.split('.').count(), 3, "{what}: a JWT");
-}
-
-/// Waits until the agent has synced the entry and serves it.
-fn wait_served(s: &Setup) {
-    let sock = s.agent.socket.clone();
-    wait_for(
-        "the agent to serve the entry",
-        Duration::from_secs(30),
-        || {
-            let mut c = RawH2::connect(&sock);
-            (fetch_jwt(&mut c, Some(b"localhost")).grpc_status() == Some("0")).then_some(())
-        },
-    );
-    wait_for("the X509-SVID", Duration::from_secs(30), || {
-        meshid()
-            .args(["agent", "api", "fetch", "x509", "--socket"])
-            .arg(s.agent.endpoint())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|_| ())
-    });
 }
 
 #[test]
@@ -335,4 +255,33 @@ fn python_spiffe_library_works_unchanged() {
         .output()
         .expect("openssl");
     assert!(String::from_utf8_lossy(&san.stdout).contains(&format!("URI:{WORKLOAD_ID}")));
+
+    // The README's Python quick start, as written, does the same.
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let start = readme
+        .find("```python\n")
+        .expect("README has a Python snippet")
+        + 10;
+    let snippet = &readme[start..start + readme[start..].find("```").expect("closed")];
+    let qs = s.server.dir.path().join("quickstart");
+    std::fs::create_dir_all(&qs).expect("mkdir");
+    std::fs::write(qs.join("app.py"), snippet).expect("write");
+    let out = Command::new(&python)
+        .arg("app.py")
+        .current_dir(&qs)
+        .env("SPIFFE_ENDPOINT_SOCKET", s.agent.endpoint())
+        .output()
+        .expect("run README snippet");
+    assert!(
+        out.status.success(),
+        "README snippet: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = Command::new("openssl")
+        .args(["verify", "-CAfile", "bundle.pem", "svid.pem"])
+        .current_dir(&qs)
+        .output()
+        .expect("openssl");
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
 }

@@ -1,12 +1,103 @@
 //! Support for the interoperability tests: a deliberately small HTTP/2
 //! client over a raw Unix socket that sends header blocks built by hand
-//! (so it can carry any `:authority`, or none), and a plain HTTP/1.1 GET.
+//! (so it can carry any `:authority`, or none), a plain HTTP/1.1 GET, and a
+//! server plus an agent (with metrics) serving one entry for this uid.
 #![allow(dead_code, missing_docs)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+
+use prost::Message;
+
+use crate::common::{AgentProc, Server, TD, free_port, meshid, wait_for};
+use meshid_proto::workload::JwtsvidRequest;
+
+pub const WORKLOAD_ID: &str = "spiffe://example.org/interop";
+
+/// A server, and an agent (with metrics) serving one entry for this uid.
+pub struct Setup {
+    pub server: Server,
+    pub agent: AgentProc,
+    /// The agent's metrics address.
+    pub metrics: String,
+}
+
+pub fn setup() -> Setup {
+    let server = Server::start("");
+    let alias = format!("spiffe://{TD}/node/interop");
+    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
+    let uid = nix::unistd::geteuid().as_raw();
+    server.ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        &alias,
+        "--spiffe-id",
+        WORKLOAD_ID,
+        "--selector",
+        &format!("unix:uid:{uid}"),
+    ]);
+    let dir = server.dir.path().join("agent");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("bootstrap.pem"), server.bundle_pem()).expect("bundle");
+    let socket = dir.join("api.sock");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"{TD}\"\nserver_address = \"{}\"\ntrust_bundle_path = \"{d}/bootstrap.pem\"\ndata_dir = \"{d}/data\"\nsocket_path = \"{}\"\nmetrics_address = \"{metrics}\"\nmax_backoff = \"1s\"\n",
+            server.node_addr,
+            socket.display(),
+            d = dir.display()
+        ),
+    )
+    .expect("config");
+    let agent = AgentProc::start_config(&dir, config, socket, Some(&token));
+    Setup {
+        server,
+        agent,
+        metrics,
+    }
+}
+
+/// FetchJWTSVID for audience `interop`.
+pub fn fetch_jwt(c: &mut RawH2, authority: Option<&[u8]>) -> Outcome {
+    let req = JwtsvidRequest {
+        audience: vec!["interop".into()],
+        spiffe_id: String::new(),
+    };
+    c.unary(
+        "/SpiffeWorkloadAPI/FetchJWTSVID",
+        authority,
+        &[("workload.spiffe.io", "true")],
+        &req.encode_to_vec(),
+    )
+}
+
+/// Waits until the agent has synced the entry and serves it.
+pub fn wait_served(s: &Setup) {
+    let sock = s.agent.socket.clone();
+    wait_for(
+        "the agent to serve the entry",
+        Duration::from_secs(30),
+        || {
+            let mut c = RawH2::connect(&sock);
+            (fetch_jwt(&mut c, Some(b"localhost")).grpc_status() == Some("0")).then_some(())
+        },
+    );
+    wait_for("the X509-SVID", Duration::from_secs(30), || {
+        meshid()
+            .args(["agent", "api", "fetch", "x509", "--socket"])
+            .arg(s.agent.endpoint())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|_| ())
+    });
+}
 
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 0x1;
