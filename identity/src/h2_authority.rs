@@ -61,6 +61,8 @@ const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
 const READ_CHUNK: usize = 16 * 1024;
+/// Buffers larger than this are released once drained.
+const IDLE_CAPACITY: usize = 4096;
 
 /// Why a connection was refused before reaching the HTTP/2 server.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -429,8 +431,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityNormalizer<S> {
                 buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
                 this.out_pos += n;
                 if this.out_pos == this.out.len() {
-                    this.out.clear();
                     this.out_pos = 0;
+                    // Idle connections keep no large buffers.
+                    if this.out.capacity() > IDLE_CAPACITY {
+                        this.out = Vec::new();
+                    } else {
+                        this.out.clear();
+                    }
+                    if this.raw.is_empty() && this.raw.capacity() > IDLE_CAPACITY {
+                        this.raw = Vec::new();
+                    }
                 }
                 return Poll::Ready(Ok(()));
             }
