@@ -5,8 +5,10 @@
 //! - [`verify`]: rustls verifiers that check the chain against the bundle of
 //!   the peer's trust domain, then authorize the peer's SPIFFE ID.
 //! - [`pem`]: PEM encoding and decoding of certificates and keys.
+//! - [`files`]: atomic, durable writes of key and certificate files.
 
 pub mod crypto;
+pub mod files;
 pub mod kube;
 pub mod pem;
 pub mod svid;
