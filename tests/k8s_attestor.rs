@@ -104,6 +104,21 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
         12,
         &format!("0::/kubepods/besteffort/pod11111111-2222-3333-4444-555555555555/{CID}\n"),
     );
+    // Issue 12 finding 3: the real pod's layout rebuilt below a delegated
+    // subtree (pod UID and container ID are world-readable in /proc).
+    proc_entry(
+        &proc_root,
+        13,
+        &format!(
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/evil/kubepods/burstable/pod{UID}/{CID}\n"
+        ),
+    );
+    // ...and nested below the real container.
+    proc_entry(
+        &proc_root,
+        14,
+        &format!("0::/kubepods/burstable/pod{UID}/{CID}/escape\n"),
+    );
     std::fs::write(dir.path().join("token"), "agent-token\n").expect("w");
     std::fs::write(dir.path().join("ca.pem"), ca).expect("w");
     let cfg = |extra: &str| -> K8sAttestorConfig {
@@ -154,6 +169,14 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     // Not in a pod: no k8s selectors, no kubelet call.
     assert!(attest(11).await.expect("host process").is_empty());
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    // Look-alike and nested layouts: refused with a typed error, before any
+    // kubelet call, never with the pod's selectors.
+    for pid in [13, 14] {
+        let e = attest(pid).await.expect_err("look-alike cgroup");
+        assert!(matches!(e, AttestError::Cgroup { .. }), "{e:?}");
+        assert_eq!(e.label(), "cgroup_layout");
+    }
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     // A pod the kubelet does not know: one fresh fetch, then a typed error.
     let e = attest(12).await.expect_err("unknown pod");

@@ -39,6 +39,14 @@ pub enum AttestError {
     /// The pid now belongs to another process.
     #[error("caller process {0} changed during attestation (pid reuse)")]
     PidReused(i32),
+    /// The caller's cgroup names a pod outside the kubelet's layout.
+    #[error("k8s attestor: process {pid}: {reason}")]
+    Cgroup {
+        /// Pid.
+        pid: i32,
+        /// Why.
+        reason: String,
+    },
     /// The kubelet could not be asked.
     #[error("k8s attestor: kubelet: {0}")]
     Kubelet(String),
@@ -59,6 +67,7 @@ impl AttestError {
             Self::NoPid => "no_pid",
             Self::Proc { .. } => "proc_error",
             Self::PidReused(_) => "pid_reused",
+            Self::Cgroup { .. } => "cgroup_layout",
             Self::Kubelet(_) => "kubelet_error",
             Self::UnknownPod { .. } => "unknown_pod",
         }
