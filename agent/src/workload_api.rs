@@ -395,8 +395,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let entries = snap.matching(&sel);
             let bundles = Self::bundles_for(&snap, &entries);
             let (sub, claims) =
-                crate::jwt::validate(&r.svid, &r.audience, bundles, SystemTime::now())
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                crate::jwt::validate(&r.svid, &r.audience, bundles, SystemTime::now()).map_err(
+                    |e| {
+                        // The token itself is never logged.
+                        tracing::info!(error = %e, "JWT-SVID validation refused");
+                        Status::invalid_argument(e.to_string())
+                    },
+                )?;
             let claims = match crate::jwt::to_prost(&claims).kind {
                 Some(prost_types::value::Kind::StructValue(s)) => Some(s),
                 _ => None,
