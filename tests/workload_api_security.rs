@@ -16,7 +16,9 @@ use common::{AgentProc, Server, TD};
 use meshid_proto::admin::{GetBundleRequest, SetFederatedBundleRequest};
 use meshid_proto::types::{Bundle, JwtKey};
 use meshid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use meshid_proto::workload::{JwtBundlesRequest, ValidateJwtsvidRequest};
+use meshid_proto::workload::{
+    JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest,
+};
 use serde_json::{Value, json};
 
 fn uid() -> u32 {
@@ -312,5 +314,247 @@ async fn validate_jwt_svid_trusts_only_the_subjects_trust_domain() {
         let e = validate(rsa.token(&header, &c)).await.expect_err(what);
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e}");
         assert!(e.message().contains(what), "{what}: {}", e.message());
+    }
+}
+
+fn jwt_sub(token: &str) -> String {
+    let payload = token.split('.').nth(1).expect("payload");
+    let claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("b64")).expect("json");
+    claims["sub"].as_str().expect("sub").to_string()
+}
+
+/// Issue 12 finding 8: JWT-SVIDs were cached by (entry, audience) for half
+/// their lifetime, so after `entry update --spiffe-id` the old SPIFFE ID
+/// kept being served (here: for 30 minutes); and any number of any size of
+/// audiences were accepted, cached and sent to the server. Now the cache is
+/// keyed by entry revision — the next fetch after the agent learns of the
+/// change carries the new ID — and audiences are bounded with a clear
+/// InvalidArgument. The X.509 side never serves an SVID minted for an older
+/// revision either: once the new ID is served, the old one never returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_update_is_served_at_once_and_audiences_are_bounded() {
+    let server = Server::start("");
+    let alias = format!("spiffe://{TD}/node/cache");
+    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
+    let id = server.ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        &alias,
+        "--spiffe-id",
+        &format!("spiffe://{TD}/web-v1"),
+        "--selector",
+        &format!("unix:uid:{}", uid()),
+        "--selector",
+        &format!("unix:path:{}", me()),
+        "--jwt-ttl",
+        "1h",
+    ]);
+    let agent = AgentProc::start(&server.dir.path().join("agent"), &server, Some(&token));
+    let raw = raw_client(&agent).await;
+    let fetch = |audience: Vec<String>| {
+        let mut raw = raw.clone();
+        async move {
+            raw.fetch_jwtsvid(with_header(JwtsvidRequest {
+                audience,
+                spiffe_id: String::new(),
+            }))
+            .await
+            .map(tonic::Response::into_inner)
+        }
+    };
+    let aud = || vec!["svc".to_string()];
+    let first = eventually("first JWT-SVID", || async { fetch(aud()).await.ok() }).await;
+    assert_eq!(first.svids[0].spiffe_id, format!("spiffe://{TD}/web-v1"));
+    // Cached: the same token again.
+    assert_eq!(
+        fetch(aud()).await.expect("again").svids[0].svid,
+        first.svids[0].svid
+    );
+
+    // An X.509 stream open across the change.
+    let mut stream = raw
+        .clone()
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .expect("stream")
+        .into_inner();
+    let m = stream.message().await.expect("msg").expect("some");
+    assert_eq!(m.svids[0].spiffe_id, format!("spiffe://{TD}/web-v1"));
+
+    server.ok(&[
+        "entry",
+        "update",
+        &id,
+        "--spiffe-id",
+        &format!("spiffe://{TD}/web-v2"),
+    ]);
+    let v2 = format!("spiffe://{TD}/web-v2");
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let r = fetch(aud()).await.expect("fetch");
+            if r.svids[0].spiffe_id == v2 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the new SPIFFE ID is served as soon as the agent has the change");
+    assert_eq!(jwt_sub(&got.svids[0].svid), v2);
+    // Never the old one again.
+    for _ in 0..5 {
+        let r = fetch(aud()).await.expect("fetch");
+        assert_eq!(r.svids[0].spiffe_id, v2);
+        assert_eq!(jwt_sub(&r.svids[0].svid), v2);
+    }
+    let mut seen_v2 = false;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(m) = stream.message().await.expect("msg") {
+            for s in &m.svids {
+                if s.spiffe_id == v2 {
+                    seen_v2 = true;
+                } else {
+                    assert!(!seen_v2, "old SVID after the new one: {}", s.spiffe_id);
+                }
+            }
+            if seen_v2 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the X.509 stream moves to the new SPIFFE ID");
+
+    // Audience bounds.
+    for (audience, what) in [
+        (
+            (0..33).map(|i| format!("a{i}")).collect::<Vec<_>>(),
+            "too many audiences",
+        ),
+        (vec!["x".repeat(1 << 20)], "longer than"),
+        (
+            (0..10).map(|i| format!("{i}{}", "y".repeat(500))).collect(),
+            "in total",
+        ),
+    ] {
+        let e = fetch(audience).await.expect_err(what);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}");
+        assert!(e.message().contains(what), "{}", e.message());
+    }
+    // The agent keeps serving.
+    assert_eq!(
+        fetch(aud()).await.expect("still serving").svids[0].spiffe_id,
+        v2
+    );
+}
+
+/// Issue 16 items 1 and 4 (Workload API §5.2.1, §6.2.1: hints are unique
+/// within a response; SPIFFE-ID §2.1: lowercase scheme and trust domain).
+/// Two of the caller's entries share a hint: the first is kept in both the
+/// X.509 and the JWT response, and the collision is logged and counted. An
+/// entry whose SPIFFE ID breaks the spec (if the server accepts one at
+/// all) is left out with a log and a metric, and every other SVID of the
+/// caller is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hint_collisions_and_malformed_entries_do_not_poison_a_response() {
+    let server = Server::start("");
+    let alias = format!("spiffe://{TD}/node/hints");
+    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
+    let create = |id: &str, selector: String, hint: &str| {
+        let mut args = vec![
+            "entry".to_string(),
+            "create".into(),
+            "--parent-id".into(),
+            alias.clone(),
+            "--spiffe-id".into(),
+            id.to_string(),
+            "--selector".into(),
+            selector,
+        ];
+        if !hint.is_empty() {
+            args.extend(["--hint".to_string(), hint.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        server.cli(&args)
+    };
+    // Different selectors, so no check at creation can see that one
+    // process matches both.
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    ok(create(
+        &format!("spiffe://{TD}/first"),
+        format!("unix:uid:{}", uid()),
+        "h",
+    ));
+    ok(create(
+        &format!("spiffe://{TD}/second"),
+        format!("unix:path:{}", me()),
+        "h",
+    ));
+    ok(create(
+        &format!("spiffe://{TD}/third"),
+        format!("unix:uid:{}", uid()),
+        "",
+    ));
+    let bad = create(
+        "SPIFFE://EXAMPLE.ORG/Upper",
+        format!("unix:uid:{}", uid()),
+        "",
+    );
+    let bad_accepted = bad.status.success();
+
+    let agent = AgentProc::start(&server.dir.path().join("agent"), &server, Some(&token));
+    let mut raw = raw_client(&agent).await;
+    let want = [
+        format!("spiffe://{TD}/first"),
+        format!("spiffe://{TD}/third"),
+    ];
+    let x509 = eventually("X.509 SVIDs", || {
+        let mut raw = raw.clone();
+        let want = want.clone();
+        async move {
+            let mut s = raw
+                .fetch_x509svid(with_header(X509svidRequest {}))
+                .await
+                .ok()?
+                .into_inner();
+            let m = s.message().await.ok()??;
+            let ids: Vec<String> = m.svids.iter().map(|s| s.spiffe_id.clone()).collect();
+            (ids == want).then_some(m)
+        }
+    })
+    .await;
+    assert_eq!(x509.svids[0].hint, "h");
+    assert_eq!(x509.svids[1].hint, "");
+
+    let jwt = raw
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["svc".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .expect("jwt")
+        .into_inner();
+    let ids: Vec<&str> = jwt.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    assert_eq!(ids, want.iter().map(String::as_str).collect::<Vec<_>>());
+    let hints: Vec<&str> = jwt.svids.iter().map(|s| s.hint.as_str()).collect();
+    assert_eq!(hints, ["h", ""]);
+
+    // The independent client gets every valid SVID.
+    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .expect("spiffe client");
+    assert_eq!(client.fetch_all_x509_svids().await.expect("svids").len(), 2);
+
+    let log = agent.log();
+    assert!(log.contains("duplicate_hint"), "{log}");
+    if bad_accepted {
+        assert!(log.contains("invalid_spiffe_id"), "{log}");
+    } else {
+        // Refused at the server's boundary: never issued either.
+        assert!(!bad.stderr.is_empty());
     }
 }

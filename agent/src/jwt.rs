@@ -293,6 +293,9 @@ pub fn validate<'a>(
         Some(Value::String(s)) => s.clone(),
         _ => return Err(JwtError::Subject),
     };
+    if crate::cache::spiffe_id_problem(&sub).is_some() {
+        return Err(JwtError::Subject);
+    }
     let id = spiffe::SpiffeId::new(&sub).map_err(|_| JwtError::Subject)?;
     let td = id.trust_domain_name();
     let bundle = bundles
@@ -666,10 +669,17 @@ mod tests {
             Err(JwtError::Audience("svc".into()))
         );
         assert!(v(json!({"sub": sub, "aud": ["a", "svc"], "exp": NOW + 60})).is_ok());
-        assert_eq!(
-            v(json!({"sub": "not-an-id", "aud": "svc", "exp": NOW + 60})),
-            Err(JwtError::Subject)
-        );
+        for bad in [
+            "not-an-id",
+            "spiffe://example.org",
+            "SPIFFE://example.org/w",
+        ] {
+            assert_eq!(
+                v(json!({"sub": bad, "aud": "svc", "exp": NOW + 60})),
+                Err(JwtError::Subject),
+                "{bad}"
+            );
+        }
         // A tampered payload does not verify.
         let t = k.token(&h, &json!({"sub": sub, "aud": "svc", "exp": NOW + 60}));
         let mut parts: Vec<&str> = t.split('.').collect();

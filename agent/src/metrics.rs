@@ -24,6 +24,13 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels for entries left out of a Workload API response.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// `invalid_spiffe_id`, `duplicate_hint` or `invalid_svid`.
+    pub reason: &'static str,
+}
+
 /// Every agent metric.
 pub struct Metrics {
     registry: Registry,
@@ -45,6 +52,8 @@ pub struct Metrics {
     pub agent_renewal_failures: Counter,
     /// Agent SVID notAfter, Unix seconds.
     pub agent_not_after: Gauge,
+    /// Entries (entry revisions) left out of Workload API responses.
+    pub entries_dropped: Family<DropLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -107,6 +116,12 @@ impl Metrics {
             "Agent SVID notAfter (Unix seconds)",
             agent_not_after.clone(),
         );
+        let entries_dropped = Family::default();
+        r.register(
+            "workload_entries_dropped",
+            "Entry revisions the Workload API cannot serve and leaves out, by reason",
+            entries_dropped.clone(),
+        );
         Arc::new(Self {
             registry: r,
             attestations,
@@ -118,6 +133,7 @@ impl Metrics {
             sign_failures,
             agent_renewal_failures,
             agent_not_after,
+            entries_dropped,
         })
     }
 
