@@ -132,15 +132,9 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
     let attest = |pid: i32| {
         let a = attestor.clone();
         async move {
-            tokio::task::spawn_blocking(move || {
-                a.attest(&Caller {
-                    pid: Some(pid),
-                    uid: 0,
-                    gid: 0,
-                })
-            })
-            .await
-            .expect("join")
+            tokio::task::spawn_blocking(move || a.attest(&Caller::new(Some(pid), 0, 0)))
+                .await
+                .expect("join")
         }
     };
     let mut got: Vec<String> = attest(10)
@@ -186,16 +180,10 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
     // Wrong token: the kubelet's refusal is a typed error.
     std::fs::write(dir.path().join("token"), "stolen\n").expect("w");
     let fresh = K8sAttestor::new(&cfg(""), proc_root.clone()).expect("attestor");
-    let e = tokio::task::spawn_blocking(move || {
-        fresh.attest(&Caller {
-            pid: Some(10),
-            uid: 0,
-            gid: 0,
-        })
-    })
-    .await
-    .expect("join")
-    .expect_err("401");
+    let e = tokio::task::spawn_blocking(move || fresh.attest(&Caller::new(Some(10), 0, 0)))
+        .await
+        .expect("join")
+        .expect_err("401");
     assert!(
         matches!(&e, AttestError::Kubelet(m) if m.contains("401")),
         "{e:?}"
@@ -209,16 +197,10 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
         .expect("c");
     std::fs::write(dir.path().join("ca.pem"), other.pem()).expect("w");
     let strict = K8sAttestor::new(&cfg(""), proc_root.clone()).expect("attestor");
-    let e = tokio::task::spawn_blocking(move || {
-        strict.attest(&Caller {
-            pid: Some(10),
-            uid: 0,
-            gid: 0,
-        })
-    })
-    .await
-    .expect("join")
-    .expect_err("tls");
+    let e = tokio::task::spawn_blocking(move || strict.attest(&Caller::new(Some(10), 0, 0)))
+        .await
+        .expect("join")
+        .expect_err("tls");
     assert!(
         matches!(&e, AttestError::Kubelet(m) if m.contains("TLS")),
         "{e:?}"
@@ -226,14 +208,8 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
     // ...unless verification is skipped on purpose.
     let lax =
         K8sAttestor::new(&cfg("skip_kubelet_verification = true"), proc_root).expect("attestor");
-    tokio::task::spawn_blocking(move || {
-        lax.attest(&Caller {
-            pid: Some(10),
-            uid: 0,
-            gid: 0,
-        })
-    })
-    .await
-    .expect("join")
-    .expect("skip verification");
+    tokio::task::spawn_blocking(move || lax.attest(&Caller::new(Some(10), 0, 0)))
+        .await
+        .expect("join")
+        .expect("skip verification");
 }

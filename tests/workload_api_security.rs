@@ -558,3 +558,248 @@ async fn hint_collisions_and_malformed_entries_do_not_poison_a_response() {
         assert!(!bad.stderr.is_empty());
     }
 }
+
+/// A process that connects to the agent, then lets another process — or
+/// another executable — use the connection (issue 12 finding 2).
+///
+/// `self`: the connecting perl relays stdin/stdout to the socket itself.
+/// `fork`: it forks; the parent execs `<target> 600`, the child relays.
+/// `exec`: it forks; the child copies the socket to stdout, the parent execs
+/// `<target>` with stdout on the socket, so the new image writes the
+/// requests with the connecting pid. The agent's HTTP/2 SETTINGS being
+/// readable tells it the connection was accepted before anything changes.
+const CONNECT_AND_HAND_OVER: &str = r#"
+use strict; use warnings;
+use IO::Socket::UNIX; use IO::Select; use Socket qw(SOCK_STREAM);
+my ($path, $mode, $target) = @ARGV;
+my $s = IO::Socket::UNIX->new(Type => SOCK_STREAM, Peer => $path) or die "connect $path: $!";
+IO::Select->new($s)->can_read(30) or die "agent sent nothing";
+binmode STDIN; binmode STDOUT;
+sub pump {
+    my ($from, $to) = @_;
+    my $n = sysread($from, my $buf, 65536);
+    return 0 unless $n;
+    my $off = 0;
+    while ($off < $n) {
+        my $w = syswrite($to, $buf, $n - $off, $off);
+        die "write: $!" unless defined $w;
+        $off += $w;
+    }
+    return 1;
+}
+sub relay_both {
+    my $sel = IO::Select->new(\*STDIN, $s);
+    while (1) {
+        for my $fh ($sel->can_read) {
+            if ($fh == $s) { exit 0 unless pump($s, \*STDOUT) }
+            else { exit 0 unless pump(\*STDIN, $s) }
+        }
+    }
+}
+relay_both() if $mode eq 'self';
+my $pid = fork() // die "fork: $!";
+if ($mode eq 'fork') {
+    if ($pid) { exec($target, '600') or die "exec: $!" }
+    relay_both();
+}
+if ($mode eq 'exec') {
+    if ($pid) { open(STDOUT, '>&', $s) or die "dup: $!"; exec($target) or die "exec: $!" }
+    while (pump($s, \*STDOUT)) {}
+    exit 0;
+}
+die "unknown mode $mode";
+"#;
+
+/// Runs the perl hand-over in `mode`, waits until the connecting process
+/// runs `image`, and returns a Workload API client speaking through it.
+async fn handed_over_client(
+    script: &std::path::Path,
+    agent: &AgentProc,
+    mode: &str,
+    target: &str,
+    image: &str,
+) -> (
+    SpiffeWorkloadApiClient<tonic::transport::Channel>,
+    tokio::process::Child,
+) {
+    let mut child = tokio::process::Command::new("perl")
+        .arg(script)
+        .arg(&agent.socket)
+        .arg(mode)
+        .arg(target)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("perl");
+    let pid = child.id().expect("pid");
+    eventually(&format!("process {pid} to run {image}"), || async move {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        (exe.to_str() == Some(image)).then_some(())
+    })
+    .await;
+    let io = tokio::io::join(
+        child.stdout.take().expect("stdout"),
+        child.stdin.take().expect("stdin"),
+    );
+    let io = std::sync::Arc::new(std::sync::Mutex::new(Some(io)));
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let io = io.lock().expect("lock").take();
+            async move {
+                io.map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("already connected"))
+            }
+        }))
+        .await
+        .expect("gRPC over the hand-over");
+    (SpiffeWorkloadApiClient::new(channel), child)
+}
+
+fn canonical(p: &str) -> String {
+    std::fs::canonicalize(p)
+        .expect("canonicalize")
+        .display()
+        .to_string()
+}
+
+fn sha256_of(p: &str) -> String {
+    let data = std::fs::read(p).expect("read");
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &data);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Issue 12 finding 2: an unprivileged process connects, forks, the parent
+/// execs `/usr/bin/sleep` and the child calls — it used to receive the SVID
+/// and key of the entry selected by `unix:path:/usr/bin/sleep` +
+/// `unix:sha256:…`, because the agent read `/proc/<pid>` of the connecting
+/// pid at call time. Now the child's bytes are not the connecting
+/// process's, so every call is refused; and a connecting process whose
+/// image changed since it connected (exec of `/usr/bin/cat`, which then
+/// writes the requests itself) is refused too. A process that calls on its
+/// own connection still gets its SVID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_swap_and_inherited_sockets_do_not_steal_identities() {
+    if std::process::Command::new("perl")
+        .args(["-MIO::Socket::UNIX", "-MIO::Select", "-e", "1"])
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "perl with IO::Socket::UNIX is required (Debian: perl-base)"
+        );
+        eprintln!("SKIPPED: perl with IO::Socket::UNIX not found");
+        return;
+    }
+    let sleep = canonical("/usr/bin/sleep");
+    let cat = canonical("/usr/bin/cat");
+    let perl_out = std::process::Command::new("perl")
+        .args(["-e", "print readlink(\"/proc/$$/exe\")"])
+        .output()
+        .expect("perl");
+    let perl = String::from_utf8(perl_out.stdout).expect("utf8");
+
+    let server = Server::start("");
+    let alias = format!("spiffe://{TD}/node/exec");
+    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
+    let uid_sel = format!("unix:uid:{}", uid());
+    for (name, extra) in [
+        (
+            "sleep",
+            vec![
+                format!("unix:path:{sleep}"),
+                format!("unix:sha256:{}", sha256_of(&sleep)),
+            ],
+        ),
+        ("cat", vec![format!("unix:path:{cat}")]),
+        ("perl", vec![format!("unix:path:{perl}")]),
+    ] {
+        let id = format!("spiffe://{TD}/{name}");
+        let mut args = vec![
+            "entry",
+            "create",
+            "--parent-id",
+            &alias,
+            "--spiffe-id",
+            &id,
+            "--selector",
+            &uid_sel,
+        ];
+        for e in &extra {
+            args.extend(["--selector", e.as_str()]);
+        }
+        server.ok(&args);
+    }
+    let agent = AgentProc::start(&server.dir.path().join("agent"), &server, Some(&token));
+    eventually("SVIDs minted", || async {
+        let log = agent.log();
+        ["sleep", "cat", "perl"]
+            .iter()
+            .all(|n| log.contains(&format!("spiffe://{TD}/{n}")))
+            .then_some(())
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let script = dir.path().join("hand_over.pl");
+    std::fs::write(&script, CONNECT_AND_HAND_OVER).expect("script");
+
+    // Control: the connecting process calls itself and gets its SVID.
+    let (mut own, _p) = handed_over_client(&script, &agent, "self", "", &perl).await;
+    let m = own
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .expect("own connection")
+        .into_inner()
+        .message()
+        .await
+        .expect("msg")
+        .expect("some");
+    assert_eq!(m.svids[0].spiffe_id, format!("spiffe://{TD}/perl"));
+
+    // Fork, parent execs sleep, child calls.
+    let (mut stolen, _p) = handed_over_client(&script, &agent, "fork", &sleep, &sleep).await;
+    let e = stolen
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .expect_err("the child must not get the sleep SVID");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("opened by process"), "{}", e.message());
+    let e = stolen
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["svc".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .expect_err("nor a JWT-SVID");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+
+    // The connecting process execs cat, which writes the requests itself.
+    let (mut swapped, _p) = handed_over_client(&script, &agent, "exec", &cat, &cat).await;
+    let e = swapped
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .expect_err("cat must not get an SVID on perl's connection");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message().contains("another executable"),
+        "{}",
+        e.message()
+    );
+    let e = swapped
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["svc".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .expect_err("nor a JWT-SVID");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+
+    let log = agent.log();
+    assert!(
+        log.contains("foreign_writer") || log.contains("opened by process"),
+        "{log}"
+    );
+    assert!(log.contains("another executable"), "{log}");
+}

@@ -7,6 +7,7 @@
 //! bundle change); an identical consecutive message is not re-sent.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -27,32 +28,93 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
 use crate::agent::Agent;
-use crate::attest::{Caller, UnixAttestor, WorkloadAttestor};
+use crate::attest::{AttestError, Caller, Pinned, UnixAttestor, WorkloadAttestor};
 use crate::cache::{JwtSvidCache, Snapshot, spiffe_id_problem};
 use crate::metrics::{OutcomeLabels, RpcLabels};
+use crate::peer::{PeerStream, Writers};
+
+/// What the agent knows about the process at the other end of a Workload
+/// API connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// SO_PEERCRED at accept, with what was pinned about the process.
+    pub caller: Caller,
+    /// Why the process could not be pinned at accept, if it could not.
+    pub pin_error: Option<AttestError>,
+    /// Who wrote on the connection.
+    pub writers: Arc<Writers>,
+}
+
+impl Peer {
+    /// The caller, if calls on this connection may still be attested: no
+    /// process other than the connecting one has written on it, and the
+    /// connecting process was pinned.
+    fn check(&self) -> Result<Caller, AttestError> {
+        if let Some(writer) = self.writers.foreign() {
+            return Err(AttestError::ForeignWriter {
+                connected: self.caller.pid.unwrap_or_default(),
+                writer,
+            });
+        }
+        if let Some(e) = &self.pin_error {
+            return Err(e.clone());
+        }
+        Ok(self.caller.clone())
+    }
+
+    /// As [`Peer::check`], and the pinned process still exists and runs
+    /// the pinned executable (re-checked before each stream message).
+    fn verify(&self) -> Result<(), AttestError> {
+        let c = self.check()?;
+        match &c.pinned {
+            Some(p) => p.verify(Path::new("/proc")),
+            None => Ok(()),
+        }
+    }
+}
 
 /// A Workload API connection with the caller's kernel credentials.
 pub struct CallerConn {
-    inner: UnixStream,
-    caller: Option<Caller>,
+    inner: PeerStream,
+    peer: Option<Peer>,
 }
 
 impl CallerConn {
-    /// Reads SO_PEERCRED at accept time.
+    /// Reads SO_PEERCRED and the peer's pidfd at accept time and pins the
+    /// connecting process (start time, executable identity).
     pub fn new(inner: UnixStream) -> Self {
-        let caller = inner.peer_cred().ok().map(|c| Caller {
-            pid: c.pid(),
-            uid: c.uid(),
-            gid: c.gid(),
+        let cred = inner.peer_cred().ok();
+        let pid = cred.and_then(|c| c.pid());
+        let pidfd = crate::peer::peer_pidfd(&inner, pid);
+        let inner = PeerStream::new(inner, pid);
+        let peer = cred.map(|c| {
+            let pinned = match pid {
+                Some(pid) => Pinned::take(pid, pidfd, Path::new("/proc")).map(Arc::new),
+                None => Err(AttestError::NoPid),
+            };
+            let (pinned, pin_error) = match pinned {
+                Ok(p) => (Some(p), None),
+                Err(e) => (None, Some(e)),
+            };
+            Peer {
+                caller: Caller {
+                    pid,
+                    uid: c.uid(),
+                    gid: c.gid(),
+                    pinned,
+                },
+                pin_error,
+                writers: inner.writers(),
+            }
         });
-        Self { inner, caller }
+        Self { inner, peer }
     }
 }
 
 impl Connected for CallerConn {
-    type ConnectInfo = Option<Caller>;
+    type ConnectInfo = Option<Peer>;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.caller
+        self.peer.clone()
     }
 }
 
@@ -197,8 +259,9 @@ impl WorkloadApi {
             .inc();
     }
 
-    /// Header check and attestation: the caller's selectors.
-    async fn authenticate<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
+    /// Header check and attestation: the caller's selectors, and the peer
+    /// for streams to re-check.
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<(Vec<Selector>, Peer), Status> {
         let ok = req
             .metadata()
             .get("workload.spiffe.io")
@@ -209,25 +272,30 @@ impl WorkloadApi {
                 "security header missing from request",
             ));
         }
-        let caller = req
+        let peer = req
             .extensions()
-            .get::<Option<Caller>>()
-            .copied()
+            .get::<Option<Peer>>()
+            .cloned()
             .flatten()
             .ok_or_else(|| Status::permission_denied("no peer credentials for caller"))?;
-        let attestor = self.attestor.clone();
-        let res = tokio::task::spawn_blocking(move || attestor.attest(&caller))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let res = match peer.check() {
+            Ok(caller) => {
+                let attestor = self.attestor.clone();
+                tokio::task::spawn_blocking(move || attestor.attest(&caller))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+            }
+            Err(e) => Err(e),
+        };
         match res {
-            Ok(s) => Ok(s),
+            Ok(s) => Ok((s, peer)),
             Err(e) => {
                 self.agent
                     .metrics
                     .attestations
                     .get_or_create(&OutcomeLabels { outcome: e.label() })
                     .inc();
-                tracing::info!(uid = caller.uid, pid = ?caller.pid, error = %e, "workload attestation failed");
+                tracing::info!(uid = peer.caller.uid, pid = ?peer.caller.pid, error = %e, "workload attestation failed");
                 Err(Status::permission_denied(format!(
                     "workload attestation failed: {e}"
                 )))
@@ -307,7 +375,11 @@ impl WorkloadApi {
 
     /// Streams `build(snapshot)` to the caller on every change, skipping
     /// identical consecutive messages. `build` returning `Err` ends the stream.
-    fn stream<T, F>(&self, selectors: Vec<Selector>, build: F) -> ReceiverStream<Result<T, Status>>
+    fn stream<T, F>(
+        &self,
+        (selectors, peer): (Vec<Selector>, Peer),
+        build: F,
+    ) -> ReceiverStream<Result<T, Status>>
     where
         T: prost::Message + Send + 'static,
         F: Fn(&Snapshot, &[&Entry], &Drops) -> Result<Option<T>, Status> + Send + 'static,
@@ -336,6 +408,17 @@ impl WorkloadApi {
                     Ok(Some(m)) => {
                         let bytes = m.encode_to_vec();
                         if last.as_ref() != Some(&bytes) {
+                            // Still the process, and the executable, that
+                            // was attested.
+                            if let Err(e) = peer.verify() {
+                                tracing::info!(pid = ?peer.caller.pid, error = %e, "Workload API stream ended: caller changed");
+                                let _ = tx
+                                    .send(Err(Status::permission_denied(format!(
+                                        "workload attestation failed: {e}"
+                                    ))))
+                                    .await;
+                                return;
+                            }
                             if tx.send(Ok(m)).await.is_err() {
                                 return;
                             }
@@ -373,7 +456,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let r = self.authenticate(&req).await.and_then(|sel| {
             let snap = self.agent.snapshot.borrow().clone();
-            if self.entitled(&snap, &sel).is_empty() {
+            if self.entitled(&snap, &sel.0).is_empty() {
                 return Err(Status::permission_denied(
                     "no identity issued to this caller",
                 ));
@@ -464,7 +547,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         let sel = self.authenticate(&req).await;
         let res = (|| {
-            let sel = sel?;
+            let (sel, _) = sel?;
             let r = req.get_ref();
             if r.audience.is_empty() {
                 return Err(Status::invalid_argument("audience must be specified"));
@@ -538,7 +621,7 @@ impl WorkloadApi {
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<JwtsvidResponse, Status> {
-        let sel = self.authenticate(&req).await?;
+        let (sel, _) = self.authenticate(&req).await?;
         let r = req.into_inner();
         let aud = checked_audience(&r.audience)?;
         let snap = self.agent.snapshot.borrow().clone();
