@@ -276,6 +276,34 @@ async fn ca_rotates_by_itself_for_three_lifetimes_under_traffic() {
         m.agent.log()
     );
     spiffe_client_verifies(&m.agent.endpoint()).await;
+    // How long each bundle change took from publication on the server to
+    // the agent (which pushes it to every open stream in the same step).
+    let at = |log: &str, marker: &str| -> Vec<(i64, SystemTime)> {
+        log.lines()
+            .filter(|l| l.contains(marker))
+            .filter_map(|l| {
+                let ts = humantime::parse_rfc3339_weak(l.split_whitespace().next()?.trim_end_matches('Z')).ok()?;
+                let seq = l.split("sequence_number=").nth(1)?.split_whitespace().next()?.parse().ok()?;
+                Some((seq, ts))
+            })
+            .collect()
+    };
+    let pubs = at(&m.server.log(), "bundle published");
+    let received = at(&m.agent.log(), "bundle updated");
+    let lags: Vec<Duration> = received
+        .iter()
+        .filter_map(|(seq, r)| {
+            let (_, p) = pubs.iter().find(|(s, _)| s == seq)?;
+            r.duration_since(*p).ok()
+        })
+        .collect();
+    assert!(lags.len() >= 6, "bundle changes seen by the agent: {lags:?}");
+    println!(
+        "bundle propagation server -> agent over {} changes: max {:?}, all {:?}",
+        lags.len(),
+        lags.iter().max(),
+        lags
+    );
     println!(
         "rotations: {} CAs in {:?} ({} checks; activations at {:?}); {} CAs published in all; \
          {} requests ok, {} stream lines",
