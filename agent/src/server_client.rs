@@ -172,9 +172,15 @@ impl std::fmt::Debug for ServerClient {
 }
 
 impl ServerClient {
-    /// A lazily connecting client trusting `roots` (DER) for `td`.
-    pub fn new(addrs: Vec<String>, td: &str, roots: &[Vec<u8>]) -> Result<Self, ClientError> {
-        let provider = meshid_identity::crypto::provider();
+    /// A lazily connecting client trusting `roots` (DER) for `td`, with the
+    /// key exchange groups of `kx`.
+    pub fn new(
+        addrs: Vec<String>,
+        td: &str,
+        roots: &[Vec<u8>],
+        kx: meshid_identity::crypto::KeyExchange,
+    ) -> Result<Self, ClientError> {
+        let provider = meshid_identity::crypto::provider_for(kx);
         let mut bundles = TrustBundles::new();
         let ders: Vec<CertificateDer<'static>> = roots
             .iter()
