@@ -82,6 +82,9 @@ enum Command {
     /// Attested agents.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// The audit log: verify its hash chain and seals; search it.
+    #[command(subcommand)]
+    Audit(crate::cli_audit::AuditCmd),
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -476,6 +479,7 @@ impl ServerCli {
             Command::Entry(cmd) => entry(cmd).await,
             Command::Bundle(cmd) => bundle(cmd).await,
             Command::Agent(cmd) => agent(cmd).await,
+            Command::Audit(cmd) => crate::cli_audit::run(cmd).await,
         }
     }
 }

@@ -117,9 +117,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("securing data_dir {}", cfg.data_dir.display()))?;
-    let audit = AuditLog::open(&cfg.audit_log_path())
+    let audit = AuditLog::open_with(&cfg.audit_log_path(), &cfg.audit)
         .with_context(|| format!("opening audit log {}", cfg.audit_log_path().display()))?;
     let store = open_store(&cfg).await?;
+    let sealer = start_sealer(&cfg, store.clone(), audit.clone()).await?;
     let (ca, created) = SigningCa::load_or_create(
         &cfg.data_dir,
         &cfg.trust_domain,
@@ -135,15 +136,17 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     };
     let rec = ca_record(&ca, kind);
     store.put_ca(&rec).await?;
-    audit.write(
-        Event::new(if created { "ca_created" } else { "ca_loaded" })
-            .with("kind", kind)
-            .with("serial", rec.serial.clone())
-            .with("not_after", rec.not_after),
-    )?;
+    audit
+        .record(vec![
+            Event::new(if created { "ca_created" } else { "ca_loaded" })
+                .with("kind", kind)
+                .with("serial", rec.serial.clone())
+                .with("not_after", rec.not_after),
+        ])
+        .await?;
     tracing::info!(kind, serial = %rec.serial, not_after = %humantime::format_rfc3339_seconds(ca.not_after()), created, "signing CA ready");
     let jwt = JwtSigner::load_or_create(&cfg.data_dir)?;
-    let metrics = Metrics::new();
+    let metrics = Metrics::with_audit(audit.counters());
     metrics.ca_not_after.set(unix(ca.not_after()));
     let (changes, _) = tokio::sync::watch::channel(0u64);
     let journal = crate::journal::Journal::start(store.clone(), audit.clone());
@@ -165,7 +168,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     // Node API.
     let (ck, not_after) = server_certified_key(&state).await?;
     let resolver = ServerCertResolver::new(ck);
-    let provider = meshid_identity::crypto::provider();
+    let provider = meshid_identity::crypto::provider_for(cfg.tls_key_exchange);
     let mut bundles = TrustBundles::new();
     let roots: Vec<CertificateDer<'static>> = bundle
         .x509_authorities
@@ -338,5 +341,31 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     })
     .await;
     let _ = std::fs::remove_file(&sock);
+    if let Some(seq) = sealer.close().await {
+        tracing::info!(seq, "audit chain head sealed");
+    }
     Ok(())
+}
+
+/// Loads (or makes) the audit seal key and starts sealing the chain head.
+async fn start_sealer(
+    cfg: &ServerConfig,
+    store: Arc<dyn Store>,
+    audit: AuditLog,
+) -> anyhow::Result<crate::audit::seal::Sealer> {
+    let (key, created) = crate::audit::seal::SealKey::load_or_create(&cfg.data_dir)
+        .context("the audit seal key cannot be used; refusing to start")?;
+    let chain_id = key.chain_id().to_string();
+    if created {
+        audit
+            .record(vec![
+                Event::new("audit_seal_key_created").with("chain_id", chain_id.clone()),
+            ])
+            .await?;
+    }
+    let sealer = crate::audit::seal::Sealer::start(key, store, audit)
+        .await
+        .context("starting the audit sealer")?;
+    tracing::info!(chain_id, "audit log chained and sealed");
+    Ok(sealer)
 }
