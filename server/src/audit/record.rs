@@ -99,7 +99,7 @@ pub enum NotARecord {
 impl std::fmt::Display for NotARecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Binary => f.write_str("binary data, not an audit record"),
+            Self::Binary => f.write_str("binary data (NUL bytes or invalid UTF-8)"),
             Self::Unchained => {
                 f.write_str("a JSON object without \"seq\" and \"prev\" (an unchained audit line)")
             }

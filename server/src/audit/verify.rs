@@ -203,7 +203,7 @@ impl<'a> Records<'a> {
                         line: None,
                         seq: None,
                         kind: DamageKind::NotARecord,
-                        detail: "the file is empty: it holds no audit records".into(),
+                        detail: "the file is empty".into(),
                     }));
                 }
                 self.idx += 1;
