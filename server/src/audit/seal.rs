@@ -223,8 +223,10 @@ struct SealerInner {
     key: SealKey,
     store: Arc<dyn Store>,
     audit: AuditLog,
-    /// Serializes sealing (timer, count and shutdown may race).
-    lock: tokio::sync::Mutex<()>,
+    /// Serializes sealing (timer, count and shutdown may race); holds the
+    /// time of the last failure, so a failing store is retried at the
+    /// interval, not on every write.
+    lock: tokio::sync::Mutex<Option<std::time::Instant>>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -311,7 +313,7 @@ impl Sealer {
                 key,
                 store,
                 audit,
-                lock: tokio::sync::Mutex::new(()),
+                lock: tokio::sync::Mutex::new(None),
                 stop,
             }),
         };
@@ -345,24 +347,32 @@ impl Sealer {
     }
 
     /// Seals the current head if records were written since the last seal.
-    /// Returns the sealed sequence number, if a seal was stored.
+    /// Returns the sealed sequence number, if a seal was stored. After a
+    /// failure, count-triggered seals wait for the interval.
     pub async fn seal(&self, reason: &str) -> Option<u64> {
         let inner = &self.inner;
-        let _guard = inner.lock.lock().await;
+        let mut last_failure = inner.lock.lock().await;
         let head = inner.audit.head();
         let shared = inner.audit.shared();
         if head.seq == 0 || head.seq <= shared.sealed_seq.load(Ordering::SeqCst) {
             return None;
         }
+        if reason == "records"
+            && last_failure.is_some_and(|t| t.elapsed() < inner.audit.settings().seal_every)
+        {
+            return None;
+        }
         let seal = inner.key.seal(head.seq, &head.hash, now_ms(), reason);
         match inner.store.put_audit_seal(&seal).await {
             Ok(()) => {
+                *last_failure = None;
                 shared.sealed_seq.store(head.seq, Ordering::SeqCst);
                 shared.counters.seals_ok.inc();
                 tracing::debug!(seq = head.seq, reason, "audit chain head sealed");
                 Some(head.seq)
             }
             Err(e) => {
+                *last_failure = Some(std::time::Instant::now());
                 shared.counters.seals_failed.inc();
                 tracing::error!(seq = head.seq, reason, error = %e, "cannot store the audit seal; retrying at the next interval");
                 None
