@@ -285,7 +285,9 @@ fn story(dir: &Path, children: &Children, ttl: Duration, keep: bool) -> anyhow::
         meshid(&[&["server", "healthcheck"][..], &admin[..]].concat())?
     );
 
-    step("2. Register the workloads (all run as uid {uid} here; each sidecar picks its identity)");
+    step(&format!(
+        "2. Register the workloads (all run as uid {uid} here; each sidecar picks its identity)"
+    ));
     let alias = format!("spiffe://{TD}/node/demo");
     let token = meshid(
         &[

@@ -21,4 +21,47 @@ fn demo_runs_to_its_summary() {
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
+    // Every narrated value is filled in: no `{name}` placeholder is left.
+    let unfilled = placeholders(&stdout);
+    assert!(
+        unfilled.is_empty(),
+        "unfilled placeholders {unfilled:?} in:\n{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "all run as uid {} here",
+            nix::unistd::geteuid().as_raw()
+        )),
+        "step 2 names the real uid:\n{stdout}"
+    );
+}
+
+/// `{ident}` and `{ident:…}` occurrences: what `format!` leaves behind when a
+/// string was printed without being formatted.
+fn placeholders(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, _) in text.match_indices('{') {
+        let rest = &text[i + 1..];
+        let Some(end) = rest.find('}') else { continue };
+        let inner = &rest[..end];
+        let name = inner.split(':').next().unwrap_or_default();
+        let is_ident = !name.is_empty()
+            && name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if is_ident && !inner.contains(['"', ' ']) {
+            found.push(format!("{{{inner}}}"));
+        }
+    }
+    found
+}
+
+#[test]
+fn placeholder_scan_finds_unfilled_names() {
+    assert_eq!(
+        placeholders("uid {uid} and {n:>3} but not {\"a\": 1} or {} or { x }"),
+        ["{uid}", "{n:>3}"]
+    );
 }

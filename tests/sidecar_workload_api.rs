@@ -22,6 +22,7 @@ fn identity() -> (Arc<Identity>, Arc<Metrics>) {
         inbound: vec![meshid_identity::Authorizer::Any],
         outbound: vec![],
         allow_tls12: false,
+        key_exchange: meshid_identity::crypto::KeyExchange::default(),
     };
     (Identity::new(policies, metrics.clone()), metrics)
 }

@@ -118,8 +118,12 @@ impl Agent {
                 "no trust bundle: set trust_bundle_path (PEM from `meshid server bundle show`)"
             ),
         };
-        let client =
-            ServerClient::new(config.server_address.to_vec(), &config.trust_domain, &roots)?;
+        let client = ServerClient::new(
+            config.server_address.to_vec(),
+            &config.trust_domain,
+            &roots,
+            config.tls_key_exchange,
+        )?;
         let metrics = Metrics::new();
         let psat = matches!(config.node_attestor, NodeAttestorConfig::K8sPsat { .. });
         let id = match persisted {

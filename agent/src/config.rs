@@ -117,6 +117,10 @@ pub struct AgentConfig {
     /// Longest wait between reconnection attempts.
     #[serde(default = "default_backoff", with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// TLS key exchange to the server: `hybrid-preferred` (default),
+    /// `hybrid-required` or `classical`.
+    #[serde(default)]
+    pub tls_key_exchange: meshid_identity::crypto::KeyExchange,
 }
 
 fn default_data_dir() -> PathBuf {

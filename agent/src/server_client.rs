@@ -134,6 +134,7 @@ pub struct ServerClient {
     connector: Arc<ArcSwap<tokio_rustls::TlsConnector>>,
     addrs: Arc<Vec<String>>,
     td: String,
+    kx: meshid_identity::crypto::KeyExchange,
 }
 
 /// A lazily connecting channel. Connections live as long as the channel, so a
@@ -175,10 +176,16 @@ impl std::fmt::Debug for ServerClient {
 }
 
 impl ServerClient {
-    /// A lazily connecting client trusting `roots` (DER) for `td`.
-    pub fn new(addrs: Vec<String>, td: &str, roots: &[Vec<u8>]) -> Result<Self, ClientError> {
+    /// A lazily connecting client trusting `roots` (DER) for `td`, with the
+    /// key exchange groups of `kx`.
+    pub fn new(
+        addrs: Vec<String>,
+        td: &str,
+        roots: &[Vec<u8>],
+        kx: meshid_identity::crypto::KeyExchange,
+    ) -> Result<Self, ClientError> {
         let cert = Arc::new(ClientCert::default());
-        let connector = Arc::new(ArcSwap::from_pointee(Self::connector(td, roots, &cert)?));
+        let connector = Arc::new(ArcSwap::from_pointee(Self::connector(td, roots, &cert, kx)?));
         let addrs = Arc::new(addrs);
         let channel = ArcSwap::from_pointee(make_channel(connector.clone(), addrs.clone()));
         Ok(Self {
@@ -187,14 +194,16 @@ impl ServerClient {
             connector,
             addrs,
             td: td.to_string(),
+            kx,
         })
     }
 
     /// Trusts `roots` for every later connection to the server (the bundle
     /// changed: a CA rotation). Established connections stay.
     pub fn set_trust(&self, roots: &[Vec<u8>]) -> Result<(), ClientError> {
-        self.connector
-            .store(Arc::new(Self::connector(&self.td, roots, &self.cert)?));
+        self.connector.store(Arc::new(Self::connector(
+            &self.td, roots, &self.cert, self.kx,
+        )?));
         Ok(())
     }
 
@@ -202,8 +211,9 @@ impl ServerClient {
         td: &str,
         roots: &[Vec<u8>],
         cert: &Arc<ClientCert>,
+        kx: meshid_identity::crypto::KeyExchange,
     ) -> Result<tokio_rustls::TlsConnector, ClientError> {
-        let provider = meshid_identity::crypto::provider();
+        let provider = meshid_identity::crypto::provider_for(kx);
         let mut bundles = TrustBundles::new();
         let ders: Vec<CertificateDer<'static>> = roots
             .iter()

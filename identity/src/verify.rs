@@ -352,16 +352,32 @@ pub fn describe(err: &rustls::Error) -> String {
             | CertificateError::InvalidPurposeContext { .. }),
         ) => ce.to_string(),
         rustls::Error::NoCertificatesPresented => "the peer presented no certificate".into(),
+        rustls::Error::PeerIncompatible(rustls::PeerIncompatible::NoKxGroupsInCommon) => {
+            "no TLS key exchange group in common: the peer offers none that tls_key_exchange \
+             allows (\"hybrid-required\" accepts only X25519MLKEM768; OpenSSL before 3.5 and \
+             other classical clients offer only X25519 and the NIST curves)"
+                .into()
+        }
+        rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure) => {
+            "the peer aborted the handshake (handshake_failure): no common TLS version, cipher \
+             suite or key exchange group (is its tls_key_exchange \"hybrid-required\"?), or it \
+             refused our certificate"
+                .into()
+        }
         rustls::Error::AlertReceived(a) => format!("the peer refused our certificate ({a:?})"),
         other => other.to_string(),
     }
 }
 
 /// Classifies a handshake error for metrics: `no_client_cert`, `unknown_ca`,
-/// `expired`, `not_yet_valid`, `bad_purpose`, `denied`, `not_svid`, `other`.
+/// `expired`, `not_yet_valid`, `bad_purpose`, `denied`, `not_svid`,
+/// `no_kx_group`, `other`.
 pub fn classify(err: &rustls::Error) -> &'static str {
     match err {
         rustls::Error::NoCertificatesPresented => "no_client_cert",
+        rustls::Error::PeerIncompatible(rustls::PeerIncompatible::NoKxGroupsInCommon) => {
+            "no_kx_group"
+        }
         rustls::Error::InvalidCertificate(ce) => match ce {
             CertificateError::UnknownIssuer => "unknown_ca",
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",

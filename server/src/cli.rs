@@ -86,6 +86,9 @@ enum Command {
     /// Signing authorities: the CA journal, manual and forced rotation.
     #[command(subcommand)]
     Ca(crate::cli_ca::CaCmd),
+    /// The audit log: verify its hash chain and seals; search it.
+    #[command(subcommand)]
+    Audit(crate::cli_audit::AuditCmd),
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -496,6 +499,7 @@ impl ServerCli {
             Command::Bundle(cmd) => bundle(cmd).await,
             Command::Agent(cmd) => agent(cmd).await,
             Command::Ca(cmd) => crate::cli_ca::run(cmd).await,
+            Command::Audit(cmd) => crate::cli_audit::run(cmd).await,
         }
     }
 }

@@ -186,6 +186,14 @@ pub struct ServerConfig {
     /// Node attestors besides join tokens, which are always on.
     #[serde(default)]
     pub node_attestor: NodeAttestorConfig,
+    /// `[audit]`: rotation of the audit log and sealing of its hash chain.
+    #[serde(default)]
+    pub audit: crate::audit::AuditSettings,
+    /// TLS key exchange on the node API: `hybrid-preferred` (default:
+    /// X25519MLKEM768 first, classical groups still accepted),
+    /// `hybrid-required` or `classical`.
+    #[serde(default)]
+    pub tls_key_exchange: meshid_identity::crypto::KeyExchange,
 }
 
 /// `[node_attestor]`: how agents may prove which node they run on.
@@ -217,6 +225,10 @@ pub struct K8sPsatConfig {
     /// The audience the agent's projected token must be issued for.
     #[serde(default = "default_psat_audience")]
     pub audience: String,
+    /// Most TokenReview calls in flight at once; further attestations are
+    /// answered `Unavailable` (agents retry with backoff).
+    #[serde(default = "default_max_concurrent_reviews")]
+    pub max_concurrent_reviews: usize,
     /// API server URL; default from `KUBERNETES_SERVICE_HOST`/`_PORT` in a pod.
     pub api_server: Option<String>,
     /// CA certificates (PEM) of the API server.
@@ -230,6 +242,9 @@ pub struct K8sPsatConfig {
     pub alias_id: Option<String>,
 }
 
+fn default_max_concurrent_reviews() -> usize {
+    8
+}
 fn default_psat_audience() -> String {
     "meshid-server".into()
 }
@@ -265,6 +280,9 @@ impl K8sPsatConfig {
         }
         if self.audience.is_empty() {
             return bad("audience is empty".into());
+        }
+        if self.max_concurrent_reviews == 0 {
+            return bad("max_concurrent_reviews must be at least 1".into());
         }
         if let Some(url) = &self.api_server
             && !url.starts_with("https://")
@@ -440,6 +458,7 @@ impl ServerConfig {
         if self.max_sign_batch == 0 {
             return Err(ConfigError::Invalid("max_sign_batch must be > 0".into()));
         }
+        self.audit.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
@@ -568,6 +587,39 @@ mod tests {
         .expect("parses");
         assert_eq!(c.default_svid_ttl, Duration::from_secs(30));
         assert_eq!(c.ca_ttl, Duration::from_secs(2 * 86400));
+    }
+
+    #[test]
+    fn audit_section_and_key_exchange() {
+        let c = ServerConfig::parse("trust_domain = \"td\"").expect("parses");
+        assert_eq!(c.audit, crate::audit::AuditSettings::default());
+        assert_eq!(
+            c.tls_key_exchange,
+            meshid_identity::crypto::KeyExchange::HybridPreferred
+        );
+        let c = ServerConfig::parse(
+            "trust_domain = \"td\"\ntls_key_exchange = \"hybrid-required\"\n[audit]\nmax_file_size = \"2MiB\"\nmax_files = 3\nseal_every_records = 10\nseal_every = \"5s\"\n",
+        )
+        .expect("parses");
+        assert_eq!(c.audit.max_file_size, 2 << 20);
+        assert_eq!(c.audit.max_files, 3);
+        assert_eq!(c.audit.seal_every_records, 10);
+        assert_eq!(c.audit.seal_every, Duration::from_secs(5));
+        assert_eq!(
+            c.tls_key_exchange,
+            meshid_identity::crypto::KeyExchange::HybridRequired
+        );
+        for (bad, needle) in [
+            ("tls_key_exchange = \"pq\"", "tls_key_exchange"),
+            ("[audit]\nmax_file_size = \"2 parsecs\"", "max_file_size"),
+            ("[audit]\nmax_file_size = 10", "max_file_size"),
+            ("[audit]\nseal_every_records = 0", "seal_every_records"),
+            ("[audit]\nseal_every = \"0s\"", "seal_every"),
+            ("[audit]\nmax_filez = 3", "max_filez"),
+        ] {
+            let e = ServerConfig::parse(&format!("trust_domain = \"td\"\n{bad}\n")).expect_err(bad);
+            assert!(e.to_string().contains(needle), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod bundle_format;
 pub mod ca;
 pub mod cli;
 mod cli_ca;
+pub mod cli_audit;
 pub mod config;
 pub mod journal;
 pub mod metrics;

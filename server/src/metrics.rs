@@ -29,10 +29,28 @@ pub struct OutcomeLabels {
 /// Labels for attestation counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttestLabels {
-    /// e.g. `join_token`.
-    pub attestor: String,
-    /// `ok`, `invalid_token`, `expired_token`, `bad_request`, `error`.
+    /// `join_token`, `k8s_psat`, or `other` for any name the server does
+    /// not know (the caller chooses it: never a label of its own).
+    pub attestor: &'static str,
+    /// `ok`, `invalid_token`, `expired_token`, `bad_request`, `banned`,
+    /// `busy`, `error`, …
     pub outcome: &'static str,
+}
+
+/// The fixed metric label for an attestor name sent by a caller.
+pub fn attestor_label(name: &str) -> &'static str {
+    match name {
+        crate::attest::join_token::ATTESTOR => crate::attest::join_token::ATTESTOR,
+        crate::attest::k8s_psat::ATTESTOR => crate::attest::k8s_psat::ATTESTOR,
+        _ => "other",
+    }
+}
+
+/// Labels for negotiated TLS key exchange groups.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KxLabels {
+    /// From `meshid_identity::crypto::group_label`.
+    pub group: &'static str,
 }
 
 /// Labels for refusals at the TLS layer.
@@ -70,6 +88,10 @@ pub struct Metrics {
     pub attestations: Family<AttestLabels, Counter>,
     /// TLS handshakes refused on the node API.
     pub tls_refused: Family<ReasonLabels, Counter>,
+    /// Node API connections by negotiated key exchange group.
+    pub key_exchanges: Family<KxLabels, Counter>,
+    /// Audit counters (shared with the audit writer).
+    pub audit: crate::audit::AuditCounters,
     /// notAfter of the signing CA, Unix seconds.
     pub ca_not_after: Gauge,
     /// Registration entries.
@@ -97,8 +119,14 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric under the `meshid_server` prefix.
+    /// Registers every metric under the `meshid_server` prefix, with audit
+    /// counters of their own.
     pub fn new() -> Arc<Self> {
+        Self::with_audit(crate::audit::AuditCounters::default())
+    }
+
+    /// Registers every metric, exposing the audit log's counters.
+    pub fn with_audit(audit: crate::audit::AuditCounters) -> Arc<Self> {
         let mut registry = Registry::with_prefix("meshid_server");
         let svids = Family::<IssueLabels, Counter>::default();
         registry.register(
@@ -123,6 +151,37 @@ impl Metrics {
             "node_tls_refused",
             "Node API TLS handshakes refused, by reason",
             tls_refused.clone(),
+        );
+        let key_exchanges = Family::<KxLabels, Counter>::default();
+        registry.register(
+            "node_tls_key_exchanges",
+            "Node API TLS connections by negotiated key exchange group",
+            key_exchanges.clone(),
+        );
+        registry.register(
+            "audit_records",
+            "Audit records written",
+            audit.records.clone(),
+        );
+        registry.register(
+            "audit_write_errors",
+            "Failed audit log writes (each refuses the operations waiting on it)",
+            audit.write_errors.clone(),
+        );
+        registry.register(
+            "audit_refusals_suppressed",
+            "Refusals of unauthenticated calls counted but not audited or logged (rate limit)",
+            audit.refusals_suppressed.clone(),
+        );
+        registry.register(
+            "audit_seals",
+            "Audit chain heads sealed into the store",
+            audit.seals_ok.clone(),
+        );
+        registry.register(
+            "audit_seal_failures",
+            "Audit seals that could not be stored",
+            audit.seals_failed.clone(),
         );
         let ca_not_after = Gauge::default();
         registry.register(
@@ -181,6 +240,8 @@ impl Metrics {
             sign_latency,
             attestations,
             tls_refused,
+            key_exchanges,
+            audit,
             ca_not_after,
             entries,
             agents,
@@ -203,6 +264,16 @@ impl Metrics {
                 .get_or_create(&IssueLabels { kind, outcome })
                 .inc_by(n);
         }
+    }
+
+    /// Counts one node attestation.
+    pub fn attestation(&self, attestor: &str, outcome: &'static str) {
+        self.attestations
+            .get_or_create(&AttestLabels {
+                attestor: attestor_label(attestor),
+                outcome,
+            })
+            .inc();
     }
 
     /// OpenMetrics text.

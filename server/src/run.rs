@@ -87,11 +87,12 @@ async fn server_certified_key(
 /// agents' client certificates verified against `roots` (the own bundle as
 /// last published, so the verifier follows every CA rotation).
 fn node_tls_config(
-    td: &str,
+    cfg: &ServerConfig,
     roots: &[Vec<u8>],
     resolver: Arc<ServerCertResolver>,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let provider = meshid_identity::crypto::provider();
+    let td = cfg.trust_domain.as_str();
+    let provider = meshid_identity::crypto::provider_for(cfg.tls_key_exchange);
     let mut bundles = TrustBundles::new();
     let ders: Vec<CertificateDer<'static>> = roots
         .iter()
@@ -169,10 +170,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("securing data_dir {}", cfg.data_dir.display()))?;
-    let audit = AuditLog::open(&cfg.audit_log_path())
+    let audit = AuditLog::open_with(&cfg.audit_log_path(), &cfg.audit)
         .with_context(|| format!("opening audit log {}", cfg.audit_log_path().display()))?;
     let store = open_store(&cfg).await?;
-    let metrics = Metrics::new();
+    let sealer = start_sealer(&cfg, store.clone(), audit.clone()).await?;
+    let metrics = Metrics::with_audit(audit.counters());
     let ca = CaManager::start(&cfg, store.clone(), audit.clone(), metrics.clone())
         .await
         .context("the signing CA cannot be used; refusing to start")?;
@@ -180,12 +182,14 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         let x = ca.signer();
         tracing::info!(id = %x.id(), not_after = %humantime::format_rfc3339_seconds(x.not_after()), owner = %ca.owner(), "signing CA ready");
     }
-    audit.write(
-        Event::new("server_started")
-            .with("owner", ca.owner().to_string())
-            .with("ca", ca.signer().id().to_string())
-            .with("jwt_kid", ca.jwt_signer().kid().to_string()),
-    )?;
+    audit
+        .record(vec![
+            Event::new("server_started")
+                .with("owner", ca.owner().to_string())
+                .with("ca", ca.signer().id().to_string())
+                .with("jwt_kid", ca.jwt_signer().kid().to_string()),
+        ])
+        .await?;
     let (changes, _) = tokio::sync::watch::channel(0u64);
     let journal = crate::journal::Journal::start(store.clone(), audit.clone());
     let state = Arc::new(ServerState {
@@ -209,7 +213,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let (ck, not_after, svid_ca) = server_certified_key(&state).await?;
     let resolver = ServerCertResolver::new(ck);
     let tls = Arc::new(arc_swap::ArcSwap::new(node_tls_config(
-        &cfg.trust_domain,
+        &cfg,
         &bundle.x509_authorities,
         resolver.clone(),
     )?));
@@ -226,7 +230,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
                     continue;
                 }
                 match node_tls_config(
-                    &state.config.trust_domain,
+                    &state.config,
                     &b.x509_authorities,
                     resolver.clone(),
                 ) {
@@ -433,5 +437,31 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     })
     .await;
     let _ = std::fs::remove_file(&sock);
+    if let Some(seq) = sealer.close().await {
+        tracing::info!(seq, "audit chain head sealed");
+    }
     Ok(())
+}
+
+/// Loads (or makes) the audit seal key and starts sealing the chain head.
+async fn start_sealer(
+    cfg: &ServerConfig,
+    store: Arc<dyn Store>,
+    audit: AuditLog,
+) -> anyhow::Result<crate::audit::seal::Sealer> {
+    let (key, created) = crate::audit::seal::SealKey::load_or_create(&cfg.data_dir)
+        .context("the audit seal key cannot be used; refusing to start")?;
+    let chain_id = key.chain_id().to_string();
+    if created {
+        audit
+            .record(vec![
+                Event::new("audit_seal_key_created").with("chain_id", chain_id.clone()),
+            ])
+            .await?;
+    }
+    let sealer = crate::audit::seal::Sealer::start(key, store, audit)
+        .await
+        .context("starting the audit sealer")?;
+    tracing::info!(chain_id, "audit log chained and sealed");
+    Ok(sealer)
 }

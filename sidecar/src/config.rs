@@ -5,6 +5,7 @@
 //! admin_address = "127.0.0.1:9901"                      # /healthz /readyz /metrics
 //! spiffe_id = "spiffe://example.org/web"                # which SVID to present (default: first)
 //! allow_tls12 = false
+//! tls_key_exchange = "hybrid-preferred" # or "hybrid-required", "classical"
 //! handshake_timeout = "10s"
 //! connect_timeout = "5s"
 //! max_connections = 10000
@@ -125,6 +126,11 @@ pub struct Config {
     /// Allow TLS 1.2 besides 1.3.
     #[serde(default)]
     pub allow_tls12: bool,
+    /// TLS key exchange, inbound and outbound: `hybrid-preferred` (default:
+    /// X25519MLKEM768 first, classical groups still accepted),
+    /// `hybrid-required` or `classical`.
+    #[serde(default)]
+    pub tls_key_exchange: meshid_identity::crypto::KeyExchange,
     /// Time allowed for a TLS handshake.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -199,6 +205,15 @@ impl Config {
         }
         if self.handshake_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err(bad("timeouts must be greater than zero".into()));
+        }
+        if self.allow_tls12
+            && self.tls_key_exchange == meshid_identity::crypto::KeyExchange::HybridRequired
+        {
+            return Err(bad(
+                "allow_tls12 = true contradicts tls_key_exchange = \"hybrid-required\": \
+                 TLS 1.2 has no hybrid key exchange"
+                    .into(),
+            ));
         }
         let endpoint = self.workload_api_socket.clone().or(env_endpoint);
         if let Some(ep) = &endpoint {

@@ -89,6 +89,8 @@ pub struct Policies {
     pub outbound: Vec<SpiffeId>,
     /// Allow TLS 1.2 besides 1.3.
     pub allow_tls12: bool,
+    /// Key exchange groups offered and accepted.
+    pub key_exchange: crypto::KeyExchange,
 }
 
 /// Every rustls config built from one SVID update.
@@ -150,7 +152,7 @@ impl Identity {
     pub fn update(&self, material: SvidMaterial) -> Result<Arc<Snapshot>, IdentityError> {
         let leaf = material.chain.first().ok_or(IdentityError::EmptyChain)?;
         let svid = SvidInfo::from_der(leaf)?;
-        let provider = crypto::provider();
+        let provider = crypto::provider_for(self.policies.key_exchange);
         let versions = crypto::versions(self.policies.allow_tls12);
         let key = Arc::new(CertifiedKey::from_der(
             material.chain.clone(),

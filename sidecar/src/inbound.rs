@@ -143,6 +143,10 @@ async fn handle(
     };
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     m.handshake(Direction::Inbound, if resumed { "resumed" } else { "ok" });
+    m.key_exchange(
+        Direction::Inbound,
+        tls.get_ref().1.negotiated_key_exchange_group(),
+    );
     tracing::debug!(%peer, peer_id, resumed, "inbound connection authorized");
 
     let dir = DirLabels {

@@ -81,6 +81,7 @@ pub fn policies(v: &Validated) -> Policies {
         inbound: v.policies.iter().map(authz::Policy::authorizer).collect(),
         outbound: v.server_ids.clone(),
         allow_tls12: v.config.allow_tls12,
+        key_exchange: v.config.tls_key_exchange,
     }
 }
 
@@ -230,6 +231,7 @@ pub fn classify_io(e: &std::io::Error) -> &'static str {
         Some(
             err @ (rustls::Error::InvalidCertificate(_)
             | rustls::Error::NoCertificatesPresented
+            | rustls::Error::PeerIncompatible(rustls::PeerIncompatible::NoKxGroupsInCommon)
             | rustls::Error::AlertReceived(_)),
         ) => meshid_identity::verify::classify(err),
         Some(_) => "tls",

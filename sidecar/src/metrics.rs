@@ -36,6 +36,16 @@ pub struct HandshakeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels for negotiated key exchange groups.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KxLabels {
+    /// inbound/outbound.
+    pub direction: Direction,
+    /// `X25519MLKEM768`, `X25519`, `secp256r1`, `secp384r1`, `other`, `none`
+    /// (see `meshid_identity::crypto::group_label`).
+    pub group: &'static str,
+}
+
 /// Labels by direction only.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirLabels {
@@ -59,6 +69,8 @@ pub struct Metrics {
     pub registry: Registry,
     /// Handshakes by direction and outcome.
     pub handshakes: Family<HandshakeLabels, Counter>,
+    /// Established TLS connections by negotiated key exchange group.
+    pub key_exchanges: Family<KxLabels, Counter>,
     /// Open proxied connections.
     pub active: Family<DirLabels, Gauge>,
     /// Bytes proxied.
@@ -84,6 +96,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("meshid_sidecar");
         let handshakes = Family::<HandshakeLabels, Counter>::default();
+        let key_exchanges = Family::<KxLabels, Counter>::default();
         let active = Family::<DirLabels, Gauge>::default();
         let bytes = Family::<ByteLabels, Counter>::default();
         let duration = Family::<DirLabels, Histogram>::new_with_constructor(
@@ -96,6 +109,11 @@ impl Metrics {
             "tls_handshakes",
             "TLS handshakes by direction and outcome",
             handshakes.clone(),
+        );
+        registry.register(
+            "tls_key_exchanges",
+            "Established TLS connections by direction and negotiated key exchange group",
+            key_exchanges.clone(),
         );
         registry.register(
             "active_connections",
@@ -122,6 +140,7 @@ impl Metrics {
         Self {
             registry,
             handshakes,
+            key_exchanges,
             active,
             bytes,
             duration,
@@ -135,6 +154,20 @@ impl Metrics {
     pub fn handshake(&self, direction: Direction, outcome: &'static str) {
         self.handshakes
             .get_or_create(&HandshakeLabels { direction, outcome })
+            .inc();
+    }
+
+    /// Counts the key exchange group of an established connection.
+    pub fn key_exchange(
+        &self,
+        direction: Direction,
+        group: Option<&'static dyn rustls::crypto::SupportedKxGroup>,
+    ) {
+        self.key_exchanges
+            .get_or_create(&KxLabels {
+                direction,
+                group: meshid_identity::crypto::group_label(group),
+            })
             .inc();
     }
 

@@ -121,6 +121,10 @@ async fn handle(
     };
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     m.handshake(Direction::Outbound, if resumed { "resumed" } else { "ok" });
+    m.key_exchange(
+        Direction::Outbound,
+        tls.get_ref().1.negotiated_key_exchange_group(),
+    );
 
     let started = Instant::now();
     m.active.get_or_create(&dir).inc();

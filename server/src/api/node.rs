@@ -20,7 +20,7 @@ use crate::attest::join_token;
 use crate::attest::k8s_psat::{self, PsatAttestor};
 use crate::audit::Event;
 use crate::ca::IssueError;
-use crate::metrics::{AttestLabels, OutcomeLabels};
+use crate::metrics::OutcomeLabels;
 use crate::state::{ServerState, svid_to_proto};
 use crate::store::{AgentRecord, IssuedRecord};
 use meshid_identity::svid::unix;
@@ -94,7 +94,8 @@ impl NodeService {
                 };
                 self.attest_failed(other, "bad_request", "unsupported attestor");
                 Err(Status::invalid_argument(format!(
-                    "unsupported attestor {other:?}; this server accepts: {supported}"
+                    "unsupported attestor {:?}; this server accepts: {supported}",
+                    crate::audit::truncate(other, crate::audit::MAX_CALLER_FIELD)
                 )))
             }
         }
@@ -136,23 +137,33 @@ impl NodeService {
             .collect())
     }
 
+    /// Counts a refused attestation, and audits and logs it within the
+    /// refusal rate limit. The caller chooses `attestor` and much of
+    /// `reason`: the metric label comes from a fixed set and both are cut to
+    /// [`MAX_CALLER_FIELD`](crate::audit::MAX_CALLER_FIELD) bytes. The audit
+    /// record is queued, not awaited: nothing on the runtime waits for an fsync.
     fn attest_failed(&self, attestor: &str, outcome: &'static str, reason: &str) {
-        self.state
-            .metrics
-            .attestations
-            .get_or_create(&AttestLabels {
-                attestor: attestor.to_string(),
-                outcome,
-            })
-            .inc();
-        let ev = Event::new("attestation_failed")
-            .with("attestor", attestor)
+        let st = &self.state;
+        st.metrics.attestation(attestor, outcome);
+        let suppressed = match st.audit.refusals().admit() {
+            crate::audit::Admit::No => {
+                st.audit.shared().counters.refusals_suppressed.inc();
+                return;
+            }
+            crate::audit::Admit::Yes { suppressed } => suppressed,
+        };
+        let max = crate::audit::MAX_CALLER_FIELD;
+        let attestor = crate::audit::truncate(attestor, max);
+        let reason = crate::audit::truncate(reason, max);
+        let mut ev = Event::new("attestation_failed")
+            .with("attestor", attestor.as_ref())
             .with("outcome", outcome)
-            .with("reason", reason);
-        if let Err(e) = self.state.audit.write(ev) {
-            tracing::error!(error = %e, "cannot write audit log");
+            .with("reason", reason.as_ref());
+        if suppressed > 0 {
+            ev = ev.with("refusals_suppressed_before", suppressed);
         }
-        tracing::info!(attestor, outcome, reason, "node attestation refused");
+        st.audit.submit(ev);
+        tracing::info!(attestor = %attestor, outcome, reason = %reason, suppressed, "node attestation refused");
     }
 }
 
@@ -245,13 +256,7 @@ impl Node for NodeService {
             .upsert_agent(&record)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        st.metrics
-            .attestations
-            .get_or_create(&AttestLabels {
-                attestor: r.attestor.clone(),
-                outcome: "ok",
-            })
-            .inc();
+        st.metrics.attestation(&r.attestor, "ok");
         let event = node.details.into_iter().fold(
             Event::new("attestation_succeeded")
                 .with("attestor", r.attestor)

@@ -141,6 +141,14 @@ pub fn accept_loop(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
+                        metrics
+                            .key_exchanges
+                            .get_or_create(&crate::metrics::KxLabels {
+                                group: meshid_identity::crypto::group_label(
+                                    tls.get_ref().1.negotiated_key_exchange_group(),
+                                ),
+                            })
+                            .inc();
                         let certs =
                             tls.get_ref().1.peer_certificates().map(|c| {
                                 Arc::new(c.iter().map(|d| d.to_vec()).collect::<Vec<_>>())

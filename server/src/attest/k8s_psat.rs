@@ -77,9 +77,15 @@ pub enum PsatError {
     /// The agent's data is not usable in a SPIFFE ID.
     #[error("k8s_psat: node name {0:?} is not a valid Kubernetes node name")]
     BadNodeName(String),
-    /// The API server is unreachable or failed.
+    /// The API server is unreachable or failed. The caller is told only
+    /// that; the details (which may hold the API server's answer) are logged.
     #[error(transparent)]
     Api(#[from] KubeError),
+    /// Too many TokenReviews are in flight (`max_concurrent_reviews`).
+    #[error(
+        "k8s_psat: {0} token reviews are already in flight (max_concurrent_reviews); retry later"
+    )]
+    Busy(usize),
 }
 
 impl PsatError {
@@ -92,19 +98,40 @@ impl PsatError {
             Self::ServiceAccountNotAllowed(_) => "not_allowed",
             Self::NoNode(_) | Self::BadNodeName(_) => "no_node",
             Self::Api(_) => "api_error",
+            Self::Busy(_) => "busy",
+        }
+    }
+
+    /// The message for the caller: for API failures a fixed text, never the
+    /// API server's answer.
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::Api(KubeError::Unavailable { .. }) => {
+                "k8s_psat: the Kubernetes API server is unavailable; retry later".into()
+            }
+            Self::Api(_) => {
+                "k8s_psat: the Kubernetes API server could not review the token (details in the server log)"
+                    .into()
+            }
+            Self::NotAuthenticated(m) => format!(
+                "k8s_psat: the API server did not authenticate the token: {}",
+                crate::audit::truncate(m, 200)
+            ),
+            other => crate::audit::truncate(&other.to_string(), 512).into_owned(),
         }
     }
 }
 
 impl From<PsatError> for tonic::Status {
     fn from(e: PsatError) -> Self {
+        let msg = e.public_message();
         match &e {
-            PsatError::BadPayload(_) => tonic::Status::invalid_argument(e.to_string()),
-            PsatError::Api(KubeError::Unavailable { .. }) => {
-                tonic::Status::unavailable(e.to_string())
+            PsatError::BadPayload(_) => tonic::Status::invalid_argument(msg),
+            PsatError::Api(KubeError::Unavailable { .. }) | PsatError::Busy(_) => {
+                tonic::Status::unavailable(msg)
             }
-            PsatError::Api(_) => tonic::Status::internal(e.to_string()),
-            _ => tonic::Status::permission_denied(e.to_string()),
+            PsatError::Api(_) => tonic::Status::internal(msg),
+            _ => tonic::Status::permission_denied(msg),
         }
     }
 }
@@ -133,6 +160,10 @@ pub struct PsatAttestor {
     alias_id: String,
     td_id: String,
     api: KubeApi,
+    /// Bounds TokenReview (and pod) calls in flight: attestation is
+    /// unauthenticated, so nothing else limits how many a caller starts.
+    reviews: tokio::sync::Semaphore,
+    max_reviews: usize,
 }
 
 /// The cluster alias every agent of `cluster` holds unless configured.
@@ -169,10 +200,15 @@ impl PsatAttestor {
                 .unwrap_or_else(|| default_alias(td_id, &cfg.cluster)),
             td_id: td_id.to_string(),
             api,
+            reviews: tokio::sync::Semaphore::new(cfg.max_concurrent_reviews),
+            max_reviews: cfg.max_concurrent_reviews,
         })
     }
 
-    /// Reviews the agent's token with the API server.
+    /// Reviews the agent's token with the API server. At most
+    /// `max_concurrent_reviews` reviews run at once; beyond that the answer
+    /// is [`PsatError::Busy`]. API failures are logged here in full (cut to
+    /// a bounded length), and reach the caller only as a fixed message.
     pub async fn attest(&self, payload: &[u8]) -> Result<AttestedNode, PsatError> {
         let p: Payload =
             serde_json::from_slice(payload).map_err(|e| PsatError::BadPayload(e.to_string()))?;
@@ -182,6 +218,17 @@ impl PsatAttestor {
                 want: self.cluster.clone(),
             });
         }
+        let Ok(_permit) = self.reviews.try_acquire() else {
+            return Err(PsatError::Busy(self.max_reviews));
+        };
+        let r = self.review(p).await;
+        if let Err(PsatError::Api(e)) = &r {
+            tracing::warn!(error = %crate::audit::truncate(&e.to_string(), 1024), "k8s_psat: Kubernetes API call failed");
+        }
+        r
+    }
+
+    async fn review(&self, p: Payload) -> Result<AttestedNode, PsatError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: p.token,

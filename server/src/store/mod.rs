@@ -113,6 +113,26 @@ pub struct IssuedSummary {
     pub last_not_after: i64,
 }
 
+/// A sealed audit chain head: the server's signature over the sequence
+/// number and hash of its last durable audit record (see `audit::seal`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSeal {
+    /// The chain's id (derived from the seal key): one chain per server.
+    pub server_id: String,
+    /// Sequence number of the sealed record.
+    pub seq: i64,
+    /// Hex SHA-256 of the sealed record.
+    pub hash: String,
+    /// When it was sealed, Unix milliseconds.
+    pub sealed_at_ms: i64,
+    /// `records`, `interval` or `shutdown`.
+    pub reason: String,
+    /// Raw Ed25519 public key of the seal key.
+    pub public_key: Vec<u8>,
+    /// Ed25519 signature over `audit::seal::message`.
+    pub signature: Vec<u8>,
+}
+
 /// Everything the server persists. Every multi-row change is atomic.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -191,6 +211,14 @@ pub trait Store: Send + Sync + 'static {
     async fn record_issued(&self, certs: &[IssuedRecord]) -> Result<(), StoreError>;
     /// Looks up a journaled certificate.
     async fn get_issued(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError>;
+
+    /// Stores an audit seal; a second seal for the same (server, seq) is
+    /// refused (`AlreadyExists`).
+    async fn put_audit_seal(&self, seal: &AuditSeal) -> Result<(), StoreError>;
+    /// Seals of one server's chain, by sequence number.
+    async fn list_audit_seals(&self, server_id: &str) -> Result<Vec<AuditSeal>, StoreError>;
+    /// The seal with the highest sequence number of one server's chain.
+    async fn latest_audit_seal(&self, server_id: &str) -> Result<Option<AuditSeal>, StoreError>;
 }
 
 /// Whether `entry` satisfies `filter` (fields ANDed; empty fields ignored).

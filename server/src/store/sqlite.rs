@@ -17,7 +17,8 @@ use meshid_proto::admin::EntryFilter;
 use meshid_proto::types::{Authority, Bundle, Entry};
 
 use super::{
-    AgentRecord, IssuedRecord, IssuedSummary, JoinTokenRecord, Store, StoreError, entry_matches,
+    AgentRecord, AuditSeal, IssuedRecord, IssuedSummary, JoinTokenRecord, Store, StoreError,
+    entry_matches,
 };
 
 /// SQLite-backed [`Store`].
@@ -507,6 +508,63 @@ impl Store for SqliteStore {
             .map(issued_from_row)
             .transpose()
     }
+
+    async fn put_audit_seal(&self, seal: &AuditSeal) -> Result<(), StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO audit_seals (server_id, seq, hash, sealed_at_ms, reason, public_key, signature) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&seal.server_id)
+        .bind(seal.seq)
+        .bind(&seal.hash)
+        .bind(seal.sealed_at_ms)
+        .bind(&seal.reason)
+        .bind(&seal.public_key)
+        .bind(&seal.signature)
+        .execute(&self.pool)
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::AlreadyExists(format!(
+                    "audit seal {} seq {}",
+                    seal.server_id, seal.seq
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn list_audit_seals(&self, server_id: &str) -> Result<Vec<AuditSeal>, StoreError> {
+        sqlx::query("SELECT * FROM audit_seals WHERE server_id = ? ORDER BY seq")
+            .bind(server_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(seal_from_row)
+            .collect()
+    }
+
+    async fn latest_audit_seal(&self, server_id: &str) -> Result<Option<AuditSeal>, StoreError> {
+        sqlx::query("SELECT * FROM audit_seals WHERE server_id = ? ORDER BY seq DESC LIMIT 1")
+            .bind(server_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(seal_from_row)
+            .transpose()
+    }
+}
+
+fn seal_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AuditSeal, StoreError> {
+    Ok(AuditSeal {
+        server_id: r.try_get("server_id")?,
+        seq: r.try_get("seq")?,
+        hash: r.try_get("hash")?,
+        sealed_at_ms: r.try_get("sealed_at_ms")?,
+        reason: r.try_get("reason")?,
+        public_key: r.try_get("public_key")?,
+        signature: r.try_get("signature")?,
+    })
 }
 
 #[cfg(test)]
@@ -574,5 +632,37 @@ mod tests {
         s.create_join_token(&t).await.expect("tok");
         assert_eq!(s.consume_join_token("h").await.expect("c1"), Some(t));
         assert_eq!(s.consume_join_token("h").await.expect("c2"), None);
+    }
+
+    #[tokio::test]
+    async fn audit_seals_per_server() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = SqliteStore::open(&dir.path().join("m.db"))
+            .await
+            .expect("open");
+        let seal = |server: &str, seq: i64| AuditSeal {
+            server_id: server.into(),
+            seq,
+            hash: "00".repeat(32),
+            sealed_at_ms: seq * 1000,
+            reason: "records".into(),
+            public_key: vec![1; 32],
+            signature: vec![2; 64],
+        };
+        for (srv, seq) in [("a", 5), ("a", 2), ("b", 9)] {
+            s.put_audit_seal(&seal(srv, seq)).await.expect("put");
+        }
+        assert!(matches!(
+            s.put_audit_seal(&seal("a", 5)).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        let a = s.list_audit_seals("a").await.expect("list");
+        assert_eq!(a.iter().map(|x| x.seq).collect::<Vec<_>>(), [2, 5]);
+        assert_eq!(a[1], seal("a", 5));
+        assert_eq!(
+            s.latest_audit_seal("b").await.expect("l"),
+            Some(seal("b", 9))
+        );
+        assert_eq!(s.latest_audit_seal("c").await.expect("l"), None);
     }
 }
