@@ -1,0 +1,778 @@
+//! The PostgreSQL store, for several servers sharing one database.
+//!
+//! The semantics are those of the SQLite store:
+//! - a join token is consumed with `DELETE … RETURNING`, so of any number of
+//!   concurrent attempts (on any number of servers) exactly one gets it;
+//! - an entry update is `UPDATE … WHERE revision = expected`: PostgreSQL
+//!   locks the row, a second concurrent writer waits for the first to commit,
+//!   re-checks the condition against the new revision and updates nothing, so
+//!   it gets [`StoreError::Conflict`] instead of overwriting the first write;
+//! - creating an entry takes a transaction-scoped advisory lock on its
+//!   (SPIFFE ID, parent) pair, so two identical entries cannot both be created;
+//! - every multi-row change is one transaction.
+//!
+//! **Changes across servers.** Every change agents must see calls
+//! `meshid_note_change()` last in its transaction: it bumps the one-row
+//! `store_revision` (whose row lock makes revisions follow commit order),
+//! appends to `change_log` and `NOTIFY`s channel `meshid_changes` with the new
+//! revision, delivered on commit. Each store keeps one listening connection;
+//! after `LISTEN` succeeds (at start and after every reconnect) it reads the
+//! revision, so a change committed while the connection was down is caught up,
+//! not lost. A periodic check (every [`RECHECK`]) covers a connection that
+//! died silently.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use meshid_proto::types::{Bundle, Entry};
+use prost::Message;
+use serde::Deserialize;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow, PgSslMode};
+use sqlx::{Postgres, Row, Transaction};
+use tokio::sync::watch;
+
+use super::{AgentRecord, CaRecord, EntryFilter, IssuedRecord, JoinTokenRecord, Store, StoreError};
+
+/// The notification channel servers listen on.
+pub const CHANNEL: &str = "meshid_changes";
+
+/// How often a listener re-reads the revision even without a notification,
+/// and prunes the change log.
+pub const RECHECK: Duration = Duration::from_secs(30);
+
+/// How long the change log keeps a change, in seconds.
+const CHANGE_LOG_KEEP_SECS: i64 = 3600;
+
+/// Largest wait between attempts to re-establish the listening connection.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// TLS towards the database (the `sslmode` of libpq).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP only.
+    Disable,
+    /// Plain TCP, TLS if the server insists.
+    Allow,
+    /// TLS if the server offers it, plain otherwise (sqlx's default).
+    Prefer,
+    /// TLS, without verifying the server's certificate.
+    Require,
+    /// TLS; the server's certificate must chain to a trusted root.
+    VerifyCa,
+    /// TLS; as `verify-ca`, and the certificate must name the host.
+    VerifyFull,
+}
+
+impl From<SslMode> for PgSslMode {
+    fn from(m: SslMode) -> Self {
+        match m {
+            SslMode::Disable => Self::Disable,
+            SslMode::Allow => Self::Allow,
+            SslMode::Prefer => Self::Prefer,
+            SslMode::Require => Self::Require,
+            SslMode::VerifyCa => Self::VerifyCa,
+            SslMode::VerifyFull => Self::VerifyFull,
+        }
+    }
+}
+
+/// How to reach the database.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// `postgres://user[:password]@host[:port]/database[?…]`. libpq's
+    /// environment (`PGPASSWORD`, `PGSSLROOTCERT`, …) and `~/.pgpass` apply
+    /// to what the URL leaves out.
+    pub url: String,
+    /// Largest number of pooled connections (the change listener has one
+    /// more of its own).
+    pub pool_size: u32,
+    /// TLS mode; `None` keeps what the URL says (default `prefer`).
+    pub ssl_mode: Option<SslMode>,
+    /// PEM file of the roots that the database's certificate must chain to
+    /// (default: the Mozilla roots compiled in).
+    pub ssl_root_cert: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("url", &"<redacted>")
+            .field("pool_size", &self.pool_size)
+            .field("ssl_mode", &self.ssl_mode)
+            .field("ssl_root_cert", &self.ssl_root_cert)
+            .finish()
+    }
+}
+
+impl PostgresOptions {
+    /// Options for `url` with the defaults (10 connections, TLS as the URL says).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 10,
+            ssl_mode: None,
+            ssl_root_cert: None,
+        }
+    }
+
+    /// The sqlx connection options.
+    pub fn connect_options(&self) -> Result<PgConnectOptions, StoreError> {
+        let mut o = PgConnectOptions::from_str(&self.url)?;
+        if let Some(m) = self.ssl_mode {
+            o = o.ssl_mode(m.into());
+        }
+        if let Some(p) = &self.ssl_root_cert {
+            o = o.ssl_root_cert(p);
+        }
+        Ok(o)
+    }
+}
+
+/// PostgreSQL-backed [`Store`]. Cheap to clone; the change listener stops
+/// when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: PgPool,
+    connect: PgConnectOptions,
+    changes: watch::Sender<u64>,
+    listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.listener.lock()
+            && let Some(h) = l.take()
+        {
+            h.abort();
+        }
+    }
+}
+
+fn decode_entry(data: &[u8]) -> Result<Entry, StoreError> {
+    Entry::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn decode_bundle(data: &[u8]) -> Result<Bundle, StoreError> {
+    Bundle::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn sorted_selectors(e: &Entry) -> Vec<(String, String)> {
+    let mut v: Vec<_> = e
+        .selectors
+        .iter()
+        .map(|s| (s.r#type.clone(), s.value.clone()))
+        .collect();
+    v.sort();
+    v
+}
+
+pub(crate) fn agent_from_row(r: &PgRow) -> Result<AgentRecord, StoreError> {
+    Ok(AgentRecord {
+        spiffe_id: r.try_get("spiffe_id")?,
+        attestor: r.try_get("attestor")?,
+        serial: r.try_get("serial")?,
+        prev_serial: r.try_get("prev_serial")?,
+        expires_at: r.try_get("expires_at")?,
+        banned: r.try_get("banned")?,
+        aliases: r.try_get("aliases")?,
+        attested_at: r.try_get("attested_at")?,
+    })
+}
+
+pub(crate) fn issued_from_row(r: &PgRow) -> Result<IssuedRecord, StoreError> {
+    Ok(IssuedRecord {
+        serial: r.try_get("serial")?,
+        spiffe_id: r.try_get("spiffe_id")?,
+        entry_id: r.try_get("entry_id")?,
+        agent_id: r.try_get("agent_id")?,
+        not_after: r.try_get("not_after")?,
+        issued_at: r.try_get("issued_at")?,
+    })
+}
+
+/// Records a change agents must see; call last in the transaction. Returns the
+/// new revision (visible to others once the transaction commits).
+async fn note_change(
+    tx: &mut Transaction<'_, Postgres>,
+    kind: &str,
+    key: &str,
+) -> Result<u64, StoreError> {
+    let rev: i64 = sqlx::query_scalar("SELECT meshid_note_change($1, $2)")
+        .bind(kind)
+        .bind(key)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(u64::try_from(rev).unwrap_or(0))
+}
+
+/// Raises the published revision to `rev` (never lowers it).
+fn publish(changes: &watch::Sender<u64>, rev: u64) {
+    changes.send_if_modified(|v| {
+        if rev > *v {
+            *v = rev;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+async fn current_revision(pool: &PgPool) -> Result<u64, StoreError> {
+    let rev: i64 = sqlx::query_scalar("SELECT revision FROM store_revision WHERE id = 1")
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(rev).unwrap_or(0))
+}
+
+impl PostgresStore {
+    /// Connects, runs the migrations (serialized between servers by sqlx's
+    /// advisory lock) and reads the current change revision.
+    pub async fn connect(opts: &PostgresOptions) -> Result<Self, StoreError> {
+        let connect = opts.connect_options()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.pool_size.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(connect.clone())
+            .await?;
+        Self::migrator().run(&pool).await?;
+        let rev = current_revision(&pool).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                connect,
+                changes: watch::channel(rev).0,
+                listener: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The migrations this build applies to a PostgreSQL database.
+    pub fn migrator() -> sqlx::migrate::Migrator {
+        sqlx::migrate!("./migrations/postgres")
+    }
+
+    /// The connection pool (for operations outside the [`Store`] trait, such
+    /// as copying a whole store).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    fn pool_ref(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Publishes a revision committed through this store.
+    fn committed(&self, rev: u64) {
+        publish(&self.inner.changes, rev);
+    }
+
+    /// Starts the listener once (needs a Tokio runtime).
+    fn ensure_listener(&self) {
+        let Ok(mut slot) = self.inner.listener.lock() else {
+            return;
+        };
+        if slot.is_some() {
+            return;
+        }
+        let pool = self.inner.pool.clone();
+        let connect = self.inner.connect.clone();
+        // The task holds no reference to `Inner`: dropping the last store
+        // clone aborts it.
+        let changes = self.inner.changes.clone();
+        *slot = Some(tokio::spawn(listen_loop(pool, connect, changes)));
+    }
+}
+
+/// Keeps one listening connection up for as long as the store lives.
+async fn listen_loop(pool: PgPool, connect: PgConnectOptions, changes: watch::Sender<u64>) {
+    // The listener has a pool of one connection of its own: it never takes
+    // a connection from the store's pool, and after a loss it must open a
+    // new connection (and so LISTEN again) rather than reuse an idle one.
+    let lpool = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(connect);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match listen_once(&pool, &lpool, &changes).await {
+            Ok(()) => {
+                tracing::warn!("store change listener lost its connection; reconnecting");
+                backoff = Duration::from_millis(50);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "store change listener cannot listen");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+        if pool.is_closed() {
+            return;
+        }
+    }
+}
+
+/// LISTENs, catches up, then follows notifications until the connection is
+/// lost (`Ok`) or fails (`Err`).
+async fn listen_once(
+    pool: &PgPool,
+    lpool: &PgPool,
+    changes: &watch::Sender<u64>,
+) -> Result<(), StoreError> {
+    let mut listener = PgListener::connect_with(lpool).await?;
+    listener.eager_reconnect(false);
+    listener.listen(CHANNEL).await?;
+    // Anything committed before LISTEN took effect is in the revision row;
+    // anything after is notified.
+    publish(changes, current_revision(pool).await?);
+    tracing::debug!("store change listener is listening");
+    let mut recheck = tokio::time::interval(RECHECK);
+    recheck.tick().await;
+    loop {
+        tokio::select! {
+            n = listener.try_recv() => match n? {
+                Some(n) => match n.payload().parse::<u64>() {
+                    Ok(rev) => publish(changes, rev),
+                    Err(_) => publish(changes, current_revision(pool).await?),
+                },
+                None => return Ok(()),
+            },
+            _ = recheck.tick() => {
+                publish(changes, current_revision(pool).await?);
+                sqlx::query("DELETE FROM change_log WHERE at < extract(epoch FROM now())::BIGINT - $1")
+                    .bind(CHANGE_LOG_KEEP_SECS)
+                    .execute(pool)
+                    .await?;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn create_entry(&self, entry: &Entry) -> Result<(), StoreError> {
+        let mut tx = self.pool_ref().begin().await?;
+        // Serializes creations of the same (SPIFFE ID, parent) pair, so the
+        // duplicate check below cannot race another server's insert.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(10) || $2, 0))")
+            .bind(&entry.spiffe_id)
+            .bind(&entry.parent_id)
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query("SELECT data FROM entries WHERE spiffe_id = $1 AND parent_id = $2")
+            .bind(&entry.spiffe_id)
+            .bind(&entry.parent_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let want = sorted_selectors(entry);
+        for r in rows {
+            let existing = decode_entry(r.try_get::<&[u8], _>("data")?)?;
+            if sorted_selectors(&existing) == want {
+                return Err(StoreError::AlreadyExists(format!(
+                    "entry {} has the same SPIFFE ID, parent and selectors",
+                    existing.id
+                )));
+            }
+        }
+        let res = sqlx::query(
+            "INSERT INTO entries (id, spiffe_id, parent_id, data, revision, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&entry.id)
+        .bind(&entry.spiffe_id)
+        .bind(&entry.parent_id)
+        .bind(entry.encode_to_vec())
+        .bind(entry.revision)
+        .bind(entry.created_at)
+        .execute(&mut *tx)
+        .await?;
+        if res.rows_affected() != 1 {
+            return Err(StoreError::AlreadyExists(format!("entry id {}", entry.id)));
+        }
+        let rev = note_change(&mut tx, "entry_created", &entry.id).await?;
+        tx.commit().await?;
+        self.committed(rev);
+        Ok(())
+    }
+
+    async fn get_entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
+        sqlx::query("SELECT data FROM entries WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool_ref())
+            .await?
+            .map(|r| decode_entry(r.try_get::<&[u8], _>("data")?))
+            .transpose()
+    }
+
+    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Entry>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query("SELECT data FROM entries WHERE id = ANY($1) ORDER BY created_at, seq")
+            .bind(ids)
+            .fetch_all(self.pool_ref())
+            .await?
+            .iter()
+            .map(|r| decode_entry(r.try_get::<&[u8], _>("data")?))
+            .collect()
+    }
+
+    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT data FROM entries
+             WHERE ($1::TEXT IS NULL OR parent_id = $1) AND ($2::TEXT IS NULL OR spiffe_id = $2)
+             ORDER BY created_at, seq",
+        )
+        .bind(filter.parent_id.as_deref())
+        .bind(filter.spiffe_id.as_deref())
+        .fetch_all(self.pool_ref())
+        .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let e = decode_entry(r.try_get::<&[u8], _>("data")?)?;
+            if filter.matches(&e) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_entries_by_parents(&self, parents: &[String]) -> Result<Vec<Entry>, StoreError> {
+        if parents.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query("SELECT data FROM entries WHERE parent_id = ANY($1) ORDER BY created_at, seq")
+            .bind(parents)
+            .fetch_all(self.pool_ref())
+            .await?
+            .iter()
+            .map(|r| decode_entry(r.try_get::<&[u8], _>("data")?))
+            .collect()
+    }
+
+    async fn update_entry(&self, entry: &Entry, expected_revision: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool_ref().begin().await?;
+        // A concurrent writer of the same row blocks here until the first
+        // commits, then finds the revision changed and updates nothing.
+        let res = sqlx::query(
+            "UPDATE entries SET spiffe_id = $1, parent_id = $2, data = $3, revision = $4
+             WHERE id = $5 AND revision = $6",
+        )
+        .bind(&entry.spiffe_id)
+        .bind(&entry.parent_id)
+        .bind(entry.encode_to_vec())
+        .bind(entry.revision)
+        .bind(&entry.id)
+        .bind(expected_revision)
+        .execute(&mut *tx)
+        .await?;
+        if res.rows_affected() == 1 {
+            let rev = note_change(&mut tx, "entry_updated", &entry.id).await?;
+            tx.commit().await?;
+            self.committed(rev);
+            return Ok(());
+        }
+        tx.rollback().await?;
+        if self.get_entry(&entry.id).await?.is_some() {
+            Err(StoreError::Conflict(format!(
+                "entry {} was changed concurrently",
+                entry.id
+            )))
+        } else {
+            Err(StoreError::NotFound(format!("entry {}", entry.id)))
+        }
+    }
+
+    async fn delete_entries(&self, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool_ref().begin().await?;
+        let deleted: Vec<String> =
+            sqlx::query_scalar("DELETE FROM entries WHERE id = ANY($1) RETURNING id")
+                .bind(ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        if deleted.len() != ids.len() {
+            // Dropping the transaction rolls it back: nothing is deleted.
+            let mut seen = std::collections::HashSet::new();
+            let missing = ids
+                .iter()
+                .find(|id| !deleted.contains(id) || !seen.insert(id.as_str()))
+                .cloned()
+                .unwrap_or_default();
+            return Err(StoreError::NotFound(format!("entry {missing}")));
+        }
+        let key = match ids {
+            [one] => one.clone(),
+            many => format!("{} entries", many.len()),
+        };
+        let rev = note_change(&mut tx, "entries_deleted", &key).await?;
+        tx.commit().await?;
+        self.committed(rev);
+        Ok(())
+    }
+
+    async fn count_entries(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM entries")
+            .fetch_one(self.pool_ref())
+            .await?)
+    }
+
+    async fn create_join_token(&self, t: &JoinTokenRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO join_tokens (token_hash, token_id, alias_id, expires_at, created_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&t.token_hash)
+        .bind(&t.token_id)
+        .bind(&t.alias_id)
+        .bind(t.expires_at)
+        .bind(t.created_at)
+        .execute(self.pool_ref())
+        .await?;
+        Ok(())
+    }
+
+    async fn consume_join_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        // Of concurrent deletes of one row, one deletes it and returns it; the
+        // others wait for it to commit and then find nothing.
+        sqlx::query(
+            "DELETE FROM join_tokens WHERE token_hash = $1
+             RETURNING token_hash, token_id, alias_id, expires_at, created_at",
+        )
+        .bind(token_hash)
+        .fetch_optional(self.pool_ref())
+        .await?
+        .map(|r| {
+            Ok(JoinTokenRecord {
+                token_hash: r.try_get("token_hash")?,
+                token_id: r.try_get("token_id")?,
+                alias_id: r.try_get("alias_id")?,
+                expires_at: r.try_get("expires_at")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn upsert_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool_ref().begin().await?;
+        // Agents see a change only when the agent is new or its aliases or
+        // ban change; a renewal (new serial) is not one.
+        let before =
+            sqlx::query("SELECT aliases, banned FROM agents WHERE spiffe_id = $1 FOR UPDATE")
+                .bind(&a.spiffe_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let visible = match before {
+            None => true,
+            Some(r) => {
+                r.try_get::<Vec<String>, _>("aliases")? != a.aliases
+                    || r.try_get::<bool, _>("banned")? != a.banned
+            }
+        };
+        sqlx::query(
+            "INSERT INTO agents (spiffe_id, attestor, serial, prev_serial, expires_at, banned, aliases, attested_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (spiffe_id) DO UPDATE SET attestor = excluded.attestor, serial = excluded.serial,
+               prev_serial = excluded.prev_serial, expires_at = excluded.expires_at, banned = excluded.banned,
+               aliases = excluded.aliases, attested_at = excluded.attested_at",
+        )
+        .bind(&a.spiffe_id)
+        .bind(&a.attestor)
+        .bind(&a.serial)
+        .bind(&a.prev_serial)
+        .bind(a.expires_at)
+        .bind(a.banned)
+        .bind(&a.aliases)
+        .bind(a.attested_at)
+        .execute(&mut *tx)
+        .await?;
+        let rev = if visible {
+            Some(note_change(&mut tx, "agent", &a.spiffe_id).await?)
+        } else {
+            None
+        };
+        tx.commit().await?;
+        if let Some(rev) = rev {
+            self.committed(rev);
+        }
+        Ok(())
+    }
+
+    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        sqlx::query("SELECT * FROM agents WHERE spiffe_id = $1")
+            .bind(spiffe_id)
+            .fetch_optional(self.pool_ref())
+            .await?
+            .as_ref()
+            .map(agent_from_row)
+            .transpose()
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        sqlx::query("SELECT * FROM agents ORDER BY attested_at, spiffe_id")
+            .fetch_all(self.pool_ref())
+            .await?
+            .iter()
+            .map(agent_from_row)
+            .collect()
+    }
+
+    async fn delete_agent(&self, spiffe_id: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool_ref().begin().await?;
+        let res = sqlx::query("DELETE FROM agents WHERE spiffe_id = $1")
+            .bind(spiffe_id)
+            .execute(&mut *tx)
+            .await?;
+        if res.rows_affected() != 1 {
+            return Err(StoreError::NotFound(format!("agent {spiffe_id}")));
+        }
+        let rev = note_change(&mut tx, "agent_deleted", spiffe_id).await?;
+        tx.commit().await?;
+        self.committed(rev);
+        Ok(())
+    }
+
+    async fn put_bundle(&self, b: &Bundle, federated: bool) -> Result<(), StoreError> {
+        let mut tx = self.pool_ref().begin().await?;
+        // Returns a row only when something changed.
+        let changed = sqlx::query(
+            "INSERT INTO bundles (trust_domain, federated, data, updated_at)
+             VALUES ($1, $2, $3, extract(epoch FROM now())::BIGINT)
+             ON CONFLICT (trust_domain) DO UPDATE SET federated = excluded.federated,
+               data = excluded.data, updated_at = excluded.updated_at
+             WHERE bundles.federated IS DISTINCT FROM excluded.federated
+                OR bundles.data IS DISTINCT FROM excluded.data
+             RETURNING trust_domain",
+        )
+        .bind(&b.trust_domain)
+        .bind(federated)
+        .bind(b.encode_to_vec())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let rev = match changed {
+            Some(_) => Some(note_change(&mut tx, "bundle", &b.trust_domain).await?),
+            None => None,
+        };
+        tx.commit().await?;
+        if let Some(rev) = rev {
+            self.committed(rev);
+        }
+        Ok(())
+    }
+
+    async fn get_bundle(&self, trust_domain: &str) -> Result<Option<Bundle>, StoreError> {
+        sqlx::query("SELECT data FROM bundles WHERE trust_domain = $1")
+            .bind(trust_domain)
+            .fetch_optional(self.pool_ref())
+            .await?
+            .map(|r| decode_bundle(r.try_get::<&[u8], _>("data")?))
+            .transpose()
+    }
+
+    async fn list_federated_bundles(&self) -> Result<Vec<Bundle>, StoreError> {
+        sqlx::query("SELECT data FROM bundles WHERE federated ORDER BY trust_domain COLLATE \"C\"")
+            .fetch_all(self.pool_ref())
+            .await?
+            .iter()
+            .map(|r| decode_bundle(r.try_get::<&[u8], _>("data")?))
+            .collect()
+    }
+
+    async fn delete_bundle(&self, trust_domain: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool_ref().begin().await?;
+        let res = sqlx::query("DELETE FROM bundles WHERE trust_domain = $1 AND federated")
+            .bind(trust_domain)
+            .execute(&mut *tx)
+            .await?;
+        if res.rows_affected() != 1 {
+            return Err(StoreError::NotFound(format!(
+                "federated bundle {trust_domain}"
+            )));
+        }
+        let rev = note_change(&mut tx, "bundle_deleted", trust_domain).await?;
+        tx.commit().await?;
+        self.committed(rev);
+        Ok(())
+    }
+
+    async fn put_ca(&self, ca: &CaRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO ca_keys (serial, kind, subject, not_before, not_after, state, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, extract(epoch FROM now())::BIGINT)
+             ON CONFLICT (serial) DO UPDATE SET state = excluded.state",
+        )
+        .bind(&ca.serial)
+        .bind(&ca.kind)
+        .bind(&ca.subject)
+        .bind(ca.not_before)
+        .bind(ca.not_after)
+        .bind(&ca.state)
+        .execute(self.pool_ref())
+        .await?;
+        Ok(())
+    }
+
+    async fn record_issued(&self, certs: &[IssuedRecord]) -> Result<(), StoreError> {
+        if certs.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool_ref().begin().await?;
+        for chunk in certs.chunks(5000) {
+            insert_issued(&mut tx, chunk).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_issued(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError> {
+        sqlx::query("SELECT * FROM issued_certs WHERE serial = $1")
+            .bind(serial)
+            .fetch_optional(self.pool_ref())
+            .await?
+            .as_ref()
+            .map(issued_from_row)
+            .transpose()
+    }
+
+    fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.ensure_listener();
+        self.inner.changes.subscribe()
+    }
+}
+
+/// Inserts journal records with one statement.
+pub(crate) async fn insert_issued(
+    tx: &mut Transaction<'_, Postgres>,
+    certs: &[IssuedRecord],
+) -> Result<(), StoreError> {
+    let col = |f: fn(&IssuedRecord) -> &str| certs.iter().map(f).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO issued_certs (serial, spiffe_id, entry_id, agent_id, not_after, issued_at)
+         SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[])",
+    )
+    .bind(col(|c| &c.serial))
+    .bind(col(|c| &c.spiffe_id))
+    .bind(col(|c| &c.entry_id))
+    .bind(col(|c| &c.agent_id))
+    .bind(certs.iter().map(|c| c.not_after).collect::<Vec<_>>())
+    .bind(certs.iter().map(|c| c.issued_at).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
