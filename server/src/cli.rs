@@ -82,6 +82,9 @@ enum Command {
     /// Attested agents.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// The store itself (not through a running server).
+    #[command(subcommand)]
+    Store(crate::cli_store::StoreCmd),
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -476,6 +479,7 @@ impl ServerCli {
             Command::Entry(cmd) => entry(cmd).await,
             Command::Bundle(cmd) => bundle(cmd).await,
             Command::Agent(cmd) => agent(cmd).await,
+            Command::Store(cmd) => cmd.run().await,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod bundle_format;
 pub mod ca;
 pub mod cli;
+pub mod cli_store;
 pub mod config;
 pub mod journal;
 pub mod metrics;

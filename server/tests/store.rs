@@ -634,6 +634,53 @@ async fn racing_identical_creates_make_one_entry(db: Db) {
     assert_eq!(a.count_entries().await.expect("count"), 1);
 }
 
+/// The two schemas hold the same tables and columns (PostgreSQL has its
+/// change tables besides), and `store migrate` copies every SQLite table: a
+/// table added to one schema but not to the other, or not to the migration,
+/// fails here.
+#[tokio::test]
+async fn schemas_and_migration_cover_the_same_tables() {
+    let Some(url) = pg::database("schema") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("m.db");
+    drop(SqliteStore::open(&path).await.expect("sqlite"));
+    let sqlite = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("sqlite pool");
+    let sqlite_cols: Vec<(String, String)> = sqlx::query_as(
+        "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
+         WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name <> '_sqlx_migrations'
+         ORDER BY 1, 2",
+    )
+    .fetch_all(&sqlite)
+    .await
+    .expect("sqlite columns");
+    let pg = pg_store(&url).await;
+    let pg_cols: HashSet<(String, String)> = sqlx::query_as(
+        "SELECT table_name::TEXT, column_name::TEXT FROM information_schema.columns
+         WHERE table_schema = 'public'",
+    )
+    .fetch_all(pg.pool())
+    .await
+    .expect("pg columns")
+    .into_iter()
+    .collect();
+    for c in &sqlite_cols {
+        assert!(pg_cols.contains(c), "{c:?} is in SQLite but not PostgreSQL");
+    }
+    let sqlite_cols: std::collections::BTreeSet<(&str, &str)> = sqlite_cols
+        .iter()
+        .map(|(t, c)| (t.as_str(), c.as_str()))
+        .collect();
+    let copied: std::collections::BTreeSet<(&str, &str)> =
+        meshid_server::store::migrate::copied_columns()
+            .into_iter()
+            .collect();
+    assert_eq!(copied, sqlite_cols, "store migrate copies every column");
+}
+
 // ---- PostgreSQL only -------------------------------------------------------
 
 async fn pg_store(url: &str) -> PostgresStore {

@@ -11,6 +11,7 @@
 //! fields) bump a store-wide revision that [`Store::subscribe_changes`]
 //! publishes: in-process for SQLite, across servers for PostgreSQL.
 
+pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
 

@@ -122,6 +122,11 @@ impl PostgresOptions {
 
     /// The sqlx connection options.
     pub fn connect_options(&self) -> Result<PgConnectOptions, StoreError> {
+        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
+            return Err(StoreError::Db(sqlx::Error::Configuration(
+                "the URL must start with postgres:// or postgresql://".into(),
+            )));
+        }
         let mut o = PgConnectOptions::from_str(&self.url)?;
         if let Some(m) = self.ssl_mode {
             o = o.ssl_mode(m.into());
