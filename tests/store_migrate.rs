@@ -45,7 +45,7 @@ const TABLES: [&str; 6] = [
     "agents",
     "bundles",
     "join_tokens",
-    "ca_keys",
+    "ca_journal",
     "issued_certs",
 ];
 
@@ -166,7 +166,7 @@ async fn sqlite_store_moves_to_postgres() {
     assert_eq!(rows["agents"], 1);
     assert_eq!(rows["bundles"], 2);
     assert_eq!(rows["join_tokens"], 1, "the unused token");
-    assert!(rows["ca_keys"] >= 1);
+    assert!(rows["ca_journal"] >= 2, "X.509 CA and JWT key");
     assert!(
         rows["issued_certs"] >= 3,
         "agent SVID and two workload SVIDs"

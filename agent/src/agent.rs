@@ -27,6 +27,10 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     ids: IdentityStore,
     kick: Notify,
+    /// The agent's current SVID (bundle updates must keep verifying it).
+    identity: arc_swap::ArcSwap<AgentIdentity>,
+    /// Wakes the agent SVID renewal (its authority was tainted).
+    renew_kick: Notify,
 }
 
 impl std::fmt::Debug for Agent {
@@ -146,6 +150,8 @@ impl Agent {
             metrics,
             ids,
             kick: Notify::new(),
+            identity: arc_swap::ArcSwap::from_pointee(id.clone()),
+            renew_kick: Notify::new(),
         });
         tokio::spawn(agent.clone().renew_agent_loop(id));
         tokio::spawn(agent.clone().sync_loop());
@@ -176,7 +182,23 @@ impl Agent {
             self.config.rotation_fraction,
         );
         loop {
-            tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await;
+            let tainted = |id: &AgentIdentity| {
+                id.chain
+                    .first()
+                    .and_then(|l| meshid_identity::svid::authority_key_id(l))
+                    .is_some_and(|a| self.snapshot.borrow().tainted.contains(&a))
+            };
+            if !tainted(&id) {
+                tokio::select! {
+                    () = tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()) => {},
+                    () = self.renew_kick.notified() => {
+                        if !tainted(&id) { continue; }
+                    },
+                }
+            }
+            if tainted(&id) {
+                tracing::warn!(spiffe_id = %id.info.spiffe_id, "agent SVID was signed by a tainted authority; renewing now");
+            }
             let res: Result<_, ClientError> = async {
                 let (key, csr) = new_key_and_csr()?;
                 let r = self
@@ -199,6 +221,7 @@ impl Agent {
                 Ok(new) => {
                     attempt = 0;
                     self.client.set_identity(&new).ok();
+                    self.identity.store(Arc::new(new.clone()));
                     id = new;
                     self.metrics
                         .agent_not_after
@@ -241,12 +264,14 @@ impl Agent {
                         .into_iter()
                         .map(|b| (b.trust_domain.clone(), b))
                         .collect();
-                    if let Some(b) = &bundle
-                        && let Err(e) = self.ids.save_bundle(b)
-                    {
-                        tracing::warn!(error = %e, "cannot persist bundle");
+                    let bundle = bundle.and_then(|b| self.accept_bundle(b));
+                    let tainted: std::collections::HashSet<String> =
+                        msg.tainted_authorities.into_iter().collect();
+                    if !tainted.is_empty() {
+                        self.renew_kick.notify_one();
                     }
                     self.publish(|s| {
+                        s.tainted = tainted;
                         let ids: std::collections::HashSet<&String> =
                             entries.iter().map(|e| &e.id).collect();
                         s.svids.retain(|id, _| ids.contains(id));
@@ -272,6 +297,52 @@ impl Agent {
             }
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Checks a bundle from the server before it is used, served or
+    /// persisted: expired (or not yet valid) roots are left out, and an
+    /// update that would no longer verify the agent's own SVID is refused
+    /// (the last good bundle stays, and the refusal is logged and counted).
+    fn accept_bundle(
+        &self,
+        mut b: meshid_proto::types::Bundle,
+    ) -> Option<meshid_proto::types::Bundle> {
+        let now = SystemTime::now();
+        let current = self.snapshot.borrow().bundle.clone();
+        if current.as_ref().is_some_and(|c| {
+            c.x509_authorities == b.x509_authorities && c.jwt_authorities == b.jwt_authorities
+        }) {
+            return Some(b);
+        }
+        let (roots, dropped) = meshid_identity::chain::prune_roots(&b.x509_authorities, now);
+        for d in &dropped {
+            tracing::warn!(root = %d, "left out of the bundle");
+        }
+        let id = self.identity.load_full();
+        if let Err(e) = meshid_identity::chain::verify_chain(&id.chain, &roots, now) {
+            self.metrics.bundle_refused.inc();
+            tracing::error!(
+                sequence_number = b.sequence_number,
+                error = %e,
+                "bundle update refused: it would not verify this agent's own SVID; keeping the last good bundle"
+            );
+            return None;
+        }
+        b.x509_authorities = roots;
+        if let Err(e) = self.client.set_trust(&b.x509_authorities) {
+            tracing::error!(error = %e, "cannot trust the new bundle for the node API");
+        }
+        if let Err(e) = self.ids.save_bundle(&b) {
+            tracing::warn!(error = %e, "cannot persist bundle");
+        }
+        self.metrics.bundle_updates.inc();
+        tracing::info!(
+            sequence_number = b.sequence_number,
+            x509_authorities = b.x509_authorities.len(),
+            jwt_authorities = b.jwt_authorities.len(),
+            "bundle updated"
+        );
+        Some(b)
     }
 
     async fn mint_loop(self: Arc<Self>) {
@@ -318,7 +389,20 @@ impl Agent {
                                         + Duration::from_secs(
                                             u64::try_from(svid.expires_at).unwrap_or(0),
                                         );
+                                    if snap
+                                        .svids
+                                        .get(&e.id)
+                                        .is_some_and(|c| snap.tainted.contains(&c.authority))
+                                    {
+                                        self.metrics.tainted_reminted.inc();
+                                    }
+                                    let authority = svid
+                                        .cert_chain
+                                        .first()
+                                        .and_then(|l| meshid_identity::svid::authority_key_id(l))
+                                        .unwrap_or_default();
                                     minted.push(Arc::new(CachedSvid {
+                                        authority,
                                         entry_id: e.id.clone(),
                                         entry_revision: e.revision,
                                         spiffe_id: svid.spiffe_id,

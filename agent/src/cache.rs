@@ -27,6 +27,8 @@ pub struct CachedSvid {
     pub not_after: SystemTime,
     /// When to renew (fraction of the lifetime from receipt, minus jitter).
     pub renew_at: SystemTime,
+    /// Id of the authority that signed it (the leaf's authority key id).
+    pub authority: String,
 }
 
 impl std::fmt::Debug for CachedSvid {
@@ -59,6 +61,8 @@ pub struct Snapshot {
     pub federated: HashMap<String, Bundle>,
     /// The agent's own SVID notAfter (readiness).
     pub agent_not_after: Option<SystemTime>,
+    /// Ids of tainted authorities: what they signed is re-minted now.
+    pub tainted: std::collections::HashSet<String>,
 }
 
 impl Snapshot {
@@ -76,7 +80,11 @@ impl Snapshot {
     pub fn needs_mint(&self, e: &Entry, now: SystemTime) -> bool {
         match self.svids.get(&e.id) {
             None => true,
-            Some(s) => s.entry_revision != e.revision || s.renew_at <= now,
+            Some(s) => {
+                s.entry_revision != e.revision
+                    || s.renew_at <= now
+                    || self.tainted.contains(&s.authority)
+            }
         }
     }
 

@@ -45,6 +45,12 @@ pub struct Metrics {
     pub agent_renewal_failures: Counter,
     /// Agent SVID notAfter, Unix seconds.
     pub agent_not_after: Gauge,
+    /// Bundle updates refused (they would not verify the agent's own SVID).
+    pub bundle_refused: Counter,
+    /// Bundle updates accepted from the server.
+    pub bundle_updates: Counter,
+    /// SVIDs re-minted early because their authority was tainted.
+    pub tainted_reminted: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -107,7 +113,28 @@ impl Metrics {
             "Agent SVID notAfter (Unix seconds)",
             agent_not_after.clone(),
         );
+        let bundle_refused = Counter::default();
+        r.register(
+            "bundle_updates_refused",
+            "Bundle updates refused because they would not verify the agent's own SVID",
+            bundle_refused.clone(),
+        );
+        let bundle_updates = Counter::default();
+        r.register(
+            "bundle_updates",
+            "Bundle updates accepted from the server",
+            bundle_updates.clone(),
+        );
+        let tainted_reminted = Counter::default();
+        r.register(
+            "tainted_svids_reminted",
+            "SVIDs re-minted early because their signing authority was tainted",
+            tainted_reminted.clone(),
+        );
         Arc::new(Self {
+            bundle_refused,
+            bundle_updates,
+            tainted_reminted,
             registry: r,
             attestations,
             requests,

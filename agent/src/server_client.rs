@@ -132,14 +132,19 @@ pub fn new_key_and_csr() -> Result<(Vec<u8>, Vec<u8>), ClientError> {
 pub struct ServerClient {
     channel: Arc<ArcSwap<Channel>>,
     cert: Arc<ClientCert>,
-    connector: tokio_rustls::TlsConnector,
+    /// Rebuilt when the trust domain's bundle changes; read at each connect.
+    connector: Arc<ArcSwap<tokio_rustls::TlsConnector>>,
     addrs: Arc<Vec<String>>,
+    td: String,
 }
 
 /// A lazily connecting channel. Connections live as long as the channel, so a
 /// new identity needs a new channel: HTTP/2 would otherwise keep using the
 /// connection (and certificate) it already has.
-fn make_channel(connector: tokio_rustls::TlsConnector, addrs: Arc<Vec<String>>) -> Channel {
+fn make_channel(
+    connector: Arc<ArcSwap<tokio_rustls::TlsConnector>>,
+    addrs: Arc<Vec<String>>,
+) -> Channel {
     Endpoint::from_static("http://meshid-server")
         .connect_timeout(std::time::Duration::from_secs(5))
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
@@ -154,7 +159,7 @@ fn make_channel(connector: tokio_rustls::TlsConnector, addrs: Arc<Vec<String>>) 
                             tcp.set_nodelay(true)?;
                             let name = ServerName::try_from("meshid-server")
                                 .map_err(std::io::Error::other)?;
-                            let tls = connector.connect(name, tcp).await?;
+                            let tls = connector.load_full().connect(name, tcp).await?;
                             return Ok::<_, std::io::Error>(TokioIo::new(tls));
                         }
                         Err(e) => last = e,
@@ -174,6 +179,32 @@ impl std::fmt::Debug for ServerClient {
 impl ServerClient {
     /// A lazily connecting client trusting `roots` (DER) for `td`.
     pub fn new(addrs: Vec<String>, td: &str, roots: &[Vec<u8>]) -> Result<Self, ClientError> {
+        let cert = Arc::new(ClientCert::default());
+        let connector = Arc::new(ArcSwap::from_pointee(Self::connector(td, roots, &cert)?));
+        let addrs = Arc::new(addrs);
+        let channel = ArcSwap::from_pointee(make_channel(connector.clone(), addrs.clone()));
+        Ok(Self {
+            channel: Arc::new(channel),
+            cert,
+            connector,
+            addrs,
+            td: td.to_string(),
+        })
+    }
+
+    /// Trusts `roots` for every later connection to the server (the bundle
+    /// changed: a CA rotation). Established connections stay.
+    pub fn set_trust(&self, roots: &[Vec<u8>]) -> Result<(), ClientError> {
+        self.connector
+            .store(Arc::new(Self::connector(&self.td, roots, &self.cert)?));
+        Ok(())
+    }
+
+    fn connector(
+        td: &str,
+        roots: &[Vec<u8>],
+        cert: &Arc<ClientCert>,
+    ) -> Result<tokio_rustls::TlsConnector, ClientError> {
         let provider = meshid_identity::crypto::provider();
         let mut bundles = TrustBundles::new();
         let ders: Vec<CertificateDer<'static>> = roots
@@ -185,7 +216,6 @@ impl ServerClient {
             .parse()
             .map_err(|e| ClientError::Identity(format!("server ID: {e}")))?;
         let verifier = SpiffeServerVerifier::new(bundles, Authorizer::Exact(server_id), &provider);
-        let cert = Arc::new(ClientCert::default());
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(meshid_identity::crypto::versions(false))
             .map_err(|e| ClientError::Identity(e.to_string()))?
@@ -196,15 +226,7 @@ impl ServerClient {
         // A resumed session keeps the identity of the session it resumes: the
         // unauthenticated attestation, or an agent SVID since renewed.
         cfg.resumption = rustls::client::Resumption::disabled();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-        let addrs = Arc::new(addrs);
-        let channel = ArcSwap::from_pointee(make_channel(connector.clone(), addrs.clone()));
-        Ok(Self {
-            channel: Arc::new(channel),
-            cert,
-            connector,
-            addrs,
-        })
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
     }
 
     /// Presents `id` on every new connection.

@@ -6,6 +6,7 @@
 //!   the peer's trust domain, then authorize the peer's SPIFFE ID.
 //! - [`pem`]: PEM encoding and decoding of certificates and keys.
 
+pub mod chain;
 pub mod crypto;
 pub mod kube;
 pub mod pem;

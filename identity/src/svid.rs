@@ -98,3 +98,37 @@ pub fn unix(t: SystemTime) -> i64 {
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
     }
 }
+
+/// The id of the authority that signed a certificate: the lowercase hex
+/// keyIdentifier of its authorityKeyIdentifier extension, if present.
+pub fn authority_key_id(der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    cert.extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| hex::encode(k.0))
+            }
+            _ => None,
+        })
+}
+
+/// The id of a CA certificate as an authority: the lowercase hex of its
+/// subjectKeyIdentifier, or, when it has none, of the first 20 bytes of the
+/// SHA-256 of its public key (what leaves signed by it are matched against
+/// through their authorityKeyIdentifier).
+pub fn subject_key_id(der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let ski = cert
+        .extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(hex::encode(k.0)),
+            _ => None,
+        });
+    ski.or_else(|| {
+        use sha2::Digest as _;
+        let d = sha2::Sha256::digest(cert.public_key().subject_public_key.data.as_ref());
+        Some(hex::encode(&d[..20]))
+    })
+}

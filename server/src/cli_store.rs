@@ -12,12 +12,14 @@ use crate::store::migrate::{MigrateOptions, sqlite_to_postgres};
 #[derive(Debug, clap::Subcommand)]
 pub enum StoreCmd {
     /// Copy a SQLite store into PostgreSQL: entries, agents, bundles, join
-    /// tokens, CA records and the issuance journal, verified by row counts
-    /// and checksums in one transaction.
+    /// tokens, the CA journal and the issuance journal, verified by row
+    /// counts and checksums in one transaction.
     ///
     /// Stop the SQLite server first (or expect changes made after the copy's
-    /// snapshot to be missing). CA keys live in the server's data_dir, not in
-    /// the store: give every server on PostgreSQL that directory's `ca/`.
+    /// snapshot to be missing). The CA private keys and the server's
+    /// instance id stay in its data_dir, not in the store: run the first
+    /// server on PostgreSQL with that data_dir, so it keeps signing with the
+    /// authorities the journal names as its own.
     Migrate {
         /// The SQLite database, e.g. /var/lib/meshid/server/meshid.db.
         #[arg(long)]

@@ -135,17 +135,85 @@ impl Default for StoreConfig {
 
 /// `[upstream]`: an external CA under which the server keeps its own
 /// intermediate signing CA.
+///
+/// With `cert_path` and `key_path` the server mints and rotates its
+/// intermediates by itself. With only `bundle_path` (the root kept offline),
+/// an operator prepares each intermediate (`meshid server ca prepare
+/// --upstream-csr FILE`), has the offline CA sign the CSR, and imports it
+/// (`meshid server ca import --cert FILE`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// PEM: the upstream CA certificate, followed by any intermediates up to
     /// (optionally including) the root.
-    pub cert_path: PathBuf,
+    pub cert_path: Option<PathBuf>,
     /// PEM private key of the upstream CA certificate.
-    pub key_path: PathBuf,
+    pub key_path: Option<PathBuf>,
     /// PEM roots of trust published in the bundle. Defaults to the last
     /// certificate of `cert_path`, which must then be self-signed.
     pub bundle_path: Option<PathBuf>,
+    /// Warn (log, metric, `/readyz` detail) when the upstream chain ends
+    /// within this window.
+    #[serde(default = "default_upstream_warn", with = "humantime_serde")]
+    pub warn_before: Duration,
+}
+
+fn default_upstream_warn() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+
+impl UpstreamConfig {
+    /// Whether the server holds the upstream key and can mint by itself.
+    pub fn has_key(&self) -> bool {
+        self.key_path.is_some()
+    }
+}
+
+/// `[ca]`: how the signing authorities rotate. The defaults follow the
+/// proven schedule: prepare the successor at half the lifetime, activate it
+/// once it has been published for `max_svid_ttl`, and by 5/6 at the latest.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CaRotationConfig {
+    /// Fraction of the active CA's lifetime at which the next is prepared.
+    #[serde(default = "default_prepare_at")]
+    pub prepare_at: f64,
+    /// Fraction of the active CA's lifetime by which the next is activated.
+    #[serde(default = "default_activate_by")]
+    pub activate_by: f64,
+    /// How long a prepared CA is published before it signs; default
+    /// `max_svid_ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub publish_before_use: Option<Duration>,
+    /// Lifetime of JWT signing keys; default `ca_ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub jwt_key_ttl: Option<Duration>,
+    /// Rotate automatically (default). Off: only `meshid server ca` moves
+    /// authorities, and `/readyz` fails when the active CA nears its end.
+    #[serde(default = "default_true")]
+    pub automatic: bool,
+}
+
+fn default_prepare_at() -> f64 {
+    0.5
+}
+fn default_activate_by() -> f64 {
+    5.0 / 6.0
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for CaRotationConfig {
+    fn default() -> Self {
+        Self {
+            prepare_at: default_prepare_at(),
+            activate_by: default_activate_by(),
+            publish_before_use: None,
+            jwt_key_ttl: None,
+            automatic: true,
+        }
+    }
 }
 
 /// The server's configuration file.
@@ -192,6 +260,9 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Optional upstream CA.
     pub upstream: Option<UpstreamConfig>,
+    /// CA and JWT key rotation.
+    #[serde(default)]
+    pub ca: CaRotationConfig,
     /// Node attestors besides join tokens, which are always on.
     #[serde(default)]
     pub node_attestor: NodeAttestorConfig,
@@ -301,7 +372,7 @@ fn default_svid_ttl() -> Duration {
     Duration::from_secs(3600)
 }
 fn default_max_svid_ttl() -> Duration {
-    Duration::from_secs(7 * 24 * 3600)
+    Duration::from_secs(24 * 3600)
 }
 fn default_jwt_ttl() -> Duration {
     Duration::from_secs(300)
@@ -374,6 +445,75 @@ impl ServerConfig {
                 humantime::format_duration(self.max_svid_ttl)
             )));
         }
+        for (name, d) in [
+            ("default_svid_ttl", self.default_svid_ttl),
+            ("agent_svid_ttl", self.agent_svid_ttl),
+            ("default_jwt_svid_ttl", self.default_jwt_svid_ttl),
+        ] {
+            if d > self.max_svid_ttl {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} ({}) exceeds max_svid_ttl ({})",
+                    humantime::format_duration(d),
+                    humantime::format_duration(self.max_svid_ttl)
+                )));
+            }
+        }
+        // A CA must live long enough for its successor to be published for a
+        // whole SVID lifetime before it signs, and for the last SVIDs it signed
+        // to expire before it does: no overlap is possible below 2x.
+        if self.ca_ttl < self.max_svid_ttl * 2 {
+            return Err(ConfigError::Invalid(format!(
+                "ca_ttl ({}) must be at least twice max_svid_ttl ({}): the next CA has to be \
+                 published for one SVID lifetime before it signs, and the old one has to outlive \
+                 the SVIDs it signed; raise ca_ttl or lower max_svid_ttl",
+                humantime::format_duration(self.ca_ttl),
+                humantime::format_duration(self.max_svid_ttl)
+            )));
+        }
+        let r = &self.ca;
+        if !(0.1..=0.9).contains(&r.prepare_at)
+            || !(0.1..=0.95).contains(&r.activate_by)
+            || r.activate_by <= r.prepare_at
+        {
+            return Err(ConfigError::Invalid(format!(
+                "ca.prepare_at ({}) and ca.activate_by ({}) must satisfy 0.1 <= prepare_at < \
+                 activate_by <= 0.95",
+                r.prepare_at, r.activate_by
+            )));
+        }
+        if let Some(p) = r.publish_before_use
+            && p > self.ca_ttl.mul_f64(r.activate_by - r.prepare_at)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "ca.publish_before_use ({}) is longer than the window between preparation and \
+                 the latest activation ({})",
+                humantime::format_duration(p),
+                humantime::format_duration(self.ca_ttl.mul_f64(r.activate_by - r.prepare_at))
+            )));
+        }
+        if let Some(j) = r.jwt_key_ttl
+            && j < self.max_svid_ttl * 2
+        {
+            return Err(ConfigError::Invalid(format!(
+                "ca.jwt_key_ttl ({}) must be at least twice max_svid_ttl ({})",
+                humantime::format_duration(j),
+                humantime::format_duration(self.max_svid_ttl)
+            )));
+        }
+        if let Some(u) = &self.upstream {
+            if u.key_path.is_some() != u.cert_path.is_some() && u.key_path.is_some() {
+                return Err(ConfigError::Invalid(
+                    "upstream.key_path needs upstream.cert_path".into(),
+                ));
+            }
+            if u.cert_path.is_none() && u.bundle_path.is_none() {
+                return Err(ConfigError::Invalid(
+                    "[upstream] needs cert_path and key_path (the server mints intermediates), \
+                     or bundle_path alone (an offline root signs them)"
+                        .into(),
+                ));
+            }
+        }
         if let Some(psat) = &self.node_attestor.k8s_psat {
             psat.validate(&self.trust_domain)?;
         }
@@ -396,6 +536,27 @@ impl ServerConfig {
         self.audit_log
             .clone()
             .unwrap_or_else(|| self.data_dir.join("audit.log"))
+    }
+
+    /// The X.509 CA rotation schedule.
+    pub fn x509_policy(&self) -> crate::ca::schedule::Policy {
+        crate::ca::schedule::Policy {
+            ttl: self.ca_ttl,
+            prepare_at: self.ca.prepare_at,
+            activate_by: self.ca.activate_by,
+            publish_before_use: self.ca.publish_before_use.unwrap_or(self.max_svid_ttl),
+            max_credential_ttl: self.max_svid_ttl,
+            can_prepare: self.ca.automatic && self.upstream.as_ref().is_none_or(|u| u.has_key()),
+        }
+    }
+
+    /// The JWT key rotation schedule.
+    pub fn jwt_policy(&self) -> crate::ca::schedule::Policy {
+        crate::ca::schedule::Policy {
+            ttl: self.ca.jwt_key_ttl.unwrap_or(self.ca_ttl),
+            can_prepare: self.ca.automatic,
+            ..self.x509_policy()
+        }
     }
 
     /// `spiffe://<trust_domain>`.
@@ -453,8 +614,31 @@ mod tests {
     fn minimal_config_gets_defaults() {
         let c = ServerConfig::parse("trust_domain = \"example.org\"").expect("parses");
         assert_eq!(c.default_svid_ttl, Duration::from_secs(3600));
-        assert_eq!(c.max_svid_ttl, Duration::from_secs(7 * 86400));
+        // Defaults that can overlap: a 7-day CA, SVIDs of at most a day.
+        assert_eq!(c.max_svid_ttl, Duration::from_secs(86400));
+        assert_eq!(c.ca_ttl, Duration::from_secs(7 * 86400));
         assert_eq!(c.store, StoreConfig::Sqlite { path: None });
+        assert!(c.ca.automatic);
+    }
+
+    #[test]
+    fn lifetimes_that_cannot_overlap_are_refused() {
+        // The short lifetimes tests use are fine.
+        let c = ServerConfig::parse(
+            "trust_domain = \"td\"\nca_ttl = \"60s\"\nmax_svid_ttl = \"8s\"\ndefault_svid_ttl = \"8s\"\nagent_svid_ttl = \"8s\"\ndefault_jwt_svid_ttl = \"8s\"",
+        )
+        .expect("60 s CA with 8 s SVIDs");
+        assert_eq!(c.x509_policy().publish_before_use, Duration::from_secs(8));
+        let e = ServerConfig::parse("trust_domain = \"td\"\nca_ttl = \"36h\"")
+            .expect_err("36 h CA with 24 h SVIDs cannot overlap");
+        assert!(e.to_string().contains("at least twice max_svid_ttl"), "{e}");
+        let e =
+            ServerConfig::parse("trust_domain = \"td\"\n[ca]\nprepare_at = 0.9\nactivate_by = 0.5")
+                .expect_err("activation before preparation");
+        assert!(e.to_string().contains("prepare_at"), "{e}");
+        let e = ServerConfig::parse("trust_domain = \"td\"\n[upstream]\nwarn_before = \"1d\"")
+            .expect_err("upstream without certificate or bundle");
+        assert!(e.to_string().contains("bundle_path"), "{e}");
     }
 
     #[test]

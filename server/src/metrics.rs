@@ -42,6 +42,17 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of CA journal transitions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// `x509` or `jwt`.
+    pub kind: &'static str,
+    /// `bootstrapped`, `prepared`, `pending`, `activated`, `retired`,
+    /// `removed`, `tainted`, `revoked`, `imported`, `failed`,
+    /// `needs_operator`.
+    pub transition: &'static str,
+}
+
 type HistogramFamily = Family<OutcomeLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -67,6 +78,16 @@ pub struct Metrics {
     pub agents: Gauge,
     /// Open sync streams.
     pub sync_streams: Gauge,
+    /// CA journal transitions.
+    pub ca_transitions: Family<TransitionLabels, Counter>,
+    /// notAfter of the active JWT key.
+    pub jwt_key_not_after: Gauge,
+    /// notAfter of the prepared (next) CA, 0 when none.
+    pub ca_next_not_after: Gauge,
+    /// notAfter of the upstream CA chain, 0 without upstream.
+    pub upstream_not_after: Gauge,
+    /// Bundle publications refused by the chain gate.
+    pub bundle_refused: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -119,7 +140,42 @@ impl Metrics {
             "Open agent sync streams",
             sync_streams.clone(),
         );
+        let ca_transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "ca_transitions",
+            "CA journal transitions, by kind and transition",
+            ca_transitions.clone(),
+        );
+        let jwt_key_not_after = Gauge::default();
+        registry.register(
+            "jwt_key_not_after_seconds",
+            "notAfter of the active JWT signing key (Unix seconds)",
+            jwt_key_not_after.clone(),
+        );
+        let ca_next_not_after = Gauge::default();
+        registry.register(
+            "ca_next_not_after_seconds",
+            "notAfter of the prepared next CA (Unix seconds; 0 when none is prepared)",
+            ca_next_not_after.clone(),
+        );
+        let upstream_not_after = Gauge::default();
+        registry.register(
+            "upstream_not_after_seconds",
+            "Earliest notAfter of the upstream CA chain (Unix seconds; 0 without upstream)",
+            upstream_not_after.clone(),
+        );
+        let bundle_refused = Counter::default();
+        registry.register(
+            "bundle_publications_refused",
+            "Bundle publications refused by the chain gate",
+            bundle_refused.clone(),
+        );
         Arc::new(Self {
+            ca_transitions,
+            jwt_key_not_after,
+            ca_next_not_after,
+            upstream_not_after,
+            bundle_refused,
             registry,
             svids,
             sign_latency,
@@ -130,6 +186,14 @@ impl Metrics {
             agents,
             sync_streams,
         })
+    }
+
+    /// Counts a CA journal transition.
+    pub fn ca_transition(&self, kind: &str, transition: &'static str) {
+        let kind = if kind == "jwt" { "jwt" } else { "x509" };
+        self.ca_transitions
+            .get_or_create(&TransitionLabels { kind, transition })
+            .inc();
     }
 
     /// Counts `n` SVIDs.

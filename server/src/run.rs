@@ -20,11 +20,11 @@ use crate::api::admin::AdminService;
 use crate::api::node::NodeService;
 use crate::api::tls::{ServerCertResolver, accept_loop};
 use crate::audit::{AuditLog, Event};
-use crate::ca::{JwtSigner, SigningCa};
+use crate::ca::CaManager;
 use crate::config::{ServerConfig, StoreConfig};
 use crate::metrics::Metrics;
 use crate::state::ServerState;
-use crate::store::{CaRecord, PostgresStore, SqliteStore, Store};
+use crate::store::{PostgresStore, SqliteStore, Store};
 use meshid_identity::svid::unix;
 
 /// Server SVID lifetime; renewed at half-life.
@@ -51,29 +51,10 @@ async fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
-fn ca_record(ca: &SigningCa, kind: &str) -> CaRecord {
-    use x509_parser::prelude::*;
-    let (serial, subject, nb) = X509Certificate::from_der(ca.cert_der())
-        .map(|(_, c)| {
-            (
-                hex::encode(c.raw_serial()),
-                c.subject().to_string(),
-                c.validity().not_before.timestamp(),
-            )
-        })
-        .unwrap_or_default();
-    CaRecord {
-        serial,
-        kind: kind.into(),
-        subject,
-        not_before: nb,
-        not_after: unix(ca.not_after()),
-        state: "active".into(),
-    }
-}
-
 /// Issues the server's own SVID and returns it as a rustls key.
-async fn server_certified_key(st: &ServerState) -> anyhow::Result<(CertifiedKey, SystemTime)> {
+async fn server_certified_key(
+    st: &ServerState,
+) -> anyhow::Result<(CertifiedKey, SystemTime, String)> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
     let svid = st
@@ -96,7 +77,77 @@ async fn server_certified_key(st: &ServerState) -> anyhow::Result<(CertifiedKey,
         .iter()
         .map(|d| CertificateDer::from(d.clone()))
         .collect();
-    Ok((CertifiedKey::new(chain, signing), svid.not_after))
+    let ca_id = svid
+        .chain
+        .first()
+        .and_then(|l| meshid_identity::svid::authority_key_id(l))
+        .unwrap_or_default();
+    Ok((CertifiedKey::new(chain, signing), svid.not_after, ca_id))
+}
+
+/// The node API's TLS configuration: the server SVID from `resolver`, and
+/// agents' client certificates verified against `roots` (the own bundle as
+/// last published, so the verifier follows every CA rotation).
+fn node_tls_config(
+    td: &str,
+    roots: &[Vec<u8>],
+    resolver: Arc<ServerCertResolver>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = meshid_identity::crypto::provider();
+    let mut bundles = TrustBundles::new();
+    let ders: Vec<CertificateDer<'static>> = roots
+        .iter()
+        .map(|d| CertificateDer::from(d.clone()))
+        .collect();
+    bundles.add(td, &ders);
+    let verifier = SpiffeClientVerifier::new(bundles, Authorizer::Any, &provider, false);
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(meshid_identity::crypto::versions(false))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: every connection presents the agent's current SVID.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
+    Ok(Arc::new(tls))
+}
+
+/// The CA loop: runs the journal's due transitions, republishes the bundle
+/// when anything changed (which the sync streams push to every agent), and
+/// sleeps until the next transition, a manual change, or 30 s (other
+/// servers sharing the store may have changed the journal).
+fn spawn_ca_loop(state: Arc<ServerState>, renew: Arc<tokio::sync::Notify>) {
+    tokio::spawn(async move {
+        loop {
+            let now = SystemTime::now();
+            let next = match state.ca.tick(now).await {
+                Ok((next, changed)) => {
+                    if changed {
+                        renew.notify_one();
+                    }
+                    next
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "CA schedule failed; retrying");
+                    None
+                }
+            };
+            if let Err(e) = state.publish_own_bundle().await {
+                tracing::error!(error = %e, "bundle publication failed; retrying");
+            }
+            state.next_transition.store(Arc::new(next.clone()));
+            let wait = next
+                .map(|(at, _)| {
+                    Duration::from_secs(u64::try_from(at - unix(SystemTime::now())).unwrap_or(0))
+                })
+                .unwrap_or(Duration::from_secs(30))
+                .clamp(Duration::from_millis(200), Duration::from_secs(30));
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {},
+                () = state.ca_changed.notified() => renew.notify_one(),
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {
@@ -122,38 +173,29 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let audit = AuditLog::open(&cfg.audit_log_path())
         .with_context(|| format!("opening audit log {}", cfg.audit_log_path().display()))?;
     let store = open_store(&cfg).await?;
-    let (ca, created) = SigningCa::load_or_create(
-        &cfg.data_dir,
-        &cfg.trust_domain,
-        cfg.ca_ttl,
-        cfg.upstream.as_ref(),
-        SystemTime::now(),
-    )
-    .context("the signing CA cannot be used; refusing to start")?;
-    let kind = if cfg.upstream.is_some() {
-        "intermediate"
-    } else {
-        "self_signed"
-    };
-    let rec = ca_record(&ca, kind);
-    store.put_ca(&rec).await?;
-    audit.write(
-        Event::new(if created { "ca_created" } else { "ca_loaded" })
-            .with("kind", kind)
-            .with("serial", rec.serial.clone())
-            .with("not_after", rec.not_after),
-    )?;
-    tracing::info!(kind, serial = %rec.serial, not_after = %humantime::format_rfc3339_seconds(ca.not_after()), created, "signing CA ready");
-    let jwt = JwtSigner::load_or_create(&cfg.data_dir)?;
     let metrics = Metrics::new();
-    metrics.ca_not_after.set(unix(ca.not_after()));
+    let ca = CaManager::start(&cfg, store.clone(), audit.clone(), metrics.clone())
+        .await
+        .context("the signing CA cannot be used; refusing to start")?;
+    {
+        let x = ca.signer();
+        tracing::info!(id = %x.id(), not_after = %humantime::format_rfc3339_seconds(x.not_after()), owner = %ca.owner(), "signing CA ready");
+    }
+    audit.write(
+        Event::new("server_started")
+            .with("owner", ca.owner().to_string())
+            .with("ca", ca.signer().id().to_string())
+            .with("jwt_kid", ca.jwt_signer().kid().to_string()),
+    )?;
     let (changes, _) = tokio::sync::watch::channel(0u64);
     let journal = crate::journal::Journal::start(store.clone(), audit.clone());
     let state = Arc::new(ServerState {
         config: cfg.clone(),
         journal,
-        ca: Arc::new(ca),
-        jwt: Arc::new(jwt),
+        ca,
+        tainted: Default::default(),
+        ca_changed: Default::default(),
+        next_transition: Default::default(),
         store,
         audit,
         metrics: metrics.clone(),
@@ -175,32 +217,49 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         }
     });
 
-    // Node API.
-    let (ck, not_after) = server_certified_key(&state).await?;
+    // Node API: the verifier follows the published bundle.
+    let (ck, not_after, svid_ca) = server_certified_key(&state).await?;
     let resolver = ServerCertResolver::new(ck);
-    let provider = meshid_identity::crypto::provider();
-    let mut bundles = TrustBundles::new();
-    let roots: Vec<CertificateDer<'static>> = bundle
-        .x509_authorities
-        .iter()
-        .map(|d| CertificateDer::from(d.clone()))
-        .collect();
-    bundles.add(&cfg.trust_domain, &roots);
-    let verifier = SpiffeClientVerifier::new(bundles, Authorizer::Any, &provider, false);
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(meshid_identity::crypto::versions(false))?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(resolver.clone());
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    // No resumption: every connection presents the agent's current SVID.
-    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    tls.send_tls13_tickets = 0;
+    let tls = Arc::new(arc_swap::ArcSwap::new(node_tls_config(
+        &cfg.trust_domain,
+        &bundle.x509_authorities,
+        resolver.clone(),
+    )?));
+    {
+        let (state, tls, resolver) = (state.clone(), tls.clone(), resolver.clone());
+        let mut changes = state.changes.subscribe();
+        let mut roots = bundle.x509_authorities.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Ok(b) = state.own_bundle().await else {
+                    continue;
+                };
+                if b.x509_authorities == roots {
+                    continue;
+                }
+                match node_tls_config(
+                    &state.config.trust_domain,
+                    &b.x509_authorities,
+                    resolver.clone(),
+                ) {
+                    Ok(c) => {
+                        tls.store(c);
+                        roots = b.x509_authorities;
+                        tracing::info!(roots = roots.len(), "node API now trusts the new bundle");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot rebuild the node API TLS configuration")
+                    }
+                }
+            }
+        });
+    }
     let listener = TcpListener::bind(cfg.bind_address)
         .await
         .with_context(|| format!("binding node API on {}", cfg.bind_address))?;
     let node_addr = listener.local_addr()?;
     let _ = state.node_address.set(node_addr.to_string());
-    let incoming = ReceiverStream::new(accept_loop(listener, Arc::new(tls), metrics.clone()));
+    let incoming = ReceiverStream::new(accept_loop(listener, tls, metrics.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let node_stop = {
         let mut rx = stop_rx.clone();
@@ -223,28 +282,48 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(incoming, node_stop);
     let node_task = tokio::spawn(node_server);
 
-    // Server SVID renewal at half-life.
+    // Server SVID renewal at half-life, and at once when the signing CA
+    // changed or the one that signed it is tainted.
+    let renew = Arc::new(tokio::sync::Notify::new());
     {
         let state = state.clone();
         let resolver = resolver.clone();
+        let renew = renew.clone();
         let mut not_after = not_after;
+        let mut svid_ca = svid_ca;
         tokio::spawn(async move {
             loop {
                 let left = not_after
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
-                tokio::time::sleep((left / 2).max(Duration::from_secs(1))).await;
+                let stale =
+                    svid_ca != state.ca.signer().id() || state.tainted.load().contains(&svid_ca);
+                if !stale {
+                    tokio::select! {
+                        () = tokio::time::sleep((left / 2).max(Duration::from_secs(1))) => {},
+                        () = renew.notified() => {
+                            let stale = svid_ca != state.ca.signer().id()
+                                || state.tainted.load().contains(&svid_ca);
+                            if !stale { continue; }
+                        },
+                    }
+                }
                 match server_certified_key(&state).await {
-                    Ok((ck, na)) => {
+                    Ok((ck, na, ca)) => {
                         resolver.set(ck);
                         not_after = na;
-                        tracing::info!("server SVID renewed");
+                        svid_ca = ca;
+                        tracing::info!(ca = %svid_ca, "server SVID renewed");
                     }
-                    Err(e) => tracing::error!(error = %e, "server SVID renewal failed; retrying"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "server SVID renewal failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                 }
             }
         });
     }
+    spawn_ca_loop(state.clone(), renew);
 
     // Admin API on a Unix socket, 0600, own uid or root only.
     let sock = cfg.admin_socket_path();
@@ -316,15 +395,24 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
             .route(
                 "/readyz",
                 get(|State(s): State<Arc<ServerState>>| async move {
-                    match s.ca.revalidate(SystemTime::now()) {
+                    let r = s.ca.readiness(SystemTime::now()).await;
+                    let left = crate::api::admin_ca::active_remaining(&s);
+                    let mut body = format!("active CA {} expires in {left}s\n", s.ca.signer().id());
+                    for w in &r.warnings {
+                        body.push_str(&format!("warning: {w}\n"));
+                    }
+                    if !r.fatal.is_empty() {
+                        for f in &r.fatal {
+                            body.push_str(&format!("not ready: {f}\n"));
+                        }
+                        return (StatusCode::SERVICE_UNAVAILABLE, body);
+                    }
+                    match s.store.count_entries().await {
+                        Ok(_) => (StatusCode::OK, format!("ready\n{body}")),
                         Err(e) => (
                             StatusCode::SERVICE_UNAVAILABLE,
-                            format!("CA not usable: {e}\n"),
+                            format!("store: {e}\n{body}"),
                         ),
-                        Ok(()) => match s.store.count_entries().await {
-                            Ok(_) => (StatusCode::OK, "ready\n".to_string()),
-                            Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")),
-                        },
                     }
                 }),
             )

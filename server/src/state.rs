@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use meshid_proto::types::{Bundle, Entry, JwtKey, X509Svid};
+use meshid_proto::types::{Bundle, Entry, X509Svid};
 use tokio::sync::watch;
 
 use crate::audit::{AuditLog, Event};
-use crate::ca::{IssuedSvid, JwtSigner, SigningCa};
+use crate::ca::{CaManager, IssuedSvid};
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::store::{AgentRecord, IssuedRecord, Store, StoreError};
@@ -17,10 +17,14 @@ use meshid_identity::svid::unix;
 pub struct ServerState {
     /// Configuration in effect.
     pub config: ServerConfig,
-    /// The signing CA.
-    pub ca: Arc<SigningCa>,
-    /// The JWT-SVID signer.
-    pub jwt: Arc<JwtSigner>,
+    /// The signing authorities (X.509 CA and JWT key) and their rotation.
+    pub ca: Arc<CaManager>,
+    /// Ids of tainted authorities, as last published (sent on every sync).
+    pub tainted: arc_swap::ArcSwap<Vec<String>>,
+    /// Wakes the CA loop after a manual transition.
+    pub ca_changed: tokio::sync::Notify,
+    /// The CA schedule's next transition (Unix seconds, what), for `ca show`.
+    pub next_transition: arc_swap::ArcSwap<Option<(i64, String)>>,
     /// Persistent state.
     pub store: Arc<dyn Store>,
     /// Audit log.
@@ -72,52 +76,65 @@ impl ServerState {
         self.changes.send_modify(|v| *v += 1);
     }
 
-    /// The trust domain's own bundle, as stored (published at start-up).
+    /// The trust domain's own bundle, as last published.
     pub async fn own_bundle(&self) -> Result<Bundle, StoreError> {
-        Ok(self
-            .store
+        self.store
             .get_bundle(&self.config.trust_domain)
             .await?
-            .unwrap_or_else(|| self.build_own_bundle(0)))
+            .ok_or_else(|| StoreError::NotFound("own bundle not yet published".into()))
     }
 
-    fn build_own_bundle(&self, sequence_number: i64) -> Bundle {
-        Bundle {
-            trust_domain: self.config.trust_domain.clone(),
-            x509_authorities: self.ca.roots().to_vec(),
-            jwt_authorities: vec![JwtKey {
-                key_id: self.jwt.kid().to_string(),
-                public_key: self.jwt.public_key_der().to_vec(),
-                expires_at: 0,
-            }],
-            sequence_number,
-            refresh_hint: 300,
-        }
-    }
-
-    /// Validates the CA chain, then publishes the own bundle if it changed
-    /// (bumping its sequence number). An invalid chain is never published.
+    /// Builds the own bundle from the CA journal through the chain gate, and
+    /// publishes it if it changed (bumping its sequence number). A bundle the
+    /// gate refuses is never published: the last good one stays, and the
+    /// refusal is logged and counted.
     pub async fn publish_own_bundle(&self) -> anyhow::Result<Bundle> {
-        self.ca.revalidate(SystemTime::now())?;
+        let now = SystemTime::now();
+        let material = match self.ca.bundle_material(now).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.metrics.bundle_refused.inc();
+                tracing::error!(error = %e, "bundle refused by the chain gate; the last good bundle stays published");
+                return Err(e.into());
+            }
+        };
+        for p in &material.x509.pruned {
+            tracing::debug!(pruned = %p, "left out of the bundle");
+        }
+        self.tainted.store(Arc::new(material.tainted.clone()));
         let stored = self.store.get_bundle(&self.config.trust_domain).await?;
         let seq = stored.as_ref().map_or(0, |b| b.sequence_number);
-        let mut next = self.build_own_bundle(seq);
+        let next = Bundle {
+            trust_domain: self.config.trust_domain.clone(),
+            x509_authorities: material.x509.roots,
+            jwt_authorities: material.jwt,
+            sequence_number: seq + 1,
+            refresh_hint: i64::try_from(self.config.max_svid_ttl.as_secs() / 10)
+                .unwrap_or(300)
+                .clamp(1, 300),
+        };
         if let Some(old) = stored
             && old.x509_authorities == next.x509_authorities
             && old.jwt_authorities == next.jwt_authorities
         {
             return Ok(old);
         }
-        next.sequence_number = seq + 1;
         self.store.put_bundle(&next, false).await?;
         self.audit
             .record(vec![
                 Event::new("bundle_published")
                     .with("trust_domain", next.trust_domain.clone())
                     .with("sequence_number", next.sequence_number)
-                    .with("x509_authorities", next.x509_authorities.len()),
+                    .with("x509_authorities", next.x509_authorities.len())
+                    .with("jwt_authorities", next.jwt_authorities.len()),
             ])
             .await?;
+        tracing::info!(
+            sequence_number = next.sequence_number,
+            x509_authorities = next.x509_authorities.len(),
+            jwt_authorities = next.jwt_authorities.len(),
+            "bundle published"
+        );
         self.notify_change();
         Ok(next)
     }
@@ -156,9 +173,8 @@ impl ServerState {
         kind: &'static str,
     ) -> Result<IssuedSvid, crate::ca::IssueError> {
         let ttl = ttl.min(self.config.max_svid_ttl);
-        let svid = self
-            .ca
-            .sign_x509_svid(csr, spiffe_id, &[], ttl, SystemTime::now());
+        let ca = self.ca.signer();
+        let svid = ca.sign_x509_svid(csr, spiffe_id, &[], ttl, SystemTime::now());
         match &svid {
             Ok(s) => {
                 self.metrics.issued(kind, "ok", 1);
@@ -169,6 +185,7 @@ impl ServerState {
                     agent_id: agent_id.to_string(),
                     not_after: unix(s.not_after),
                     issued_at: unix(SystemTime::now()),
+                    ca_id: ca.id().to_string(),
                 };
                 let ev = Event::new("x509_svid_issued")
                     .with("kind", kind)

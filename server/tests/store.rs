@@ -9,9 +9,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshid_proto::types::{Bundle, Entry, Selector};
+use meshid_proto::types::{Authority, Bundle, Entry, Selector};
 use meshid_server::store::{
-    AgentRecord, CaRecord, EntryFilter, IssuedRecord, JoinTokenRecord, PostgresOptions,
+    AgentRecord, EntryFilter, IssuedRecord, IssuedSummary, JoinTokenRecord, PostgresOptions,
     PostgresStore, SqliteStore, SslMode, Store, StoreError,
 };
 
@@ -75,11 +75,13 @@ suite!(
     join_tokens_are_single_use,
     agents_round_trip,
     bundles_own_and_federated,
-    ca_and_issuance_journal,
+    ca_journal,
+    issuance_journal_and_live_certificates,
     changes_are_published,
     join_token_race_consumed_once,
     racing_entry_updates_never_lose_a_write,
     racing_identical_creates_make_one_entry,
+    racing_authority_transitions_apply_once,
 );
 
 fn sel(t: &str, v: &str) -> Selector {
@@ -392,34 +394,159 @@ fn issued(serial: &str) -> IssuedRecord {
         agent_id: "spiffe://td/meshid/agent/x".into(),
         not_after: 1_800_000_000,
         issued_at: 1_700_000_000,
+        ca_id: "c1".into(),
     }
 }
 
-async fn ca_and_issuance_journal(db: Db) {
-    let s = db.open().await;
-    let mut ca = CaRecord {
-        serial: "0a".into(),
-        kind: "self_signed".into(),
-        subject: "CN=meshid".into(),
-        not_before: 1,
-        not_after: 2,
-        state: "active".into(),
-    };
-    s.put_ca(&ca).await.expect("ca");
-    ca.state = "retired".into();
-    s.put_ca(&ca).await.expect("ca again");
+fn authority(id: &str, kind: &str, owner: &str) -> Authority {
+    Authority {
+        id: id.into(),
+        kind: kind.into(),
+        owner: owner.into(),
+        state: "prepared".into(),
+        chain: vec![vec![0x30, 1, 2]],
+        roots: vec![vec![0x30, 3]],
+        not_before: 1_700_000_000,
+        not_after: 1_800_000_000,
+        prepared_at: 1_700_000_000,
+        origin: "self_signed".into(),
+        revision: 1,
+        serial: format!("{id}-serial"),
+        ..Authority::default()
+    }
+}
 
-    let batch: Vec<_> = (0..1200).map(|i| issued(&format!("{i:04x}"))).collect();
-    s.record_issued(&batch).await.expect("journal");
-    s.record_issued(&[]).await.expect("empty batch");
+async fn ca_journal(db: Db) {
+    let s = db.open().await;
+    let a1 = authority("a1", "x509", "server-1");
+    let a2 = authority("a2", "x509", "server-2");
+    let j1 = authority("j1", "jwt", "server-1");
+    for a in [&a1, &a2, &j1] {
+        s.insert_authority(a).await.expect("insert");
+    }
+    assert!(matches!(
+        s.insert_authority(&a1).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
     assert_eq!(
-        s.get_issued("04af").await.expect("get"),
-        Some(issued("04af"))
+        s.list_authorities().await.expect("list"),
+        vec![a1.clone(), a2.clone(), j1.clone()],
+        "insertion order"
     );
-    assert_eq!(s.get_issued("ffff").await.expect("get"), None);
+    let mut active = a1.clone();
+    active.state = "active".into();
+    active.activated_at = 1_750_000_000;
+    active.revision = 2;
+    s.update_authority(&active, 1).await.expect("activate");
+    // A transition from a revision that is no longer current is refused.
+    let mut stale = a1.clone();
+    stale.state = "retired".into();
+    stale.revision = 2;
+    assert!(matches!(
+        s.update_authority(&stale, 1).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let mut missing = authority("nope", "x509", "server-1");
+    missing.revision = 2;
+    assert!(matches!(
+        s.update_authority(&missing, 1).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // Another instance (another server) sees the journal as it is.
+    let other = db.open().await;
+    assert_eq!(
+        other.list_authorities().await.expect("list"),
+        vec![active, a2, j1]
+    );
+}
+
+fn cert(serial: &str, agent: &str, entry: &str, ca: &str, not_after: i64) -> IssuedRecord {
+    IssuedRecord {
+        serial: serial.into(),
+        spiffe_id: format!("spiffe://td/{entry}"),
+        entry_id: entry.into(),
+        agent_id: agent.into(),
+        not_after,
+        issued_at: 10,
+        ca_id: ca.into(),
+    }
+}
+
+async fn issuance_journal_and_live_certificates(db: Db) {
+    let s = db.open().await;
+    // Slot (A, e1): 01 renewed by 02. Slot (A, e2): 03 expired. Slot (B, e1):
+    // 04 by c2. Slot (A, e3): 05 by c1 renewed by 06 from c2. An agent SVID
+    // with no authority recorded.
+    s.record_issued(&[
+        cert("01", "A", "e1", "c1", 100),
+        cert("03", "A", "e2", "c1", 50),
+    ])
+    .await
+    .expect("batch 1");
+    s.record_issued(&[
+        cert("02", "A", "e1", "c1", 200),
+        cert("04", "B", "e1", "c2", 300),
+        cert("05", "A", "e3", "c1", 150),
+    ])
+    .await
+    .expect("batch 2");
+    s.record_issued(&[
+        cert("06", "A", "e3", "c2", 250),
+        cert("07", "A", "", "", 400),
+    ])
+    .await
+    .expect("batch 3");
+    s.record_issued(&[]).await.expect("empty batch");
+    let now = 60;
+    let serials = |v: Vec<IssuedRecord>| v.into_iter().map(|c| c.serial).collect::<Vec<_>>();
+    assert_eq!(
+        serials(s.live_issued_by("c1", now, 100).await.expect("c1")),
+        ["02"]
+    );
+    assert_eq!(
+        serials(s.live_issued_by("c2", now, 100).await.expect("c2")),
+        ["04", "06"]
+    );
+    assert_eq!(
+        serials(s.live_issued_by("c2", now, 1).await.expect("limit")),
+        ["04"]
+    );
+    assert_eq!(
+        serials(s.live_issued_by("c1", 250, 100).await.expect("later")),
+        Vec::<String>::new()
+    );
+    let mut summary = s.issued_summary(now).await.expect("summary");
+    summary.sort_by(|a, b| a.ca_id.cmp(&b.ca_id));
+    assert_eq!(
+        summary,
+        vec![
+            IssuedSummary {
+                ca_id: "c1".into(),
+                live: 1,
+                last_not_after: 200,
+            },
+            IssuedSummary {
+                ca_id: "c2".into(),
+                live: 2,
+                last_not_after: 300,
+            },
+        ]
+    );
+    assert_eq!(
+        s.get_issued("06").await.expect("get"),
+        Some(cert("06", "A", "e3", "c2", 250))
+    );
+    assert_eq!(s.get_issued("ff").await.expect("get"), None);
+
+    let batch: Vec<_> = (0..1200).map(|i| issued(&format!("b{i:04x}"))).collect();
+    s.record_issued(&batch).await.expect("large batch");
+    assert_eq!(
+        s.get_issued("b04af").await.expect("get"),
+        Some(issued("b04af"))
+    );
     // A batch with a duplicate serial is refused whole.
     assert!(
-        s.record_issued(&[issued("new1"), issued("0001")])
+        s.record_issued(&[issued("new1"), issued("b0001")])
             .await
             .is_err()
     );
@@ -451,6 +578,13 @@ async fn changes_are_published(db: Db) {
     rev = next_change(&mut rx, rev).await;
     s.put_bundle(&bundle("fed.org", 1), true).await.expect("b");
     rev = next_change(&mut rx, rev).await;
+    let mut ca = authority("c1", "x509", "server-1");
+    s.insert_authority(&ca).await.expect("authority");
+    rev = next_change(&mut rx, rev).await;
+    ca.state = "active".into();
+    ca.revision = 2;
+    s.update_authority(&ca, 1).await.expect("activate");
+    rev = next_change(&mut rx, rev).await;
 
     // Not changes agents see: a renewal, the same bundle again, tokens, the
     // journal, a refused update.
@@ -464,6 +598,7 @@ async fn changes_are_published(db: Db) {
     s.consume_join_token("t").await.expect("consume");
     s.record_issued(&[issued("01")]).await.expect("journal");
     assert!(s.update_entry(&e2, 1).await.is_err());
+    assert!(s.update_authority(&ca, 1).await.is_err());
     // A visible change after them: exactly one step if nothing above counted.
     a.banned = true;
     s.upsert_agent(&a).await.expect("ban");
@@ -679,6 +814,46 @@ async fn schemas_and_migration_cover_the_same_tables() {
             .into_iter()
             .collect();
     assert_eq!(copied, sqlite_cols, "store migrate copies every column");
+}
+
+/// Two servers applying the same CA transition: one applies it, the others
+/// get `Conflict` (and would re-read the journal).
+async fn racing_authority_transitions_apply_once(db: Db) {
+    let a = db.open().await;
+    let b = db.open().await;
+    a.insert_authority(&authority("c1", "x509", "server-1"))
+        .await
+        .expect("insert");
+    const SERVERS: usize = 8;
+    let start = Arc::new(tokio::sync::Barrier::new(SERVERS));
+    let tasks: Vec<_> = (0..SERVERS)
+        .map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let start = start.clone();
+            tokio::spawn(async move {
+                let mut next = authority("c1", "x509", "server-1");
+                next.state = "active".into();
+                next.activated_at = i as i64;
+                next.revision = 2;
+                start.wait().await;
+                (i as i64, s.update_authority(&next, 1).await)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            (i, Ok(())) => winners.push(i),
+            (_, Err(StoreError::Conflict(_))) => {}
+            (_, Err(e)) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let stored = b.list_authorities().await.expect("list");
+    assert_eq!(
+        (stored[0].revision, stored[0].activated_at),
+        (2, winners[0])
+    );
 }
 
 // ---- PostgreSQL only -------------------------------------------------------

@@ -44,15 +44,21 @@ CREATE TABLE bundles (
     updated_at   BIGINT NOT NULL
 );
 
-CREATE TABLE ca_keys (
-    serial      TEXT PRIMARY KEY,
+-- The CA journal: every X.509 signing CA and JWT signing key of every server
+-- sharing this store, with its rotation state. Private keys are not here:
+-- each stays on the disk of the server that owns it.
+CREATE TABLE ca_journal (
+    id          TEXT PRIMARY KEY,
     kind        TEXT NOT NULL,
-    subject     TEXT NOT NULL,
-    not_before  BIGINT NOT NULL,
-    not_after   BIGINT NOT NULL,
+    owner       TEXT NOT NULL,
     state       TEXT NOT NULL,
-    created_at  BIGINT NOT NULL
+    -- prost-encoded meshid.types.v1.Authority
+    data        BYTEA NOT NULL,
+    revision    BIGINT NOT NULL,
+    -- insertion order (SQLite's rowid)
+    seq         BIGINT GENERATED ALWAYS AS IDENTITY
 );
+CREATE INDEX ca_journal_owner ON ca_journal(owner, kind);
 
 CREATE TABLE issued_certs (
     serial      TEXT PRIMARY KEY,
@@ -60,9 +66,16 @@ CREATE TABLE issued_certs (
     entry_id    TEXT NOT NULL,
     agent_id    TEXT NOT NULL,
     not_after   BIGINT NOT NULL,
-    issued_at   BIGINT NOT NULL
+    issued_at   BIGINT NOT NULL,
+    -- Which authority signed it (ca_journal.id).
+    ca_id       TEXT NOT NULL DEFAULT '',
+    -- insertion order (SQLite's rowid): the newest certificate of an
+    -- (agent, entry, SPIFFE ID) slot is the one with the largest seq.
+    seq         BIGINT GENERATED ALWAYS AS IDENTITY
 );
 CREATE INDEX issued_certs_not_after ON issued_certs(not_after);
+CREATE INDEX issued_certs_ca ON issued_certs(ca_id, not_after);
+CREATE INDEX issued_certs_slot ON issued_certs(agent_id, entry_id, spiffe_id, seq);
 
 -- The store-wide change revision: one row, bumped by every change agents must
 -- see. Its row lock is held until commit, so revisions are handed out in

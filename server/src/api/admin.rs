@@ -14,9 +14,14 @@ use meshid_proto::admin::{
     ListEntriesResponse, ListFederatedBundlesRequest, ListFederatedBundlesResponse,
     SetFederatedBundleRequest, UpdateEntryRequest, UpdateEntryResponse,
 };
+use meshid_proto::admin::{
+    AuthorityActionRequest, AuthorityActionResponse, ImportAuthorityRequest,
+    ListAuthoritiesRequest, ListAuthoritiesResponse,
+};
 use meshid_proto::types::{Bundle, Entry};
 use tonic::{Request, Response, Status};
 
+use super::admin_ca;
 use crate::attest::join_token;
 use crate::audit::Event;
 use crate::state::{RESERVED_PATH, ServerState};
@@ -154,19 +159,85 @@ fn validate_entry(st: &ServerState, mut e: Entry) -> Result<Entry, Status> {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn list_authorities(
+        &self,
+        req: Request<ListAuthoritiesRequest>,
+    ) -> Result<Response<ListAuthoritiesResponse>, Status> {
+        admin_ca::list(&self.state, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn prepare_authority(
+        &self,
+        req: Request<AuthorityActionRequest>,
+    ) -> Result<Response<AuthorityActionResponse>, Status> {
+        admin_ca::prepare(&self.state, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn activate_authority(
+        &self,
+        req: Request<AuthorityActionRequest>,
+    ) -> Result<Response<AuthorityActionResponse>, Status> {
+        admin_ca::activate(&self.state, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn retire_authority(
+        &self,
+        req: Request<AuthorityActionRequest>,
+    ) -> Result<Response<AuthorityActionResponse>, Status> {
+        admin_ca::retire(&self.state, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn taint_authority(
+        &self,
+        req: Request<AuthorityActionRequest>,
+    ) -> Result<Response<AuthorityActionResponse>, Status> {
+        admin_ca::taint(&self.state, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn revoke_authority(
+        &self,
+        req: Request<AuthorityActionRequest>,
+    ) -> Result<Response<AuthorityActionResponse>, Status> {
+        admin_ca::revoke(&self.state, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn import_authority(
+        &self,
+        req: Request<ImportAuthorityRequest>,
+    ) -> Result<Response<AuthorityActionResponse>, Status> {
+        admin_ca::import(&self.state, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn health(
         &self,
         _req: Request<HealthRequest>,
     ) -> Result<Response<HealthResponse>, Status> {
         let st = &self.state;
-        st.ca
-            .revalidate(SystemTime::now())
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let ready = st.ca.readiness(SystemTime::now()).await;
+        if !ready.fatal.is_empty() {
+            return Err(Status::unavailable(ready.fatal.join("; ")));
+        }
         let entries = st.store.count_entries().await.map_err(store_status)?;
         let agents = st.store.list_agents().await.map_err(store_status)?.len();
         Ok(Response::new(HealthResponse {
+            next_ca_not_after: st.metrics.ca_next_not_after.get(),
+            warnings: ready.warnings,
             trust_domain: st.config.trust_domain.clone(),
-            ca_not_after: unix(st.ca.not_after()),
+            ca_not_after: unix(st.ca.signer().not_after()),
             entries,
             agents: i64::try_from(agents).unwrap_or(i64::MAX),
             node_address: st.node_address.get().cloned().unwrap_or_default(),
@@ -351,9 +422,6 @@ impl Admin for AdminService {
         _req: Request<GetBundleRequest>,
     ) -> Result<Response<Bundle>, Status> {
         let st = &self.state;
-        st.ca
-            .revalidate(SystemTime::now())
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(Response::new(st.own_bundle().await.map_err(store_status)?))
     }
 

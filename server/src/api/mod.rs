@@ -2,5 +2,6 @@
 //! API (operators, a local Unix socket).
 
 pub mod admin;
+pub mod admin_ca;
 pub mod node;
 pub mod tls;

@@ -339,6 +339,7 @@ impl Node for NodeService {
                         entries,
                         bundle: Some(bundle),
                         federated_bundles,
+                        tainted_authorities: st.tainted.load().to_vec(),
                     })
                 }
                 .await
@@ -397,7 +398,8 @@ impl Node for NodeService {
         }
         let default_ttl = st.config.default_svid_ttl;
         let max_ttl = st.config.max_svid_ttl;
-        let ca = st.ca.clone();
+        let ca = st.ca.signer();
+        let ca_id = ca.id().to_string();
         let signed = tokio::task::block_in_place(move || {
             let now = SystemTime::now();
             jobs.into_iter()
@@ -430,6 +432,7 @@ impl Node for NodeService {
                         agent_id: agent.spiffe_id.clone(),
                         not_after: unix(s.not_after),
                         issued_at: now,
+                        ca_id: ca_id.clone(),
                     };
                     events.push(
                         Event::new("x509_svid_issued")
@@ -499,6 +502,7 @@ impl Node for NodeService {
             .await?;
         let parents = agent.parent_ids();
         let now = SystemTime::now();
+        let jwt = st.ca.jwt_signer();
         let mut events = Vec::new();
         let mut results = Vec::with_capacity(params.len());
         for p in params {
@@ -511,16 +515,15 @@ impl Node for NodeService {
                     Ok(s) => Duration::from_secs(s),
                 }
                 .min(st.config.max_svid_ttl);
-                st.jwt
-                    .sign(
-                        &e.spiffe_id,
-                        &p.audience,
-                        ttl,
-                        now,
-                        now + st.config.max_svid_ttl,
-                    )
-                    .map(|j| (e, j))
-                    .map_err(|err| (Code::Internal, err.to_string()))
+                jwt.sign(
+                    &e.spiffe_id,
+                    &p.audience,
+                    ttl,
+                    now,
+                    now + st.config.max_svid_ttl,
+                )
+                .map(|j| (e, j))
+                .map_err(|err| (Code::Internal, err.to_string()))
             });
             match r {
                 Ok((e, j)) => {
@@ -531,6 +534,7 @@ impl Node for NodeService {
                             .with("entry_id", e.id.clone())
                             .with("agent", agent.spiffe_id.clone())
                             .with("audience", p.audience.clone())
+                            .with("kid", jwt.kid())
                             .with("expires_at", j.expires_at),
                     );
                     results.push(JwtSvidResult {

@@ -110,15 +110,15 @@ impl AsyncWrite for NodeConn {
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently; yields
+/// Accepts TCP connections and completes TLS handshakes concurrently with the
+/// configuration current at accept time; yields
 /// established connections on the returned channel.
 pub fn accept_loop(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    config: Arc<ArcSwap<rustls::ServerConfig>>,
     metrics: Arc<Metrics>,
 ) -> mpsc::Receiver<Result<NodeConn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = match listener.accept().await {
@@ -133,7 +133,9 @@ pub fn accept_loop(
                 break;
             }
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            // The configuration as of now: a bundle change applies to every
+            // later handshake.
+            let acceptor = TlsAcceptor::from(config.load_full());
             let tx = tx.clone();
             let metrics = metrics.clone();
             tokio::spawn(async move {

@@ -1,6 +1,5 @@
 //! JWT-SVID signing: ES256, with a `kid` published in the bundle.
 
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::rand::SystemRandom;
@@ -10,7 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use rcgen::PublicKeyData as _;
 
-use super::{CaError, keyfile};
+use super::CaError;
 use meshid_identity::svid::unix;
 
 /// The JWT-SVID signing key.
@@ -18,6 +17,7 @@ pub struct JwtSigner {
     key: EcdsaKeyPair,
     kid: String,
     public_key_der: Vec<u8>,
+    not_after: SystemTime,
     rng: SystemRandom,
 }
 
@@ -41,30 +41,12 @@ pub struct SignedJwt {
 }
 
 impl JwtSigner {
-    /// Loads `<data_dir>/ca/jwt.key` (PKCS#8), creating it when absent.
-    pub fn load_or_create(data_dir: &Path) -> Result<Self, CaError> {
-        let path = data_dir.join("ca").join("jwt.key");
-        let pkcs8 = if path.exists() {
-            std::fs::read(&path).map_err(|source| CaError::Io {
-                path: path.clone(),
-                source,
-            })?
-        } else {
-            let doc = EcdsaKeyPair::generate_pkcs8(
-                &ECDSA_P256_SHA256_FIXED_SIGNING,
-                &SystemRandom::new(),
-            )
-            .map_err(|_| CaError::Invalid("cannot generate JWT key".into()))?;
-            keyfile::write_secret(&path, doc.as_ref()).map_err(|source| CaError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            doc.as_ref().to_vec()
-        };
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
-            .map_err(|_| CaError::Invalid(format!("{}: not a P-256 PKCS#8 key", path.display())))?;
-        let public_key_der = rcgen::KeyPair::try_from(pkcs8.as_slice())
-            .map_err(|e| CaError::Invalid(format!("{}: {e}", path.display())))?
+    /// A signer over a PKCS#8 P-256 key; nothing it signs outlives `not_after`.
+    pub fn from_pkcs8(pkcs8: &[u8], not_after: SystemTime) -> Result<Self, CaError> {
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)
+            .map_err(|_| CaError::Invalid("JWT key is not a P-256 PKCS#8 key".into()))?;
+        let public_key_der = rcgen::KeyPair::try_from(pkcs8)
+            .map_err(|e| CaError::Invalid(format!("JWT key: {e}")))?
             .subject_public_key_info();
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &public_key_der);
         let kid = URL_SAFE_NO_PAD.encode(&digest.as_ref()[..16]);
@@ -72,8 +54,14 @@ impl JwtSigner {
             key,
             kid,
             public_key_der,
+            not_after,
             rng: SystemRandom::new(),
         })
+    }
+
+    /// The key's own end of life: tokens never outlive it.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
     }
 
     /// Key id, as in the JWT header and the bundle.
@@ -97,7 +85,7 @@ impl JwtSigner {
         max_not_after: SystemTime,
     ) -> Result<SignedJwt, CaError> {
         let iat = unix(now);
-        let exp = unix((now + ttl).min(max_not_after));
+        let exp = unix((now + ttl).min(max_not_after).min(self.not_after));
         let header = serde_json::json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
         let aud_v = if aud.len() == 1 {
             serde_json::Value::String(aud[0].clone())
@@ -130,8 +118,11 @@ mod tests {
 
     #[test]
     fn signs_verifiable_es256() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = JwtSigner::load_or_create(dir.path()).expect("key");
+        let doc =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+                .expect("key");
+        let far = SystemTime::now() + Duration::from_secs(86400);
+        let s = JwtSigner::from_pkcs8(doc.as_ref(), far).expect("key");
         let now = SystemTime::now();
         let j = s
             .sign(
@@ -156,7 +147,19 @@ mod tests {
         assert_eq!(claims["sub"], "spiffe://td/w");
         assert_eq!(claims["aud"], "a");
         assert_eq!(j.expires_at - j.issued_at, 60);
-        let again = JwtSigner::load_or_create(dir.path()).expect("reload");
+        let again = JwtSigner::from_pkcs8(doc.as_ref(), far).expect("reload");
         assert_eq!(again.kid(), s.kid());
+        // Never outlives the key.
+        let short = JwtSigner::from_pkcs8(doc.as_ref(), now + Duration::from_secs(5)).expect("key");
+        let j = short
+            .sign(
+                "spiffe://td/w",
+                &["a".into()],
+                Duration::from_secs(60),
+                now,
+                far,
+            )
+            .expect("sign");
+        assert_eq!(j.expires_at - j.issued_at, 5);
     }
 }

@@ -172,16 +172,9 @@ mod tests {
     use super::*;
     use meshid_identity::svid::SvidInfo;
 
-    fn ca(dir: &std::path::Path) -> SigningCa {
-        SigningCa::load_or_create(
-            dir,
-            "example.org",
-            Duration::from_secs(86400),
-            None,
-            SystemTime::now(),
-        )
-        .expect("ca")
-        .0
+    fn ca(_dir: &std::path::Path) -> SigningCa {
+        SigningCa::ephemeral("example.org", Duration::from_secs(86400), SystemTime::now())
+            .expect("ca")
     }
 
     fn csr() -> Vec<u8> {
@@ -275,19 +268,5 @@ mod tests {
             ),
             Err(IssueError::BadCsrSignature | IssueError::MalformedCsr(_))
         ));
-    }
-
-    #[test]
-    fn ca_is_reloaded_not_regenerated() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let a = ca(dir.path());
-        let b = ca(dir.path());
-        assert_eq!(a.cert_der(), b.cert_der());
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("ca/signing-ca.key"))
-            .expect("key")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use aws_lc_rs::digest::{Context, SHA256, digest};
 use futures::TryStreamExt as _;
-use meshid_proto::types::{Bundle, Entry};
+use meshid_proto::types::{Authority, Bundle, Entry};
 use prost::Message as _;
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
@@ -178,15 +178,14 @@ const TABLES: &[Table] = &[
         order: "rowid",
     },
     Table {
-        name: "ca_keys",
+        name: "ca_journal",
         cols: &[
-            ("serial", Text),
+            ("id", Text),
             ("kind", Text),
-            ("subject", Text),
-            ("not_before", Int),
-            ("not_after", Int),
+            ("owner", Text),
             ("state", Text),
-            ("created_at", Int),
+            ("data", Blob),
+            ("revision", Int),
         ],
         order: "rowid",
     },
@@ -199,7 +198,9 @@ const TABLES: &[Table] = &[
             ("agent_id", Text),
             ("not_after", Int),
             ("issued_at", Int),
+            ("ca_id", Text),
         ],
+        // Insertion order decides which certificate of a slot is the newest.
         order: "rowid",
     },
 ];
@@ -302,16 +303,17 @@ fn from_postgres(t: &Table, r: &PgRow) -> Result<Vec<Val>, MigrateError> {
 /// Refuses rows the server could not read back (entries and bundles are
 /// decoded by every reader).
 fn check_row(t: &Table, vals: &[Val]) -> Result<(), MigrateError> {
-    if let Some(Val::Blob(b)) = vals.iter().find(|v| matches!(v, Val::Blob(_))) {
-        match t.name {
-            "entries" => drop(Entry::decode(b.as_slice()).map_err(|e| corrupt(t.name, "data", e))?),
-            "bundles" => {
-                drop(Bundle::decode(b.as_slice()).map_err(|e| corrupt(t.name, "data", e))?)
-            }
-            _ => {}
-        }
-    }
-    Ok(())
+    let Some(Val::Blob(b)) = vals.iter().find(|v| matches!(v, Val::Blob(_))) else {
+        return Ok(());
+    };
+    let b = b.as_slice();
+    let decoded = match t.name {
+        "entries" => Entry::decode(b).map(drop),
+        "bundles" => Bundle::decode(b).map(drop),
+        "ca_journal" => Authority::decode(b).map(drop),
+        _ => Ok(()),
+    };
+    decoded.map_err(|e| corrupt(t.name, "data", e))
 }
 
 /// Inserts rows with one statement: one array per column, unnested in order.

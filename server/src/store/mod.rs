@@ -16,7 +16,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
-use meshid_proto::types::{Bundle, Entry, Selector};
+use meshid_proto::types::{Authority, Bundle, Entry, Selector};
 use tokio::sync::watch;
 
 pub use postgres::{PostgresOptions, PostgresStore, SslMode};
@@ -91,23 +91,6 @@ impl AgentRecord {
     }
 }
 
-/// Metadata of a CA key the server has used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CaRecord {
-    /// Hex serial.
-    pub serial: String,
-    /// `self_signed` or `intermediate`.
-    pub kind: String,
-    /// Subject DN.
-    pub subject: String,
-    /// Unix seconds.
-    pub not_before: i64,
-    /// Unix seconds.
-    pub not_after: i64,
-    /// `active`, `retired`.
-    pub state: String,
-}
-
 /// One issued certificate, for the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedRecord {
@@ -123,6 +106,19 @@ pub struct IssuedRecord {
     pub not_after: i64,
     /// Unix seconds.
     pub issued_at: i64,
+    /// Id of the authority that signed it (see [`Authority`]).
+    pub ca_id: String,
+}
+
+/// What one authority has signed, for the CA journal's views.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IssuedSummary {
+    /// Authority id.
+    pub ca_id: String,
+    /// Live certificates (see [`Store::live_issued_by`]).
+    pub live: i64,
+    /// Latest notAfter of anything it signed, Unix seconds.
+    pub last_not_after: i64,
 }
 
 /// Everything the server persists. Every multi-row change is atomic.
@@ -173,8 +169,32 @@ pub trait Store: Send + Sync + 'static {
     /// Removes a federated bundle.
     async fn delete_bundle(&self, trust_domain: &str) -> Result<(), StoreError>;
 
-    /// Records CA metadata.
-    async fn put_ca(&self, ca: &CaRecord) -> Result<(), StoreError>;
+    /// Every authority in the CA journal (all owners, all states).
+    async fn list_authorities(&self) -> Result<Vec<Authority>, StoreError>;
+    /// Adds an authority; refuses a duplicate id.
+    async fn insert_authority(&self, authority: &Authority) -> Result<(), StoreError>;
+    /// Replaces an authority if its stored revision is `expected_revision`
+    /// (the caller sets `authority.revision` to the next one); `Conflict`
+    /// otherwise, so two servers never both apply a transition.
+    async fn update_authority(
+        &self,
+        authority: &Authority,
+        expected_revision: i64,
+    ) -> Result<(), StoreError>;
+    /// Live certificates signed by `ca_id` at `now`: not expired, and still
+    /// the newest certificate of their (agent, entry, SPIFFE ID) slot, i.e.
+    /// not since replaced by a renewal. At most `limit`.
+    async fn live_issued_by(
+        &self,
+        ca_id: &str,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<IssuedRecord>, StoreError>;
+    /// Number of live certificates per authority at `now` (same meaning as
+    /// [`Store::live_issued_by`]) and the latest notAfter each signed, for
+    /// authorities that signed anything still unexpired at `now` (others are
+    /// absent).
+    async fn issued_summary(&self, now: i64) -> Result<Vec<IssuedSummary>, StoreError>;
     /// Journals issued certificates (one transaction).
     async fn record_issued(&self, certs: &[IssuedRecord]) -> Result<(), StoreError>;
     /// Looks up a journaled certificate.

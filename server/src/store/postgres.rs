@@ -27,14 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use meshid_proto::types::{Bundle, Entry};
+use meshid_proto::types::{Authority, Bundle, Entry};
 use prost::Message;
 use serde::Deserialize;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::watch;
 
-use super::{AgentRecord, CaRecord, EntryFilter, IssuedRecord, JoinTokenRecord, Store, StoreError};
+use super::{
+    AgentRecord, EntryFilter, IssuedRecord, IssuedSummary, JoinTokenRecord, Store, StoreError,
+};
 
 /// The notification channel servers listen on.
 pub const CHANNEL: &str = "meshid_changes";
@@ -202,6 +204,7 @@ pub(crate) fn issued_from_row(r: &PgRow) -> Result<IssuedRecord, StoreError> {
         agent_id: r.try_get("agent_id")?,
         not_after: r.try_get("not_after")?,
         issued_at: r.try_get("issued_at")?,
+        ca_id: r.try_get("ca_id")?,
     })
 }
 
@@ -716,21 +719,114 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn put_ca(&self, ca: &CaRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO ca_keys (serial, kind, subject, not_before, not_after, state, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, extract(epoch FROM now())::BIGINT)
-             ON CONFLICT (serial) DO UPDATE SET state = excluded.state",
+    async fn list_authorities(&self) -> Result<Vec<Authority>, StoreError> {
+        sqlx::query("SELECT data FROM ca_journal ORDER BY seq")
+            .fetch_all(self.pool_ref())
+            .await?
+            .iter()
+            .map(|r| {
+                Authority::decode(r.try_get::<&[u8], _>("data")?)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
+    async fn insert_authority(&self, a: &Authority) -> Result<(), StoreError> {
+        let mut tx = self.pool_ref().begin().await?;
+        let done = sqlx::query(
+            "INSERT INTO ca_journal (id, kind, owner, state, data, revision)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
         )
-        .bind(&ca.serial)
-        .bind(&ca.kind)
-        .bind(&ca.subject)
-        .bind(ca.not_before)
-        .bind(ca.not_after)
-        .bind(&ca.state)
-        .execute(self.pool_ref())
-        .await?;
+        .bind(&a.id)
+        .bind(&a.kind)
+        .bind(&a.owner)
+        .bind(&a.state)
+        .bind(a.encode_to_vec())
+        .bind(a.revision)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if done != 1 {
+            return Err(StoreError::AlreadyExists(format!("authority {}", a.id)));
+        }
+        let rev = note_change(&mut tx, "authority", &a.id).await?;
+        tx.commit().await?;
+        self.committed(rev);
         Ok(())
+    }
+
+    async fn update_authority(&self, a: &Authority, expected: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool_ref().begin().await?;
+        // As for entries: of two servers applying a transition to the same
+        // revision, the second waits for the first and then updates nothing.
+        let done = sqlx::query(
+            "UPDATE ca_journal SET state = $1, data = $2, revision = $3 WHERE id = $4 AND revision = $5",
+        )
+        .bind(&a.state)
+        .bind(a.encode_to_vec())
+        .bind(a.revision)
+        .bind(&a.id)
+        .bind(expected)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if done != 1 {
+            return Err(StoreError::Conflict(format!(
+                "authority {} is not at revision {expected}",
+                a.id
+            )));
+        }
+        let rev = note_change(&mut tx, "authority", &a.id).await?;
+        tx.commit().await?;
+        self.committed(rev);
+        Ok(())
+    }
+
+    async fn live_issued_by(
+        &self,
+        ca_id: &str,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<IssuedRecord>, StoreError> {
+        sqlx::query(
+            "SELECT i.* FROM issued_certs i WHERE i.ca_id = $1 AND i.not_after > $2
+               AND NOT EXISTS (SELECT 1 FROM issued_certs j
+                   WHERE j.agent_id = i.agent_id AND j.entry_id = i.entry_id
+                     AND j.spiffe_id = i.spiffe_id AND j.seq > i.seq)
+             ORDER BY i.seq LIMIT $3",
+        )
+        .bind(ca_id)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(self.pool_ref())
+        .await?
+        .iter()
+        .map(issued_from_row)
+        .collect()
+    }
+
+    async fn issued_summary(&self, now: i64) -> Result<Vec<IssuedSummary>, StoreError> {
+        sqlx::query(
+            "SELECT i.ca_id AS ca_id, MAX(i.not_after) AS last,
+                    SUM(CASE WHEN NOT EXISTS (SELECT 1 FROM issued_certs j
+                        WHERE j.agent_id = i.agent_id AND j.entry_id = i.entry_id
+                          AND j.spiffe_id = i.spiffe_id AND j.seq > i.seq)
+                        THEN 1 ELSE 0 END)::BIGINT AS live
+             FROM issued_certs i WHERE i.ca_id <> '' AND i.not_after > $1
+             GROUP BY i.ca_id ORDER BY i.ca_id COLLATE \"C\"",
+        )
+        .bind(now)
+        .fetch_all(self.pool_ref())
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(IssuedSummary {
+                ca_id: r.try_get("ca_id")?,
+                live: r.try_get("live")?,
+                last_not_after: r.try_get("last")?,
+            })
+        })
+        .collect()
     }
 
     async fn record_issued(&self, certs: &[IssuedRecord]) -> Result<(), StoreError> {
@@ -767,9 +863,12 @@ pub(crate) async fn insert_issued(
     certs: &[IssuedRecord],
 ) -> Result<(), StoreError> {
     let col = |f: fn(&IssuedRecord) -> &str| certs.iter().map(f).collect::<Vec<_>>();
+    // In array order, so that seq follows the order of the batch.
     sqlx::query(
-        "INSERT INTO issued_certs (serial, spiffe_id, entry_id, agent_id, not_after, issued_at)
-         SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[])",
+        "INSERT INTO issued_certs (serial, spiffe_id, entry_id, agent_id, not_after, issued_at, ca_id)
+         SELECT s, i, e, a, n, t, c FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[],
+             $5::BIGINT[], $6::BIGINT[], $7::TEXT[]) WITH ORDINALITY AS u(s, i, e, a, n, t, c, ord)
+         ORDER BY ord",
     )
     .bind(col(|c| &c.serial))
     .bind(col(|c| &c.spiffe_id))
@@ -777,6 +876,7 @@ pub(crate) async fn insert_issued(
     .bind(col(|c| &c.agent_id))
     .bind(certs.iter().map(|c| c.not_after).collect::<Vec<_>>())
     .bind(certs.iter().map(|c| c.issued_at).collect::<Vec<_>>())
+    .bind(col(|c| &c.ca_id))
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -17,9 +17,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use tokio::sync::watch;
 
-use meshid_proto::types::{Bundle, Entry};
+use meshid_proto::types::{Authority, Bundle, Entry};
 
-use super::{AgentRecord, CaRecord, EntryFilter, IssuedRecord, JoinTokenRecord, Store, StoreError};
+use super::{
+    AgentRecord, EntryFilter, IssuedRecord, IssuedSummary, JoinTokenRecord, Store, StoreError,
+};
 
 /// SQLite-backed [`Store`].
 #[derive(Debug, Clone)]
@@ -57,6 +59,18 @@ pub(crate) fn agent_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord,
         banned: r.try_get::<i64, _>("banned")? != 0,
         aliases: serde_json::from_str(&aliases).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         attested_at: r.try_get("attested_at")?,
+    })
+}
+
+fn issued_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<IssuedRecord, StoreError> {
+    Ok(IssuedRecord {
+        serial: r.try_get("serial")?,
+        spiffe_id: r.try_get("spiffe_id")?,
+        entry_id: r.try_get("entry_id")?,
+        agent_id: r.try_get("agent_id")?,
+        not_after: r.try_get("not_after")?,
+        issued_at: r.try_get("issued_at")?,
+        ca_id: r.try_get("ca_id")?,
     })
 }
 
@@ -403,21 +417,110 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn put_ca(&self, ca: &CaRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO ca_keys (serial, kind, subject, not_before, not_after, state, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, strftime('%s','now'))
-             ON CONFLICT(serial) DO UPDATE SET state = excluded.state",
+    async fn list_authorities(&self) -> Result<Vec<Authority>, StoreError> {
+        sqlx::query("SELECT data FROM ca_journal ORDER BY rowid")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Authority::decode(r.try_get::<&[u8], _>("data")?)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
+    async fn insert_authority(&self, a: &Authority) -> Result<(), StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO ca_journal (id, kind, owner, state, data, revision) VALUES (?, ?, ?, ?, ?, ?)",
         )
-        .bind(&ca.serial)
-        .bind(&ca.kind)
-        .bind(&ca.subject)
-        .bind(ca.not_before)
-        .bind(ca.not_after)
-        .bind(&ca.state)
+        .bind(&a.id)
+        .bind(&a.kind)
+        .bind(&a.owner)
+        .bind(&a.state)
+        .bind(a.encode_to_vec())
+        .bind(a.revision)
         .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await;
+        match r {
+            Ok(_) => {
+                self.changed();
+                Ok(())
+            }
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::AlreadyExists(format!("authority {}", a.id)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn update_authority(&self, a: &Authority, expected: i64) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE ca_journal SET state = ?, data = ?, revision = ? WHERE id = ? AND revision = ?",
+        )
+        .bind(&a.state)
+        .bind(a.encode_to_vec())
+        .bind(a.revision)
+        .bind(&a.id)
+        .bind(expected)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if done == 1 {
+            self.changed();
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(format!(
+                "authority {} is not at revision {expected}",
+                a.id
+            )))
+        }
+    }
+
+    async fn live_issued_by(
+        &self,
+        ca_id: &str,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<IssuedRecord>, StoreError> {
+        sqlx::query(
+            "SELECT i.* FROM issued_certs i WHERE i.ca_id = ? AND i.not_after > ?
+               AND NOT EXISTS (SELECT 1 FROM issued_certs j
+                   WHERE j.agent_id = i.agent_id AND j.entry_id = i.entry_id
+                     AND j.spiffe_id = i.spiffe_id AND j.rowid > i.rowid)
+             ORDER BY i.rowid LIMIT ?",
+        )
+        .bind(ca_id)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(issued_from_row)
+        .collect()
+    }
+
+    async fn issued_summary(&self, now: i64) -> Result<Vec<IssuedSummary>, StoreError> {
+        sqlx::query(
+            "SELECT i.ca_id AS ca_id, MAX(i.not_after) AS last,
+                    SUM(CASE WHEN i.not_after > ? AND NOT EXISTS (SELECT 1 FROM issued_certs j
+                        WHERE j.agent_id = i.agent_id AND j.entry_id = i.entry_id
+                          AND j.spiffe_id = i.spiffe_id AND j.rowid > i.rowid)
+                        THEN 1 ELSE 0 END) AS live
+             FROM issued_certs i WHERE i.ca_id != '' AND i.not_after > ? GROUP BY i.ca_id",
+        )
+        .bind(now)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(IssuedSummary {
+                ca_id: r.try_get("ca_id")?,
+                live: r.try_get("live")?,
+                last_not_after: r.try_get("last")?,
+            })
+        })
+        .collect()
     }
 
     async fn record_issued(&self, certs: &[IssuedRecord]) -> Result<(), StoreError> {
@@ -427,8 +530,8 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in certs.chunks(500) {
             let q = format!(
-                "INSERT INTO issued_certs (serial, spiffe_id, entry_id, agent_id, not_after, issued_at) VALUES {}",
-                vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(",")
+                "INSERT INTO issued_certs (serial, spiffe_id, entry_id, agent_id, not_after, issued_at, ca_id) VALUES {}",
+                vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(",")
             );
             let mut query = sqlx::query(&q);
             for c in chunk {
@@ -438,7 +541,8 @@ impl Store for SqliteStore {
                     .bind(&c.entry_id)
                     .bind(&c.agent_id)
                     .bind(c.not_after)
-                    .bind(c.issued_at);
+                    .bind(c.issued_at)
+                    .bind(&c.ca_id);
             }
             query.execute(&mut *tx).await?;
         }
@@ -451,16 +555,8 @@ impl Store for SqliteStore {
             .bind(serial)
             .fetch_optional(&self.pool)
             .await?
-            .map(|r| {
-                Ok(IssuedRecord {
-                    serial: r.try_get("serial")?,
-                    spiffe_id: r.try_get("spiffe_id")?,
-                    entry_id: r.try_get("entry_id")?,
-                    agent_id: r.try_get("agent_id")?,
-                    not_after: r.try_get("not_after")?,
-                    issued_at: r.try_get("issued_at")?,
-                })
-            })
+            .as_ref()
+            .map(issued_from_row)
             .transpose()
     }
 

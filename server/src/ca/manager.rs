@@ -1,0 +1,1301 @@
+//! The CA manager: the journal's transitions for this server's authorities,
+//! the signers currently in use, and the bundle material built from the
+//! journal of every server sharing the store.
+//!
+//! Every transition runs under one lock, goes through the chain gate, is
+//! written to the store with a revision check (so two servers never both
+//! apply it), audited, and counted; the caller then republishes the bundle,
+//! which the sync streams push to every agent.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use meshid_identity::svid::unix;
+use meshid_proto::types::{Authority, JwtKey};
+use tokio::sync::Mutex;
+
+use super::gate::{self, X509Bundle};
+use super::keys::KeyDir;
+use super::mint::{self, JWT, X509};
+use super::schedule::{self, Plan, Policy, Step, state};
+use super::{CaError, JwtSigner, SigningCa};
+use crate::audit::{AuditLog, Event};
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::store::{IssuedRecord, Store};
+
+/// How many live certificates a dry run or a refusal lists.
+const AFFECTED_LIMIT: i64 = 1000;
+
+/// The result of a manual transition (or of its dry run).
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// The authorities as they are, or would be, after the transition.
+    pub changed: Vec<Authority>,
+    /// Live certificates affected.
+    pub affected: Vec<IssuedRecord>,
+    /// Agents holding them.
+    pub affected_agents: Vec<String>,
+    /// One sentence.
+    pub summary: String,
+    /// A PEM CSR for an offline upstream CA.
+    pub csr_pem: String,
+    /// Whether the caller must confirm (`yes`) to proceed.
+    pub needs_confirmation: bool,
+}
+
+/// What the trust domain's bundle holds, from the journal.
+#[derive(Debug, Clone, Default)]
+pub struct BundleMaterial {
+    /// X.509 roots (gated).
+    pub x509: X509Bundle,
+    /// JWT keys, each expiring with its authority.
+    pub jwt: Vec<JwtKey>,
+    /// Ids of tainted authorities that are still published.
+    pub tainted: Vec<String>,
+}
+
+/// What `/readyz` and the health check report about the authorities.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Reasons the server is not ready.
+    pub fatal: Vec<String>,
+    /// Loud warnings that do not (yet) make it unready.
+    pub warnings: Vec<String>,
+}
+
+/// Owns this server's authorities.
+pub struct CaManager {
+    trust_domain: String,
+    owner: String,
+    keys: KeyDir,
+    store: Arc<dyn Store>,
+    audit: AuditLog,
+    metrics: Arc<Metrics>,
+    x509_policy: Policy,
+    jwt_policy: Policy,
+    upstream: Option<crate::config::UpstreamConfig>,
+    x509: ArcSwap<SigningCa>,
+    jwt: ArcSwap<JwtSigner>,
+    lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for CaManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaManager")
+            .field("owner", &self.owner)
+            .field("x509", &self.x509.load().id())
+            .field("jwt", &self.jwt.load().kid())
+            .finish_non_exhaustive()
+    }
+}
+
+/// This server instance's id in the journal: `<data_dir>/server-id`, made
+/// once.
+pub fn server_instance_id(data_dir: &Path) -> Result<String, CaError> {
+    let p = data_dir.join("server-id");
+    match std::fs::read_to_string(&p) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) | Err(_) => {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            super::keyfile::write_file(&p, id.as_bytes(), 0o644).map_err(super::io_err(&p))?;
+            Ok(id)
+        }
+    }
+}
+
+fn own<'a>(journal: &'a [Authority], owner: &str, kind: &str) -> Vec<Authority> {
+    journal
+        .iter()
+        .filter(|a: &&'a Authority| a.owner == owner && a.kind == kind && a.state != state::REMOVED)
+        .cloned()
+        .collect()
+}
+
+impl CaManager {
+    /// Loads this server's authorities from the journal, importing the files
+    /// of an older layout (`ca/signing-ca.{pem,key}`, `ca/jwt.key`) once,
+    /// makes whatever is missing, and refuses to start without a usable
+    /// active X.509 CA.
+    pub async fn start(
+        cfg: &ServerConfig,
+        store: Arc<dyn Store>,
+        audit: AuditLog,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, CaError> {
+        let owner = server_instance_id(&cfg.data_dir)?;
+        let keys = KeyDir::new(&cfg.data_dir);
+        let now = SystemTime::now();
+        let journal = store.list_authorities().await?;
+        if own(&journal, &owner, X509).is_empty() {
+            import_legacy_x509(cfg, &owner, &keys, &store, &audit, now).await?;
+        }
+        if own(&journal, &owner, JWT).is_empty() {
+            import_legacy_jwt(cfg, &owner, &keys, &store, &audit, now).await?;
+        }
+        // Bootstrap what is missing, or replace what expired while down.
+        let x509_policy = cfg.x509_policy();
+        let jwt_policy = cfg.jwt_policy();
+        let upstream = cfg.upstream.clone();
+        let boot = |kind: &str| {
+            let p = if kind == X509 {
+                x509_policy
+            } else {
+                jwt_policy
+            };
+            Policy {
+                can_prepare: kind == JWT || upstream.as_ref().is_none_or(|u| u.has_key()),
+                ..p
+            }
+        };
+        let journal = store.list_authorities().await?;
+        for kind in [X509, JWT] {
+            let mine = own(&journal, &owner, kind);
+            let plan = schedule::plan(&mine, &|_| 0, unix(now), &boot(kind));
+            for step in plan.due {
+                match step {
+                    Step::Bootstrap => {
+                        bootstrap(cfg, kind, &owner, &keys, &store, &audit, now).await?;
+                    }
+                    Step::Activate(id) => {
+                        activate_rows(
+                            &store,
+                            &own(&store.list_authorities().await?, &owner, kind),
+                            &id,
+                            now,
+                        )
+                        .await?;
+                        audit_write(
+                            &audit,
+                            Event::new("ca_activated").with("kind", kind).with("id", id),
+                        )
+                        .await?;
+                    }
+                    Step::NeedsOperator => {
+                        return Err(CaError::Refused(
+                            "no usable active CA, and the upstream CA is offline: prepare the next \
+                             intermediate with `meshid server ca prepare --upstream-csr FILE` on a \
+                             running server before the active one ends, or configure \
+                             upstream.cert_path/key_path"
+                                .into(),
+                        ));
+                    }
+                    Step::Prepare | Step::Remove(_) => {}
+                }
+            }
+        }
+        let journal = store.list_authorities().await?;
+        let x509 = load_signer_x509(&cfg.trust_domain, &own(&journal, &owner, X509), &keys, now)?;
+        let jwt = load_signer_jwt(&own(&journal, &owner, JWT), &keys)?;
+        let m = Arc::new(Self {
+            trust_domain: cfg.trust_domain.clone(),
+            owner,
+            keys,
+            store,
+            audit,
+            metrics,
+            x509_policy,
+            jwt_policy,
+            upstream: cfg.upstream.clone(),
+            x509: ArcSwap::from_pointee(x509),
+            jwt: ArcSwap::from_pointee(jwt),
+            lock: Mutex::new(()),
+        });
+        m.refresh_gauges(&journal);
+        Ok(m)
+    }
+
+    /// The X.509 CA that signs now.
+    pub fn signer(&self) -> Arc<SigningCa> {
+        self.x509.load_full()
+    }
+
+    /// The JWT key that signs now.
+    pub fn jwt_signer(&self) -> Arc<JwtSigner> {
+        self.jwt.load_full()
+    }
+
+    /// This server's instance id (the journal's `owner`).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The X.509 rotation policy in effect.
+    pub fn x509_policy(&self) -> &Policy {
+        &self.x509_policy
+    }
+
+    /// The journal (every server's authorities).
+    pub async fn journal(&self) -> Result<Vec<Authority>, CaError> {
+        Ok(self.store.list_authorities().await?)
+    }
+
+    async fn live_counts(&self, now: i64) -> Result<HashMap<String, (i64, i64)>, CaError> {
+        Ok(self
+            .store
+            .issued_summary(now)
+            .await?
+            .into_iter()
+            .map(|s| (s.ca_id, (s.live, s.last_not_after)))
+            .collect())
+    }
+
+    /// Live certificate count and latest notAfter per authority.
+    pub async fn issued_by_authority(&self) -> Result<HashMap<String, (i64, i64)>, CaError> {
+        self.live_counts(unix(SystemTime::now())).await
+    }
+
+    /// The bundle's content from the journal, through the gate.
+    pub async fn bundle_material(&self, now: SystemTime) -> Result<BundleMaterial, CaError> {
+        let journal = self.store.list_authorities().await?;
+        let live = self.live_counts(unix(now)).await?;
+        self.material_for(&journal, &live, now)
+    }
+
+    fn material_for(
+        &self,
+        journal: &[Authority],
+        live: &HashMap<String, (i64, i64)>,
+        now: SystemTime,
+    ) -> Result<BundleMaterial, CaError> {
+        let t = unix(now);
+        let x509 = gate::x509_bundle(journal, &|id| live.get(id).map_or(0, |v| v.0), now)?;
+        let jwt = journal
+            .iter()
+            .filter(|a| a.kind == JWT && gate::published(a, t))
+            .map(|a| JwtKey {
+                key_id: a.id.clone(),
+                public_key: a.public_key.clone(),
+                expires_at: a.not_after,
+            })
+            .collect();
+        let tainted = journal
+            .iter()
+            .filter(|a| a.tainted && gate::published(a, t))
+            .map(|a| a.id.clone())
+            .collect();
+        Ok(BundleMaterial { x509, jwt, tainted })
+    }
+
+    fn refresh_gauges(&self, journal: &[Authority]) {
+        let m = &self.metrics;
+        m.ca_not_after.set(unix(self.x509.load().not_after()));
+        m.jwt_key_not_after.set(unix(self.jwt.load().not_after()));
+        let next = own(journal, &self.owner, X509)
+            .iter()
+            .filter(|a| a.state == state::PREPARED && !a.tainted)
+            .map(|a| a.not_after)
+            .max()
+            .unwrap_or(0);
+        m.ca_next_not_after.set(next);
+        if let Some(up) = &self.upstream
+            && let Ok(u) = mint::Upstream::load(up, SystemTime::now())
+        {
+            m.upstream_not_after.set(unix(u.not_after));
+        }
+    }
+
+    fn count(&self, kind: &str, transition: &'static str) {
+        self.metrics.ca_transition(kind, transition);
+    }
+
+    fn policy(&self, kind: &str) -> &Policy {
+        if kind == JWT {
+            &self.jwt_policy
+        } else {
+            &self.x509_policy
+        }
+    }
+
+    /// Runs the transitions due now. Returns the plan's next transition and
+    /// whether anything changed (the bundle must then be republished).
+    pub async fn tick(&self, now: SystemTime) -> Result<(Option<(i64, String)>, bool), CaError> {
+        let _g = self.lock.lock().await;
+        let mut changed = false;
+        let mut next: Option<(i64, String)> = None;
+        for kind in [X509, JWT] {
+            let journal = self.store.list_authorities().await?;
+            let live = self.live_counts(unix(now)).await?;
+            let mine = own(&journal, &self.owner, kind);
+            let Plan { due, next: n } = schedule::plan(
+                &mine,
+                &|id| live.get(id).map_or(0, |v| v.1),
+                unix(now),
+                self.policy(kind),
+            );
+            if let Some(n) = n
+                && next.as_ref().is_none_or(|x| n.0 < x.0)
+            {
+                next = Some(n);
+            }
+            for step in due {
+                let r = match &step {
+                    Step::Bootstrap => {
+                        tracing::warn!(
+                            kind,
+                            "no usable active authority; making one and activating it now"
+                        );
+                        self.prepare_locked(kind, false, now, true)
+                            .await
+                            .map(|_| ())
+                    }
+                    Step::Prepare => self
+                        .prepare_locked(kind, false, now, false)
+                        .await
+                        .map(|_| ()),
+                    Step::Activate(id) => self.activate_locked(kind, id, now).await.map(|_| ()),
+                    Step::Remove(id) => self.remove_locked(kind, id, now, "removed").await,
+                    Step::NeedsOperator => {
+                        self.metrics.ca_transition(kind, "needs_operator");
+                        tracing::warn!(
+                            kind,
+                            "the next CA must be prepared by an operator (offline upstream): run \
+                             `meshid server ca prepare --upstream-csr FILE`, sign it, then \
+                             `meshid server ca import --cert FILE`"
+                        );
+                        Ok(())
+                    }
+                };
+                match r {
+                    Ok(()) => changed |= step != Step::NeedsOperator,
+                    Err(e) => {
+                        self.metrics.ca_transition(kind, "failed");
+                        tracing::error!(kind, step = ?step, error = %e, "CA transition failed; will retry");
+                    }
+                }
+            }
+        }
+        if changed {
+            self.reload(now).await?;
+        }
+        Ok((next, changed))
+    }
+
+    /// Re-reads the active signers from the journal.
+    async fn reload(&self, now: SystemTime) -> Result<(), CaError> {
+        let journal = self.store.list_authorities().await?;
+        let x = load_signer_x509(
+            &self.trust_domain,
+            &own(&journal, &self.owner, X509),
+            &self.keys,
+            now,
+        )?;
+        let j = load_signer_jwt(&own(&journal, &self.owner, JWT), &self.keys)?;
+        if x.id() != self.x509.load().id() {
+            tracing::info!(id = %x.id(), not_after = %humantime::format_rfc3339_seconds(x.not_after()), "X.509 signing CA in use");
+        }
+        if j.kid() != self.jwt.load().kid() {
+            tracing::info!(kid = %j.kid(), "JWT signing key in use");
+        }
+        self.x509.store(Arc::new(x));
+        self.jwt.store(Arc::new(j));
+        self.refresh_gauges(&journal);
+        Ok(())
+    }
+
+    async fn prepare_locked(
+        &self,
+        kind: &str,
+        upstream_csr: bool,
+        now: SystemTime,
+        activate_now: bool,
+    ) -> Result<Outcome, CaError> {
+        let policy = self.policy(kind);
+        let (mut rec, csr_pem) = if kind == JWT {
+            let (rec, pkcs8) = mint::jwt_key(policy.ttl, &self.owner, now)?;
+            self.keys.put_pkcs8(JWT, &rec.id, &pkcs8)?;
+            (rec, String::new())
+        } else if upstream_csr {
+            let (key, csr) = mint::upstream_csr(&self.trust_domain, now)?;
+            let id = mint::key_id(&key);
+            self.keys.put(X509, &id, &key)?;
+            let rec = Authority {
+                id,
+                kind: X509.into(),
+                owner: self.owner.clone(),
+                state: state::PENDING.into(),
+                public_key: mint::key_public_key(&key),
+                prepared_at: unix(now),
+                origin: "imported".into(),
+                revision: 1,
+                ..Authority::default()
+            };
+            (rec, csr)
+        } else {
+            let (rec, key) = match &self.upstream {
+                Some(u) => {
+                    let up = mint::Upstream::load(u, now)?;
+                    mint::under_upstream(&self.trust_domain, policy.ttl, &up, &self.owner, now)?
+                }
+                None => mint::self_signed(&self.trust_domain, policy.ttl, &self.owner, now)?,
+            };
+            self.keys.put(X509, &rec.id, &key)?;
+            (rec, String::new())
+        };
+        if activate_now {
+            rec.state = state::ACTIVE.into();
+            rec.activated_at = unix(now);
+            // Retire whatever is left (e.g. an expired active).
+            let journal = self.store.list_authorities().await?;
+            for old in own(&journal, &self.owner, kind)
+                .into_iter()
+                .filter(|a| a.state == state::ACTIVE)
+            {
+                self.set_state(old, state::RETIRED, now).await?;
+            }
+        }
+        self.store.insert_authority(&rec).await?;
+        let transition = if activate_now {
+            "bootstrapped"
+        } else if rec.state == state::PENDING {
+            "pending"
+        } else {
+            "prepared"
+        };
+        self.count(kind, transition);
+        audit_write(
+            &self.audit,
+            Event::new(&format!("ca_{transition}"))
+                .with("kind", kind)
+                .with("id", rec.id.clone())
+                .with("origin", rec.origin.clone())
+                .with("not_after", rec.not_after),
+        )
+        .await?;
+        tracing::info!(kind, id = %rec.id, state = %rec.state, not_after = rec.not_after, "authority {transition}");
+        Ok(Outcome {
+            summary: format!("{kind} authority {} {transition}", rec.id),
+            changed: vec![rec],
+            csr_pem,
+            ..Outcome::default()
+        })
+    }
+
+    async fn set_state(
+        &self,
+        mut a: Authority,
+        to: &str,
+        now: SystemTime,
+    ) -> Result<Authority, CaError> {
+        let expected = a.revision;
+        a.revision += 1;
+        a.state = to.into();
+        match to {
+            state::ACTIVE => a.activated_at = unix(now),
+            state::RETIRED => a.retired_at = unix(now),
+            state::REMOVED => a.removed_at = unix(now),
+            _ => {}
+        }
+        self.store.update_authority(&a, expected).await?;
+        Ok(a)
+    }
+
+    async fn activate_locked(
+        &self,
+        kind: &str,
+        id: &str,
+        now: SystemTime,
+    ) -> Result<Vec<Authority>, CaError> {
+        let journal = self.store.list_authorities().await?;
+        let mine = own(&journal, &self.owner, kind);
+        let p = mine
+            .iter()
+            .find(|a| a.id == id)
+            .cloned()
+            .ok_or_else(|| CaError::NotFound(id.into()))?;
+        check_activatable(&self.trust_domain, &p, &self.keys, now)?;
+        let mut changed = Vec::new();
+        for old in mine.into_iter().filter(|a| a.state == state::ACTIVE) {
+            changed.push(self.set_state(old, state::RETIRED, now).await?);
+        }
+        changed.push(self.set_state(p, state::ACTIVE, now).await?);
+        self.count(kind, "activated");
+        for a in &changed {
+            audit_write(
+                &self.audit,
+                Event::new(if a.state == state::ACTIVE {
+                    "ca_activated"
+                } else {
+                    "ca_retired"
+                })
+                .with("kind", kind)
+                .with("id", a.id.clone())
+                .with("not_after", a.not_after),
+            )
+            .await?;
+        }
+        tracing::info!(kind, id, "authority activated");
+        Ok(changed)
+    }
+
+    async fn remove_locked(
+        &self,
+        kind: &str,
+        id: &str,
+        now: SystemTime,
+        transition: &'static str,
+    ) -> Result<(), CaError> {
+        let journal = self.store.list_authorities().await?;
+        let a = own(&journal, &self.owner, kind)
+            .into_iter()
+            .find(|a| a.id == id)
+            .ok_or_else(|| CaError::NotFound(id.into()))?;
+        let a = self.set_state(a, state::REMOVED, now).await?;
+        // A removed authority never signs again.
+        self.keys.delete(kind, &a.id)?;
+        self.count(kind, transition);
+        audit_write(
+            &self.audit,
+            Event::new(&format!("ca_{transition}"))
+                .with("kind", kind)
+                .with("id", a.id.clone()),
+        )
+        .await?;
+        tracing::info!(kind, id, "authority {transition} from the bundle");
+        Ok(())
+    }
+
+    async fn find(&self, kind: &str, id: &str) -> Result<Authority, CaError> {
+        let journal = self.store.list_authorities().await?;
+        journal
+            .into_iter()
+            .find(|a| a.kind == kind && a.id == id && a.state != state::REMOVED)
+            .ok_or_else(|| CaError::NotFound(id.into()))
+    }
+
+    async fn affected(
+        &self,
+        id: &str,
+        now: SystemTime,
+    ) -> Result<(Vec<IssuedRecord>, Vec<String>), CaError> {
+        let recs = self
+            .store
+            .live_issued_by(id, unix(now), AFFECTED_LIMIT)
+            .await?;
+        let mut agents: Vec<String> = recs.iter().map(|r| r.agent_id.clone()).collect();
+        agents.sort();
+        agents.dedup();
+        Ok((recs, agents))
+    }
+
+    fn require_own(&self, a: &Authority) -> Result<(), CaError> {
+        if a.owner != self.owner {
+            return Err(CaError::Refused(format!(
+                "authority {} belongs to server {}; run this on that server",
+                a.id, a.owner
+            )));
+        }
+        Ok(())
+    }
+
+    /// `ca prepare`: makes the next authority now (or a key and CSR for an
+    /// offline upstream CA).
+    pub async fn prepare(
+        &self,
+        kind: &str,
+        upstream_csr: bool,
+        dry_run: bool,
+    ) -> Result<Outcome, CaError> {
+        let _g = self.lock.lock().await;
+        let now = SystemTime::now();
+        if upstream_csr && kind != X509 {
+            return Err(CaError::Refused(
+                "an upstream CSR is for X.509 CAs only".into(),
+            ));
+        }
+        let journal = self.store.list_authorities().await?;
+        if let Some(p) = own(&journal, &self.owner, kind)
+            .iter()
+            .find(|a| (a.state == state::PREPARED || a.state == state::PENDING) && !a.tainted)
+        {
+            return Err(CaError::Refused(format!(
+                "{kind} authority {} is already {}; activate or retire it first",
+                p.id, p.state
+            )));
+        }
+        if !upstream_csr && kind == X509 && self.upstream.as_ref().is_some_and(|u| !u.has_key()) {
+            return Err(CaError::Refused(
+                "the upstream CA is offline: use --upstream-csr FILE, have the CSR signed, then \
+                 `ca import`"
+                    .into(),
+            ));
+        }
+        if dry_run {
+            return Ok(Outcome {
+                summary: format!(
+                    "would prepare a new {kind} authority ({}); it would be published at once and \
+                     sign nothing until activated",
+                    if upstream_csr {
+                        "key and CSR for the offline upstream"
+                    } else {
+                        "valid for the configured lifetime"
+                    }
+                ),
+                ..Outcome::default()
+            });
+        }
+        self.prepare_locked(kind, upstream_csr, now, false).await
+    }
+
+    /// `ca activate`: the prepared authority signs from now on; the active
+    /// one retires (its certificates stay valid until they expire).
+    pub async fn activate(&self, kind: &str, id: &str, dry_run: bool) -> Result<Outcome, CaError> {
+        let _g = self.lock.lock().await;
+        let now = SystemTime::now();
+        let journal = self.store.list_authorities().await?;
+        let mine = own(&journal, &self.owner, kind);
+        let p = if id.is_empty() {
+            mine.iter()
+                .filter(|a| a.state == state::PREPARED && !a.tainted)
+                .max_by_key(|a| a.prepared_at)
+                .cloned()
+                .ok_or_else(|| {
+                    CaError::Refused(format!(
+                        "no prepared {kind} authority; run `ca prepare` first"
+                    ))
+                })?
+        } else {
+            self.find(kind, id).await?
+        };
+        self.require_own(&p)?;
+        if p.state != state::PREPARED {
+            return Err(CaError::Refused(format!(
+                "authority {} is {}, only a prepared authority can be activated",
+                p.id, p.state
+            )));
+        }
+        if p.tainted {
+            return Err(CaError::Refused(format!("authority {} is tainted", p.id)));
+        }
+        check_activatable(&self.trust_domain, &p, &self.keys, now)?;
+        let old: Vec<Authority> = mine
+            .into_iter()
+            .filter(|a| a.state == state::ACTIVE)
+            .collect();
+        let mut affected = Vec::new();
+        let mut agents = Vec::new();
+        for o in &old {
+            let (r, a) = self.affected(&o.id, now).await?;
+            affected.extend(r);
+            agents.extend(a);
+        }
+        let summary = format!(
+            "{} {kind} authority {} becomes active; {} retires, and its {} live certificate(s) stay \
+             valid until they expire",
+            if dry_run {
+                "would activate:"
+            } else {
+                "activated:"
+            },
+            p.id,
+            old.iter()
+                .map(|a| a.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            affected.len()
+        );
+        if dry_run {
+            let mut after = p.clone();
+            after.state = state::ACTIVE.into();
+            return Ok(Outcome {
+                changed: vec![after],
+                affected,
+                affected_agents: agents,
+                summary,
+                ..Outcome::default()
+            });
+        }
+        let changed = self.activate_locked(kind, &p.id, now).await?;
+        self.reload(now).await?;
+        Ok(Outcome {
+            changed,
+            affected,
+            affected_agents: agents,
+            summary,
+            ..Outcome::default()
+        })
+    }
+
+    /// `ca retire`: takes a prepared or pending authority out of the way (it
+    /// will never sign; it leaves the bundle by itself). The active one is
+    /// replaced by activating its successor, not retired directly.
+    pub async fn retire(&self, kind: &str, id: &str, dry_run: bool) -> Result<Outcome, CaError> {
+        let _g = self.lock.lock().await;
+        let now = SystemTime::now();
+        let a = self.find(kind, id).await?;
+        self.require_own(&a)?;
+        match a.state.as_str() {
+            state::PREPARED | state::PENDING => {}
+            state::ACTIVE => {
+                return Err(CaError::Refused(format!(
+                    "authority {} is active: prepare and activate its successor instead \
+                     (`ca prepare`, `ca activate`); it then retires by itself",
+                    a.id
+                )));
+            }
+            other => {
+                return Err(CaError::Refused(format!(
+                    "authority {} is already {other}",
+                    a.id
+                )));
+            }
+        }
+        let mut after = a.clone();
+        after.state = state::RETIRED.into();
+        let summary = format!(
+            "{} {kind} authority {}: it will never sign and leaves the bundle by itself",
+            if dry_run { "would retire" } else { "retired" },
+            a.id
+        );
+        if dry_run {
+            return Ok(Outcome {
+                changed: vec![after],
+                summary,
+                ..Outcome::default()
+            });
+        }
+        let after = self.set_state(a, state::RETIRED, now).await?;
+        self.count(kind, "retired");
+        audit_write(
+            &self.audit,
+            Event::new("ca_retired")
+                .with("kind", kind)
+                .with("id", after.id.clone())
+                .with("manual", true),
+        )
+        .await?;
+        Ok(Outcome {
+            changed: vec![after],
+            summary,
+            ..Outcome::default()
+        })
+    }
+
+    /// `ca taint`: distrusts a (non-active) authority: agents re-mint
+    /// everything it signed now, not at its usual renewal time.
+    pub async fn taint(&self, kind: &str, id: &str, dry_run: bool) -> Result<Outcome, CaError> {
+        let _g = self.lock.lock().await;
+        let now = SystemTime::now();
+        let a = self.find(kind, id).await?;
+        self.require_own(&a)?;
+        if a.state == state::ACTIVE {
+            return Err(CaError::Refused(format!(
+                "authority {} is active: prepare and activate a successor first (`ca prepare`, \
+                 `ca activate`), then taint it",
+                a.id
+            )));
+        }
+        if a.tainted {
+            return Err(CaError::Refused(format!(
+                "authority {} is already tainted",
+                a.id
+            )));
+        }
+        let (affected, agents) = self.affected(&a.id, now).await?;
+        let summary = format!(
+            "{} {kind} authority {}: {} live certificate(s) held by {} agent(s) are re-minted under \
+             the active authority now",
+            if dry_run { "would taint" } else { "tainted" },
+            a.id,
+            affected.len(),
+            agents.len()
+        );
+        let mut after = a.clone();
+        after.tainted = true;
+        after.tainted_at = unix(now);
+        if dry_run {
+            return Ok(Outcome {
+                changed: vec![after],
+                affected,
+                affected_agents: agents,
+                summary,
+                ..Outcome::default()
+            });
+        }
+        let expected = after.revision;
+        after.revision += 1;
+        self.store.update_authority(&after, expected).await?;
+        self.count(kind, "tainted");
+        audit_write(
+            &self.audit,
+            Event::new("ca_tainted")
+                .with("kind", kind)
+                .with("id", after.id.clone())
+                .with("live_certificates", affected.len())
+                .with("agents", agents.len()),
+        )
+        .await?;
+        tracing::warn!(
+            kind,
+            id,
+            live = affected.len(),
+            "authority tainted; agents re-mint now"
+        );
+        Ok(Outcome {
+            changed: vec![after],
+            affected,
+            affected_agents: agents,
+            summary,
+            ..Outcome::default()
+        })
+    }
+
+    /// `ca revoke`: removes a non-active authority from the bundle now.
+    /// Refused while live certificates depend on it, unless forced (and
+    /// confirmed).
+    pub async fn revoke(
+        &self,
+        kind: &str,
+        id: &str,
+        dry_run: bool,
+        force: bool,
+        yes: bool,
+    ) -> Result<Outcome, CaError> {
+        let _g = self.lock.lock().await;
+        let now = SystemTime::now();
+        let a = self.find(kind, id).await?;
+        self.require_own(&a)?;
+        if a.state == state::ACTIVE {
+            return Err(CaError::Refused(format!(
+                "authority {} is active: activate a successor and taint it first",
+                a.id
+            )));
+        }
+        let (affected, agents) = self.affected(&a.id, now).await?;
+        let live = affected.len();
+        let summary = format!(
+            "{} {kind} authority {} from the bundle: {live} live certificate(s) held by {} agent(s) \
+             would stop verifying",
+            if dry_run { "would revoke" } else { "revoked" },
+            a.id,
+            agents.len()
+        );
+        if live > 0 && !force && !dry_run {
+            return Err(CaError::Refused(format!(
+                "refusing to revoke {kind} authority {}: {live} live certificate(s) held by {} \
+                 agent(s) still depend on it (taint it and wait until they are re-minted; see \
+                 `ca show`), or force it with --force --yes",
+                a.id,
+                agents.len()
+            )));
+        }
+        let mut after = a.clone();
+        after.state = state::REMOVED.into();
+        // Through the gate, as the bundle would be (a forced revocation is
+        // checked without the live certificates it deliberately orphans).
+        if kind == X509 {
+            let mut journal = self.store.list_authorities().await?;
+            for j in journal.iter_mut().filter(|j| j.id == a.id) {
+                j.state = state::REMOVED.into();
+            }
+            let live_map = self.live_counts(unix(now)).await?;
+            let skip = a.id.clone();
+            gate::x509_bundle(
+                &journal,
+                &|x| {
+                    if force && x == skip {
+                        0
+                    } else {
+                        live_map.get(x).map_or(0, |v| v.0)
+                    }
+                },
+                now,
+            )?;
+        }
+        if dry_run {
+            return Ok(Outcome {
+                changed: vec![after],
+                affected,
+                affected_agents: agents,
+                summary,
+                needs_confirmation: live > 0,
+                ..Outcome::default()
+            });
+        }
+        if live > 0 && !yes {
+            return Ok(Outcome {
+                changed: vec![],
+                affected,
+                affected_agents: agents,
+                summary: format!("not done: {summary}; confirm with --yes"),
+                needs_confirmation: true,
+                ..Outcome::default()
+            });
+        }
+        self.remove_locked(kind, &a.id, now, "revoked").await?;
+        Ok(Outcome {
+            changed: vec![after],
+            affected,
+            affected_agents: agents,
+            summary,
+            ..Outcome::default()
+        })
+    }
+
+    /// `ca import`: installs an intermediate signed by the offline upstream
+    /// for the pending authority whose key it certifies, as prepared, after
+    /// the gate.
+    pub async fn import(&self, chain: Vec<Vec<u8>>, dry_run: bool) -> Result<Outcome, CaError> {
+        let _g = self.lock.lock().await;
+        let now = SystemTime::now();
+        let up = self.upstream.as_ref().ok_or_else(|| {
+            CaError::Refused("no [upstream] is configured: nothing to import into".into())
+        })?;
+        let upstream = mint::Upstream::load(up, now)?;
+        let first = chain
+            .first()
+            .ok_or_else(|| CaError::Invalid("no certificate given".into()))?;
+        let pk = mint::cert_public_key(first)
+            .ok_or_else(|| CaError::Invalid("the certificate does not parse".into()))?;
+        let journal = self.store.list_authorities().await?;
+        let pending = own(&journal, &self.owner, X509)
+            .into_iter()
+            .find(|a| a.state == state::PENDING && a.public_key == pk)
+            .ok_or_else(|| {
+                CaError::Refused(
+                    "the certificate is not for a pending authority of this server (its key does \
+                     not match any CSR made by `ca prepare --upstream-csr`)"
+                        .into(),
+                )
+            })?;
+        let mut full = chain.clone();
+        for c in &upstream.chain {
+            if !full.contains(c) {
+                full.push(c.clone());
+            }
+        }
+        full.retain(|c| !upstream.roots.contains(c) || c == first);
+        let min_na = now + self.x509_policy.max_credential_ttl * 2;
+        gate::check_import(&full, &upstream.roots, min_na, now)?;
+        let mut rec =
+            mint::x509_record(full, upstream.roots.clone(), "imported", &self.owner, now)?;
+        rec.public_key = Vec::new();
+        let summary = format!(
+            "{} intermediate {} (valid until {}) as prepared for pending key {}",
+            if dry_run { "would import" } else { "imported" },
+            rec.id,
+            humantime::format_rfc3339_seconds(
+                SystemTime::UNIX_EPOCH
+                    + Duration::from_secs(u64::try_from(rec.not_after).unwrap_or(0))
+            ),
+            pending.id
+        );
+        if dry_run {
+            return Ok(Outcome {
+                changed: vec![rec],
+                summary,
+                ..Outcome::default()
+            });
+        }
+        let key = self.keys.get(X509, &pending.id)?;
+        if rec.id != pending.id {
+            self.keys.put(X509, &rec.id, &key)?;
+        }
+        // Check the pair signs before anything is stored.
+        SigningCa::from_authority(&self.trust_domain, &rec, key, now)?;
+        self.store.insert_authority(&rec).await?;
+        let done = self.set_state(pending, state::REMOVED, now).await?;
+        if done.id != rec.id {
+            self.keys.delete(X509, &done.id)?;
+        }
+        self.count(X509, "imported");
+        audit_write(
+            &self.audit,
+            Event::new("ca_imported")
+                .with("id", rec.id.clone())
+                .with("not_after", rec.not_after),
+        )
+        .await?;
+        Ok(Outcome {
+            changed: vec![rec],
+            summary,
+            ..Outcome::default()
+        })
+    }
+
+    /// Why the trust material needs attention now: `fatal` (not ready) when
+    /// there is no usable active authority, or the active one is past its
+    /// latest activation point with no valid successor; `warnings` for an
+    /// upstream chain ending within `upstream.warn_before`.
+    pub async fn readiness(&self, now: SystemTime) -> Readiness {
+        let mut r = Readiness::default();
+        let t = unix(now);
+        let journal = match self.store.list_authorities().await {
+            Ok(j) => j,
+            Err(e) => {
+                r.fatal.push(format!("CA journal unreadable: {e}"));
+                return r;
+            }
+        };
+        let w = &mut r.fatal;
+        for kind in [X509, JWT] {
+            let mine = own(&journal, &self.owner, kind);
+            let active = mine
+                .iter()
+                .find(|a| a.state == state::ACTIVE && schedule::usable(a, t));
+            let Some(a) = active else {
+                w.push(format!("no usable active {kind} authority"));
+                continue;
+            };
+            let p = self.policy(kind);
+            let latest =
+                a.not_before + ((a.not_after - a.not_before) as f64 * p.activate_by) as i64;
+            let successor = mine
+                .iter()
+                .any(|s| s.state == state::PREPARED && !s.tainted && s.not_after > a.not_after);
+            if t >= latest && !successor {
+                w.push(format!(
+                    "active {kind} authority {} ends at {} and no valid successor is prepared",
+                    a.id,
+                    humantime::format_rfc3339_seconds(
+                        SystemTime::UNIX_EPOCH
+                            + Duration::from_secs(u64::try_from(a.not_after).unwrap_or(0))
+                    )
+                ));
+            }
+        }
+        let signer = self.signer();
+        if let Err(e) = signer.revalidate(now) {
+            w.push(format!("the signing CA is not usable: {e}"));
+        }
+        if let Some(u) = &self.upstream {
+            let w = &mut r.warnings;
+            match mint::Upstream::load(u, now) {
+                Ok(up) if up.not_after < now + u.warn_before => w.push(format!(
+                    "the upstream CA chain ends at {} (within {})",
+                    humantime::format_rfc3339_seconds(up.not_after),
+                    humantime::format_duration(u.warn_before)
+                )),
+                Ok(_) => {}
+                Err(e) => w.push(format!("upstream CA: {e}")),
+            }
+        }
+        for w in &r.warnings {
+            tracing::warn!(warning = %w, "trust material needs attention");
+        }
+        r
+    }
+}
+
+fn check_activatable(
+    td: &str,
+    p: &Authority,
+    keys: &KeyDir,
+    now: SystemTime,
+) -> Result<(), CaError> {
+    let t = unix(now);
+    if !schedule::usable(p, t) {
+        return Err(CaError::Refused(format!(
+            "authority {} is outside its validity window ({}..{})",
+            p.id, p.not_before, p.not_after
+        )));
+    }
+    if p.kind == X509 {
+        let key = keys.get(X509, &p.id)?;
+        SigningCa::from_authority(td, p, key, now)?;
+    } else {
+        let der = keys.get_pkcs8(JWT, &p.id)?;
+        JwtSigner::from_pkcs8(&der, SystemTime::UNIX_EPOCH)?;
+    }
+    Ok(())
+}
+
+async fn activate_rows(
+    store: &Arc<dyn Store>,
+    mine: &[Authority],
+    id: &str,
+    now: SystemTime,
+) -> Result<(), CaError> {
+    for a in mine
+        .iter()
+        .filter(|a| a.state == state::ACTIVE || a.id == id)
+    {
+        let mut n = a.clone();
+        n.revision += 1;
+        if a.id == id {
+            n.state = state::ACTIVE.into();
+            n.activated_at = unix(now);
+        } else {
+            n.state = state::RETIRED.into();
+            n.retired_at = unix(now);
+        }
+        store.update_authority(&n, a.revision).await?;
+    }
+    Ok(())
+}
+
+async fn audit_write(audit: &AuditLog, ev: Event) -> Result<(), CaError> {
+    audit
+        .record(vec![ev])
+        .await
+        .map_err(|e| CaError::Audit(e.to_string()))
+}
+
+fn load_signer_x509(
+    td: &str,
+    mine: &[Authority],
+    keys: &KeyDir,
+    now: SystemTime,
+) -> Result<SigningCa, CaError> {
+    let a = mine
+        .iter()
+        .filter(|a| a.state == state::ACTIVE)
+        .max_by_key(|a| a.activated_at)
+        .ok_or_else(|| CaError::Refused("no active X.509 CA".into()))?;
+    SigningCa::from_authority(td, a, keys.get(X509, &a.id)?, now)
+}
+
+fn load_signer_jwt(mine: &[Authority], keys: &KeyDir) -> Result<JwtSigner, CaError> {
+    let a = mine
+        .iter()
+        .filter(|a| a.state == state::ACTIVE)
+        .max_by_key(|a| a.activated_at)
+        .ok_or_else(|| CaError::Refused("no active JWT key".into()))?;
+    let na = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(a.not_after).unwrap_or(0));
+    JwtSigner::from_pkcs8(&keys.get_pkcs8(JWT, &a.id)?, na)
+}
+
+async fn bootstrap(
+    cfg: &ServerConfig,
+    kind: &str,
+    owner: &str,
+    keys: &KeyDir,
+    store: &Arc<dyn Store>,
+    audit: &AuditLog,
+    now: SystemTime,
+) -> Result<(), CaError> {
+    let mut rec = if kind == JWT {
+        let (rec, pkcs8) = mint::jwt_key(cfg.jwt_policy().ttl, owner, now)?;
+        keys.put_pkcs8(JWT, &rec.id, &pkcs8)?;
+        rec
+    } else {
+        let (rec, key) = match &cfg.upstream {
+            Some(u) => {
+                let up = mint::Upstream::load(u, now)?;
+                mint::under_upstream(&cfg.trust_domain, cfg.ca_ttl, &up, owner, now)?
+            }
+            None => mint::self_signed(&cfg.trust_domain, cfg.ca_ttl, owner, now)?,
+        };
+        keys.put(X509, &rec.id, &key)?;
+        rec
+    };
+    // An active authority left behind (expired while the server was down)
+    // retires.
+    for old in own(&store.list_authorities().await?, owner, kind)
+        .into_iter()
+        .filter(|a| a.state == state::ACTIVE)
+    {
+        tracing::warn!(kind, id = %old.id, "active authority expired while the server was down; agents holding only it must be re-bootstrapped");
+        let mut n = old.clone();
+        n.revision += 1;
+        n.state = state::RETIRED.into();
+        n.retired_at = unix(now);
+        store.update_authority(&n, old.revision).await?;
+    }
+    rec.state = state::ACTIVE.into();
+    rec.activated_at = unix(now);
+    store.insert_authority(&rec).await?;
+    audit_write(
+        audit,
+        Event::new("ca_bootstrapped")
+            .with("kind", kind)
+            .with("id", rec.id.clone())
+            .with("origin", rec.origin.clone())
+            .with("not_after", rec.not_after),
+    )
+    .await?;
+    tracing::info!(kind, id = %rec.id, not_after = rec.not_after, "authority created and activated");
+    Ok(())
+}
+
+/// Imports `<data_dir>/ca/signing-ca.{pem,key}` of an older layout as the
+/// active X.509 authority, if it is still valid.
+async fn import_legacy_x509(
+    cfg: &ServerConfig,
+    owner: &str,
+    keys: &KeyDir,
+    store: &Arc<dyn Store>,
+    audit: &AuditLog,
+    now: SystemTime,
+) -> Result<(), CaError> {
+    let dir = cfg.data_dir.join("ca");
+    let (cert, key) = (dir.join("signing-ca.pem"), dir.join("signing-ca.key"));
+    if !cert.exists() || !key.exists() {
+        return Ok(());
+    }
+    let chain = mint::read_pem_certs(&cert)?;
+    let kp = mint::read_key(&key)?;
+    let (roots, origin) = match &cfg.upstream {
+        Some(u) => (mint::Upstream::load(u, now)?.roots, "upstream"),
+        None => (chain.first().cloned().into_iter().collect(), "self_signed"),
+    };
+    let mut full = chain.clone();
+    if let Some(u) = &cfg.upstream {
+        for c in mint::Upstream::load(u, now)?.chain {
+            if !full.contains(&c) {
+                full.push(c);
+            }
+        }
+    }
+    let mut rec = mint::x509_record(full, roots, origin, owner, now)?;
+    if SigningCa::from_authority(&cfg.trust_domain, &rec, mint::read_key(&key)?, now).is_err() {
+        tracing::warn!(path = %cert.display(), "CA of the older layout is not usable; not imported");
+        return Ok(());
+    }
+    keys.put(X509, &rec.id, &kp)?;
+    rec.state = state::ACTIVE.into();
+    rec.activated_at = unix(now);
+    store.insert_authority(&rec).await?;
+    audit_write(
+        audit,
+        Event::new("ca_imported_legacy").with("id", rec.id.clone()),
+    )
+    .await?;
+    let _ = std::fs::remove_file(&key);
+    tracing::info!(id = %rec.id, "CA of the older layout imported into the journal");
+    Ok(())
+}
+
+async fn import_legacy_jwt(
+    cfg: &ServerConfig,
+    owner: &str,
+    keys: &KeyDir,
+    store: &Arc<dyn Store>,
+    audit: &AuditLog,
+    now: SystemTime,
+) -> Result<(), CaError> {
+    let path = cfg.data_dir.join("ca").join("jwt.key");
+    let Ok(der) = std::fs::read(&path) else {
+        return Ok(());
+    };
+    let ttl = cfg.jwt_policy().ttl;
+    let signer = JwtSigner::from_pkcs8(&der, now + ttl)?;
+    let rec = Authority {
+        id: signer.kid().to_string(),
+        kind: JWT.into(),
+        owner: owner.into(),
+        state: state::ACTIVE.into(),
+        public_key: signer.public_key_der().to_vec(),
+        not_before: unix(now),
+        not_after: unix(now + ttl),
+        prepared_at: unix(now),
+        activated_at: unix(now),
+        origin: "self_signed".into(),
+        revision: 1,
+        ..Authority::default()
+    };
+    keys.put_pkcs8(JWT, &rec.id, &der)?;
+    store.insert_authority(&rec).await?;
+    audit_write(
+        audit,
+        Event::new("ca_imported_legacy")
+            .with("kind", JWT)
+            .with("id", rec.id.clone()),
+    )
+    .await?;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
