@@ -134,7 +134,11 @@ impl PgServer {
 
 fn find_bindir() -> Result<PathBuf, String> {
     if let Ok(d) = std::env::var("MESHID_PG_BINDIR") {
-        return Ok(PathBuf::from(d));
+        let d = PathBuf::from(d);
+        if !d.join("initdb").exists() {
+            return Err(format!("no initdb in MESHID_PG_BINDIR={}", d.display()));
+        }
+        return Ok(d);
     }
     let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .map_err(|_| {
@@ -188,9 +192,16 @@ fn start() -> Result<PgServer, String> {
     let bindir = find_bindir()?;
     let root = nix::unistd::Uid::effective().is_root();
     let run_as = root.then(|| "nobody".to_string());
+    // As root, under /tmp: `nobody` must be able to reach the directory,
+    // which a private TMPDIR may not allow. The socket path stays short too.
+    let parent = if root {
+        PathBuf::from("/tmp")
+    } else {
+        std::env::temp_dir()
+    };
     let dir = tempfile::Builder::new()
         .prefix("meshid-pg-")
-        .tempdir()
+        .tempdir_in(parent)
         .map_err(|e| e.to_string())?
         .keep();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
