@@ -7,96 +7,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::apps::{echo_app, get, http_app};
 use common::{AgentProc, Server, TD, free_port, sidecar, wait_for};
-
-/// HTTP app recording the x-spiffe-id of every request.
-fn http_app(seen: Arc<Mutex<Vec<String>>>) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let seen = seen.clone();
-            std::thread::spawn(move || {
-                let Ok(mut w) = c.try_clone() else { return };
-                let mut r = BufReader::new(c);
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let mut caller = String::new();
-                    loop {
-                        let mut h = String::new();
-                        if r.read_line(&mut h).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if h.trim().is_empty() {
-                            break;
-                        }
-                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("x-spiffe-id:") {
-                            caller = v.trim().to_string();
-                        }
-                    }
-                    if let Ok(mut s) = seen.lock() {
-                        s.push(caller.clone());
-                    }
-                    let body = format!("caller={caller}");
-                    if write!(
-                        w,
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
-/// Line echo app.
-fn echo_app() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let Ok(mut w) = c.try_clone() else { return };
-                let mut r = BufReader::new(c);
-                let mut line = String::new();
-                while r.read_line(&mut line).unwrap_or(0) > 0 {
-                    if w.write_all(line.as_bytes()).is_err() {
-                        return;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    });
-    port
-}
-
-fn get(port: u16) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nx-spiffe-id: spiffe://example.org/forged\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    if out.starts_with("HTTP/1.1 200") {
-        Ok(out)
-    } else {
-        Err(format!("no 200: {out:?}"))
-    }
-}
 
 fn readyz_serial(addr: &str) -> Option<String> {
     let mut c = TcpStream::connect(addr).ok()?;

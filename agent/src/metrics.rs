@@ -24,6 +24,13 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels for Workload API connections refused before the gRPC layer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `bad_preface`, `hpack`, `protocol`, `header_block_too_large`, ...
+    pub reason: &'static str,
+}
+
 /// Every agent metric.
 pub struct Metrics {
     registry: Registry,
@@ -31,6 +38,8 @@ pub struct Metrics {
     pub attestations: Family<OutcomeLabels, Counter>,
     /// Workload API requests by RPC and code.
     pub requests: Family<RpcLabels, Counter>,
+    /// Workload API connections closed for malformed HTTP/2, by reason.
+    pub connections_refused: Family<ReasonLabels, Counter>,
     /// SVIDs in the cache.
     pub svids_cached: Gauge,
     /// SVIDs minted (first issue and rotations).
@@ -74,6 +83,12 @@ impl Metrics {
             "workload_api_requests",
             "Workload API requests by RPC and code",
             requests.clone(),
+        );
+        let connections_refused = Family::default();
+        r.register(
+            "workload_api_connections_refused",
+            "Workload API connections closed for malformed HTTP/2, by reason",
+            connections_refused.clone(),
         );
         let svids_cached = Gauge::default();
         r.register("svids_cached", "SVIDs in the cache", svids_cached.clone());
@@ -138,6 +153,7 @@ impl Metrics {
             registry: r,
             attestations,
             requests,
+            connections_refused,
             svids_cached,
             rotations,
             next_rotation,

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use meshid_identity::h2_authority::RefusalHook;
 use meshid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::net::UnixListener;
 
@@ -15,6 +16,7 @@ use crate::agent::Agent;
 use crate::attest::{Attestors, UnixAttestor, WorkloadAttestor};
 use crate::config::AgentConfig;
 use crate::k8s_attestor::K8sAttestor;
+use crate::metrics::ReasonLabels;
 use crate::workload_api::{CallerConn, WorkloadApi};
 
 async fn shutdown_signal() {
@@ -62,12 +64,21 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> anyhow::Result
     // Any local process may connect; attestation decides what it gets.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777))?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let refused = agent.metrics.connections_refused.clone();
+    let on_refused: RefusalHook = Arc::new(move |e| {
+        refused
+            .get_or_create(&ReasonLabels { reason: e.reason() })
+            .inc();
+    });
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((s, _)) => {
                     if tx
-                        .send(Ok::<_, std::io::Error>(CallerConn::new(s)))
+                        .send(Ok::<_, std::io::Error>(CallerConn::new(
+                            s,
+                            Some(on_refused.clone()),
+                        )))
                         .await
                         .is_err()
                     {

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use meshid_identity::h2_authority::{AuthorityNormalizer, RefusalHook};
 use meshid_proto::node::{JwtSvidParams, SignJwtSvidsRequest};
 use meshid_proto::types::{Bundle, Entry, Selector};
 use meshid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
@@ -31,21 +32,27 @@ use crate::attest::{Caller, UnixAttestor, WorkloadAttestor};
 use crate::cache::Snapshot;
 use crate::metrics::{OutcomeLabels, RpcLabels};
 
-/// A Workload API connection with the caller's kernel credentials.
+/// A Workload API connection with the caller's kernel credentials. Reads go
+/// through [`AuthorityNormalizer`], so any HTTP/2 `:authority` a client
+/// sends on the Unix socket is accepted.
 pub struct CallerConn {
-    inner: UnixStream,
+    inner: AuthorityNormalizer<UnixStream>,
     caller: Option<Caller>,
 }
 
 impl CallerConn {
-    /// Reads SO_PEERCRED at accept time.
-    pub fn new(inner: UnixStream) -> Self {
+    /// Reads SO_PEERCRED at accept time; `on_refused` is told about a
+    /// connection closed for malformed HTTP/2.
+    pub fn new(inner: UnixStream, on_refused: Option<RefusalHook>) -> Self {
         let caller = inner.peer_cred().ok().map(|c| Caller {
             pid: c.pid(),
             uid: c.uid(),
             gid: c.gid(),
         });
-        Self { inner, caller }
+        Self {
+            inner: AuthorityNormalizer::new(inner, "workload_api", on_refused),
+            caller,
+        }
     }
 }
 

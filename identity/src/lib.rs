@@ -5,9 +5,11 @@
 //! - [`verify`]: rustls verifiers that check the chain against the bundle of
 //!   the peer's trust domain, then authorize the peer's SPIFFE ID.
 //! - [`pem`]: PEM encoding and decoding of certificates and keys.
+//! - [`h2_authority`]: accept any HTTP/2 `:authority` on Unix-socket gRPC servers.
 
 pub mod chain;
 pub mod crypto;
+pub mod h2_authority;
 pub mod kube;
 pub mod pem;
 pub mod svid;

@@ -29,11 +29,12 @@ pub struct ServerCli {
     command: Command,
 }
 
+/// Where the admin API is.
 #[derive(Debug, clap::Args)]
-struct AdminArgs {
+pub struct AdminArgs {
     /// The server's admin API socket.
     #[arg(long, env = "MESHID_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
-    admin_socket: PathBuf,
+    pub admin_socket: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -82,6 +83,9 @@ enum Command {
     /// Attested agents.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// Signing authorities: the CA journal, manual and forced rotation.
+    #[command(subcommand)]
+    Ca(crate::cli_ca::CaCmd),
     /// The store itself (not through a running server).
     #[command(subcommand)]
     Store(crate::cli_store::StoreCmd),
@@ -338,7 +342,8 @@ pub async fn admin_client(path: &std::path::Path) -> anyhow::Result<AdminClient<
     Ok(AdminClient::new(channel))
 }
 
-fn status(e: tonic::Status) -> anyhow::Error {
+/// A gRPC status as a CLI error.
+pub fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!(
         "{}: {}",
         format!("{:?}", e.code()).to_lowercase(),
@@ -449,13 +454,27 @@ impl ServerCli {
                     println!(
                         "{}",
                         json!({"trust_domain": h.trust_domain, "ca_not_after": h.ca_not_after, "entries": h.entries,
-                               "agents": h.agents, "node_address": h.node_address, "metrics_address": h.metrics_address})
+                               "agents": h.agents, "node_address": h.node_address, "metrics_address": h.metrics_address,
+                               "next_ca_not_after": h.next_ca_not_after, "warnings": h.warnings})
                     );
                 } else if !quiet {
+                    let left =
+                        h.ca_not_after - meshid_identity::svid::unix(std::time::SystemTime::now());
                     println!(
-                        "server is healthy: trust domain {}, {} entries, {} agents",
-                        h.trust_domain, h.entries, h.agents
+                        "server is healthy: trust domain {}, {} entries, {} agents, active CA expires in {}{}",
+                        h.trust_domain,
+                        h.entries,
+                        h.agents,
+                        humantime::format_duration(Duration::from_secs(left.max(0).unsigned_abs())),
+                        if h.next_ca_not_after > 0 {
+                            ", next CA prepared"
+                        } else {
+                            ""
+                        }
                     );
+                    for w in &h.warnings {
+                        println!("warning: {w}");
+                    }
                 }
                 Ok(())
             }
@@ -479,6 +498,7 @@ impl ServerCli {
             Command::Entry(cmd) => entry(cmd).await,
             Command::Bundle(cmd) => bundle(cmd).await,
             Command::Agent(cmd) => agent(cmd).await,
+            Command::Ca(cmd) => crate::cli_ca::run(cmd).await,
             Command::Store(cmd) => cmd.run().await,
         }
     }

@@ -345,6 +345,12 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
                 Ok((s, _)) => {
                     let uid = s.peer_cred().map(|c| c.uid()).ok();
                     if uid == Some(my_uid) || uid == Some(0) {
+                        // Any HTTP/2 :authority (gRPC clients disagree on Unix sockets).
+                        let s = meshid_identity::h2_authority::AuthorityNormalizer::new(
+                            s,
+                            "admin_api",
+                            None,
+                        );
                         if admin_tx.send(Ok::<_, std::io::Error>(s)).await.is_err() {
                             break;
                         }

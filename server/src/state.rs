@@ -101,7 +101,12 @@ impl ServerState {
         for p in &material.x509.pruned {
             tracing::debug!(pruned = %p, "left out of the bundle");
         }
-        self.tainted.store(Arc::new(material.tainted.clone()));
+        if **self.tainted.load() != material.tainted {
+            // Agents learn of a taint on their sync stream, even when the
+            // bundle itself did not change.
+            self.tainted.store(Arc::new(material.tainted.clone()));
+            self.notify_change();
+        }
         let stored = self.store.get_bundle(&self.config.trust_domain).await?;
         let seq = stored.as_ref().map_or(0, |b| b.sequence_number);
         let next = Bundle {

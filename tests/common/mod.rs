@@ -13,6 +13,8 @@ use meshid_identity::verify::{Authorizer, SpiffeServerVerifier, TrustBundles};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::transport::{Channel, Endpoint};
 
+pub mod apps;
+
 pub const TD: &str = "example.org";
 
 /// The `meshid` binary under test.
@@ -347,6 +349,20 @@ impl AgentProc {
                 .map(|_| ())
         });
         self.child = Some(child);
+    }
+
+    /// `kill -9` the agent (no cleanup at all).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the agent again after [`AgentProc::kill9`] or a stop, without a
+    /// token: it must resume from its persisted identity and bundle.
+    pub fn start_again(&mut self) {
+        self.spawn(None);
     }
 
     /// Stops and starts the agent again, without a token.

@@ -896,7 +896,7 @@ impl CaManager {
             gate::x509_bundle(
                 &journal,
                 &|x| {
-                    if force && x == skip {
+                    if (force || dry_run) && x == skip {
                         0
                     } else {
                         live_map.get(x).map_or(0, |v| v.0)
