@@ -11,134 +11,27 @@
 //!   (SPIFFE ID, parent) pair, so two identical entries cannot both be created;
 //! - every multi-row change is one transaction.
 //!
-//! **Changes across servers.** Every change agents must see calls
-//! `meshid_note_change()` last in its transaction: it bumps the one-row
-//! `store_revision` (whose row lock makes revisions follow commit order),
-//! appends to `change_log` and `NOTIFY`s channel `meshid_changes` with the new
-//! revision, delivered on commit. Each store keeps one listening connection;
-//! after `LISTEN` succeeds (at start and after every reconnect) it reads the
-//! revision, so a change committed while the connection was down is caught up,
-//! not lost. A periodic check (every [`RECHECK`]) covers a connection that
-//! died silently.
+//! Changes reach the other servers through [`changes`].
 
-use std::path::PathBuf;
-use std::str::FromStr;
+mod changes;
+mod options;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use meshid_proto::types::{Authority, Bundle, Entry};
 use prost::Message;
-use serde::Deserialize;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::watch;
 
 use super::{
     AgentRecord, EntryFilter, IssuedRecord, IssuedSummary, JoinTokenRecord, Store, StoreError,
 };
-
-/// The notification channel servers listen on.
-pub const CHANNEL: &str = "meshid_changes";
-
-/// How often a listener re-reads the revision even without a notification,
-/// and prunes the change log.
-pub const RECHECK: Duration = Duration::from_secs(30);
-
-/// How long the change log keeps a change, in seconds.
-const CHANGE_LOG_KEEP_SECS: i64 = 3600;
-
-/// Largest wait between attempts to re-establish the listening connection.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-
-/// TLS towards the database (the `sslmode` of libpq).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SslMode {
-    /// Plain TCP only.
-    Disable,
-    /// Plain TCP, TLS if the server insists.
-    Allow,
-    /// TLS if the server offers it, plain otherwise (sqlx's default).
-    Prefer,
-    /// TLS, without verifying the server's certificate.
-    Require,
-    /// TLS; the server's certificate must chain to a trusted root.
-    VerifyCa,
-    /// TLS; as `verify-ca`, and the certificate must name the host.
-    VerifyFull,
-}
-
-impl From<SslMode> for PgSslMode {
-    fn from(m: SslMode) -> Self {
-        match m {
-            SslMode::Disable => Self::Disable,
-            SslMode::Allow => Self::Allow,
-            SslMode::Prefer => Self::Prefer,
-            SslMode::Require => Self::Require,
-            SslMode::VerifyCa => Self::VerifyCa,
-            SslMode::VerifyFull => Self::VerifyFull,
-        }
-    }
-}
-
-/// How to reach the database.
-#[derive(Clone, PartialEq, Eq)]
-pub struct PostgresOptions {
-    /// `postgres://user[:password]@host[:port]/database[?…]`. libpq's
-    /// environment (`PGPASSWORD`, `PGSSLROOTCERT`, …) and `~/.pgpass` apply
-    /// to what the URL leaves out.
-    pub url: String,
-    /// Largest number of pooled connections (the change listener has one
-    /// more of its own).
-    pub pool_size: u32,
-    /// TLS mode; `None` keeps what the URL says (default `prefer`).
-    pub ssl_mode: Option<SslMode>,
-    /// PEM file of the roots that the database's certificate must chain to
-    /// (default: the Mozilla roots compiled in).
-    pub ssl_root_cert: Option<PathBuf>,
-}
-
-impl std::fmt::Debug for PostgresOptions {
-    // The URL may carry a password.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresOptions")
-            .field("url", &"<redacted>")
-            .field("pool_size", &self.pool_size)
-            .field("ssl_mode", &self.ssl_mode)
-            .field("ssl_root_cert", &self.ssl_root_cert)
-            .finish()
-    }
-}
-
-impl PostgresOptions {
-    /// Options for `url` with the defaults (10 connections, TLS as the URL says).
-    pub fn new(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            pool_size: 10,
-            ssl_mode: None,
-            ssl_root_cert: None,
-        }
-    }
-
-    /// The sqlx connection options.
-    pub fn connect_options(&self) -> Result<PgConnectOptions, StoreError> {
-        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
-            return Err(StoreError::Db(sqlx::Error::Configuration(
-                "the URL must start with postgres:// or postgresql://".into(),
-            )));
-        }
-        let mut o = PgConnectOptions::from_str(&self.url)?;
-        if let Some(m) = self.ssl_mode {
-            o = o.ssl_mode(m.into());
-        }
-        if let Some(p) = &self.ssl_root_cert {
-            o = o.ssl_root_cert(p);
-        }
-        Ok(o)
-    }
-}
+pub use changes::{CHANNEL, RECHECK};
+use changes::{current_revision, listen_loop, note_change, publish};
+pub use options::{PostgresOptions, SslMode};
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone; the change listener stops
 /// when the last clone is dropped.
@@ -208,40 +101,6 @@ pub(crate) fn issued_from_row(r: &PgRow) -> Result<IssuedRecord, StoreError> {
     })
 }
 
-/// Records a change agents must see; call last in the transaction. Returns the
-/// new revision (visible to others once the transaction commits).
-async fn note_change(
-    tx: &mut Transaction<'_, Postgres>,
-    kind: &str,
-    key: &str,
-) -> Result<u64, StoreError> {
-    let rev: i64 = sqlx::query_scalar("SELECT meshid_note_change($1, $2)")
-        .bind(kind)
-        .bind(key)
-        .fetch_one(&mut **tx)
-        .await?;
-    Ok(u64::try_from(rev).unwrap_or(0))
-}
-
-/// Raises the published revision to `rev` (never lowers it).
-fn publish(changes: &watch::Sender<u64>, rev: u64) {
-    changes.send_if_modified(|v| {
-        if rev > *v {
-            *v = rev;
-            true
-        } else {
-            false
-        }
-    });
-}
-
-async fn current_revision(pool: &PgPool) -> Result<u64, StoreError> {
-    let rev: i64 = sqlx::query_scalar("SELECT revision FROM store_revision WHERE id = 1")
-        .fetch_one(pool)
-        .await?;
-    Ok(u64::try_from(rev).unwrap_or(0))
-}
-
 impl PostgresStore {
     /// Connects, runs the migrations (serialized between servers by sqlx's
     /// advisory lock) and reads the current change revision.
@@ -298,71 +157,6 @@ impl PostgresStore {
         // clone aborts it.
         let changes = self.inner.changes.clone();
         *slot = Some(tokio::spawn(listen_loop(pool, connect, changes)));
-    }
-}
-
-/// Keeps one listening connection up for as long as the store lives.
-async fn listen_loop(pool: PgPool, connect: PgConnectOptions, changes: watch::Sender<u64>) {
-    // The listener has a pool of one connection of its own: it never takes
-    // a connection from the store's pool, and after a loss it must open a
-    // new connection (and so LISTEN again) rather than reuse an idle one.
-    let lpool = PgPoolOptions::new()
-        .max_connections(1)
-        .min_connections(0)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(connect);
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match listen_once(&pool, &lpool, &changes).await {
-            Ok(()) => {
-                tracing::warn!("store change listener lost its connection; reconnecting");
-                backoff = Duration::from_millis(50);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "store change listener cannot listen");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
-        if pool.is_closed() {
-            return;
-        }
-    }
-}
-
-/// LISTENs, catches up, then follows notifications until the connection is
-/// lost (`Ok`) or fails (`Err`).
-async fn listen_once(
-    pool: &PgPool,
-    lpool: &PgPool,
-    changes: &watch::Sender<u64>,
-) -> Result<(), StoreError> {
-    let mut listener = PgListener::connect_with(lpool).await?;
-    listener.eager_reconnect(false);
-    listener.listen(CHANNEL).await?;
-    // Anything committed before LISTEN took effect is in the revision row;
-    // anything after is notified.
-    publish(changes, current_revision(pool).await?);
-    tracing::debug!("store change listener is listening");
-    let mut recheck = tokio::time::interval(RECHECK);
-    recheck.tick().await;
-    loop {
-        tokio::select! {
-            n = listener.try_recv() => match n? {
-                Some(n) => match n.payload().parse::<u64>() {
-                    Ok(rev) => publish(changes, rev),
-                    Err(_) => publish(changes, current_revision(pool).await?),
-                },
-                None => return Ok(()),
-            },
-            _ = recheck.tick() => {
-                publish(changes, current_revision(pool).await?);
-                sqlx::query("DELETE FROM change_log WHERE at < extract(epoch FROM now())::BIGINT - $1")
-                    .bind(CHANGE_LOG_KEEP_SECS)
-                    .execute(pool)
-                    .await?;
-            }
-        }
     }
 }
 
