@@ -462,8 +462,58 @@ fn story(dir: &Path, children: &Children, ttl: Duration, keep: bool) -> anyhow::
         ),
     }
 
+    step("8. A CA rotation, live: a new CA is published, activated, and the old one removed");
+    let server_cli = |args: &[&str]| meshid(&[&["server"][..], args, &admin[..]].concat());
+    let roots = || {
+        server_cli(&["bundle", "show", "--format", "pem"])
+            .map(|p| p.matches("BEGIN CERTIFICATE").count())
+            .unwrap_or(0)
+    };
+    let show: serde_json::Value =
+        serde_json::from_str(&server_cli(&["ca", "show", "--output", "json"])?)?;
+    let old_ca = show["authorities"]
+        .as_array()
+        .and_then(|v| {
+            v.iter()
+                .find(|a| a["kind"] == "x509" && a["state"] == "active")
+        })
+        .and_then(|a| a["id"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    println!("active CA {old_ca}; the bundle holds {} CA", roots());
+    println!("{}", server_cli(&["ca", "prepare"])?);
+    println!(
+        "the bundle now holds {} CAs: every workload trusts old and new",
+        roots()
+    );
+    println!("{}", server_cli(&["ca", "activate"])?);
+    let before_taint = serial_of(&admin_get(&b_admin, "/readyz").unwrap_or_default());
+    println!("{}", server_cli(&["ca", "taint", &old_ca])?);
+    let mut ca_requests = 0;
+    wait_until(
+        "everything re-minted under the new CA",
+        Duration::from_secs(30),
+        || {
+            if http_get(&mut conn, "/pay").is_ok() {
+                ca_requests += 1;
+            }
+            server_cli(&["ca", "revoke", &old_ca, "--dry-run"])
+                .is_ok_and(|o| !o.contains("live SVID(s) affected"))
+        },
+    )?;
+    println!("{}", server_cli(&["ca", "revoke", &old_ca])?);
+    let after_ca = serial_of(&admin_get(&b_admin, "/readyz").unwrap_or_default());
+    let body =
+        http_get(&mut conn, "/pay").context("the open connection broke during the CA rotation")?;
+    let mut fresh = TcpStream::connect(("127.0.0.1", out_front))?;
+    println!(
+        "payments re-minted ({before_taint} -> {after_ca}); the bundle holds {} CA again; {ca_requests} requests on the open connection meanwhile, still served: {body}; a new connection: {}",
+        roots(),
+        http_get(&mut fresh, "/pay")?
+    );
+
     step(
-        "8. A CA rotation to an expired intermediate (the payments outage of the incident report)",
+        "9. A CA rotation to an expired intermediate (the payments outage of the incident report)",
     );
     let bad = dir.join("bad");
     std::fs::create_dir_all(&bad)?;
@@ -493,7 +543,7 @@ fn story(dir: &Path, children: &Children, ttl: Duration, keep: bool) -> anyhow::
         "refused before anything was signed or published:\n  {}",
         err.lines().last().unwrap_or_default()
     );
-    if !bad.join("data/ca/signing-ca.pem").exists() {
+    if !bad.join("data/ca/keys").exists() {
         println!("no CA was minted under it; no bundle reached any agent or sidecar");
     }
 
@@ -508,6 +558,9 @@ fn story(dir: &Path, children: &Children, ttl: Duration, keep: bool) -> anyhow::
         "✔ live rotation {before} -> {after} with an open connection and zero failed requests"
     );
     println!("✔ intruder refused at the handshake");
+    println!(
+        "✔ CA rotated live (prepare, activate, taint, revoke) with an open connection and no failed request"
+    );
     println!("✔ expired intermediate CA refused at start-up");
     if !keep {
         println!(

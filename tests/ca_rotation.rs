@@ -68,9 +68,11 @@ fn mesh(server_cfg: &str, svid_ttl: &str) -> Mesh {
          [[outbound]]\nlisten = \"127.0.0.1:{a_tcp}\"\nupstream = \"127.0.0.1:{b_tcp}\"\nserver_id = \"spiffe://{TD}/payments\"\n"
         ),
     );
-    wait_for("traffic through the sidecars", Duration::from_secs(30), || {
-        common::apps::get(a_http).ok()
-    });
+    wait_for(
+        "traffic through the sidecars",
+        Duration::from_secs(30),
+        || common::apps::get(a_http).ok(),
+    );
     Mesh {
         server,
         agent,
@@ -104,6 +106,34 @@ fn active_x509(server: &Server) -> String {
         .and_then(|a| a["id"].as_str())
         .expect("an active X.509 CA")
         .to_string()
+}
+
+/// Prints the tail of the server's and agent's logs if the test fails.
+struct LogsOnFailure(Vec<std::path::PathBuf>);
+
+impl LogsOnFailure {
+    fn of(m: &Mesh) -> Self {
+        Self(vec![
+            m.server.dir.path().join("server.log"),
+            m.agent.dir.join("agent.log"),
+        ])
+    }
+}
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in &self.0 {
+                let s = std::fs::read_to_string(p).unwrap_or_default();
+                let v: Vec<&str> = s.lines().collect();
+                eprintln!(
+                    "--- {} (tail) ---\n{}",
+                    p.display(),
+                    v[v.len().saturating_sub(60)..].join("\n")
+                );
+            }
+        }
+    }
 }
 
 /// (notAfter, subject key id) of each PEM certificate.
@@ -153,8 +183,10 @@ async fn spiffe_client_verifies(endpoint: &str) {
 async fn ca_rotates_by_itself_for_three_lifetimes_under_traffic() {
     let cfg = "ca_ttl = \"60s\"\nmax_svid_ttl = \"8s\"\ndefault_svid_ttl = \"8s\"\nagent_svid_ttl = \"8s\"\ndefault_jwt_svid_ttl = \"8s\"\n";
     let mut m = mesh(cfg, "8s");
+    let _logs = LogsOnFailure::of(&m);
     let first_ca = active_x509(&m.server);
-    let bootstrap_pem = std::fs::read_to_string(m.agent.dir.join("bootstrap.pem")).expect("bootstrap");
+    let bootstrap_pem =
+        std::fs::read_to_string(m.agent.dir.join("bootstrap.pem")).expect("bootstrap");
     let traffic = Traffic::start(m.a_tcp, m.a_http);
 
     let started = Instant::now();
@@ -171,7 +203,12 @@ async fn ca_rotates_by_itself_for_three_lifetimes_under_traffic() {
         let now = SystemTime::now();
         let roots = roots_of(&pem);
         for (na, id) in &roots {
-            assert!(*na > now, "the bundle served expired CA {id}");
+            assert!(
+                *na > now,
+                "the bundle served expired CA {id}:\n{}\nserver log:\n{}",
+                m.server.ok(&["ca", "show", "--all"]),
+                m.server.log()
+            );
             published.insert(id.clone());
         }
         max_roots = max_roots.max(roots.len());
@@ -204,7 +241,10 @@ async fn ca_rotates_by_itself_for_three_lifetimes_under_traffic() {
         active_seen.len() >= 5,
         "expected at least four rotations in three lifetimes, saw {active_seen:?}"
     );
-    assert!(both_at_once, "the bundle never held the old and the new CA together");
+    assert!(
+        both_at_once,
+        "the bundle never held the old and the new CA together"
+    );
     assert!(max_roots <= 3, "the bundle held {max_roots} CAs at once");
     assert!(
         report.requests_failed.is_empty(),
@@ -217,12 +257,21 @@ async fn ca_rotates_by_itself_for_three_lifetimes_under_traffic() {
     assert!(report.stream_lines > 1000, "{report:?}");
     // Every transition is in the audit log.
     let audit = m.server.audit();
-    let count = |kind: &str| audit.iter().filter(|e| e["event"] == kind || e["kind"] == kind).count();
+    let count = |kind: &str| {
+        audit
+            .iter()
+            .filter(|e| e["event"] == kind || e["kind"] == kind)
+            .count()
+    };
     assert!(count("ca_activated") >= 4, "audit: {audit:?}");
     assert!(count("ca_removed") >= 3);
     // The agent came back without a join token and kept serving.
     assert!(
-        m.agent.log().matches("resuming with persisted agent SVID").count() >= 1,
+        m.agent
+            .log()
+            .matches("resuming with persisted agent SVID")
+            .count()
+            >= 1,
         "{}",
         m.agent.log()
     );
@@ -248,6 +297,7 @@ async fn ca_rotates_by_itself_for_three_lifetimes_under_traffic() {
 async fn forced_rotation_taint_then_revoke_under_traffic() {
     let cfg = "ca_ttl = \"1h\"\nmax_svid_ttl = \"10m\"\ndefault_svid_ttl = \"10m\"\nagent_svid_ttl = \"10m\"\n";
     let m = mesh(cfg, "10m");
+    let _logs = LogsOnFailure::of(&m);
     let traffic = Traffic::start(m.a_tcp, m.a_http);
     let old = active_x509(&m.server);
     let journal = |s: &Server| {
@@ -263,7 +313,10 @@ async fn forced_rotation_taint_then_revoke_under_traffic() {
     // The active CA cannot be tainted or revoked.
     for verb in ["taint", "revoke"] {
         let out = m.server.cli(&["ca", verb, &old]);
-        assert!(!out.status.success(), "{verb} of the active CA must be refused");
+        assert!(
+            !out.status.success(),
+            "{verb} of the active CA must be refused"
+        );
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("is active"),
             "{}",
@@ -275,7 +328,11 @@ async fn forced_rotation_taint_then_revoke_under_traffic() {
     let before = journal(&m.server);
     let out = m.server.ok(&["ca", "prepare", "--dry-run"]);
     assert!(out.contains("dry run: nothing changed"), "{out}");
-    assert_eq!(journal(&m.server), before, "prepare --dry-run changed the journal");
+    assert_eq!(
+        journal(&m.server),
+        before,
+        "prepare --dry-run changed the journal"
+    );
 
     m.server.ok(&["ca", "prepare"]);
     let prepared = authorities(&ca_show(&m.server, false), "x509", "prepared");
@@ -284,7 +341,11 @@ async fn forced_rotation_taint_then_revoke_under_traffic() {
     let before = journal(&m.server);
     let out = m.server.ok(&["ca", "activate", "--dry-run"]);
     assert!(out.contains(&new) && out.contains("dry run"), "{out}");
-    assert_eq!(journal(&m.server), before, "activate --dry-run changed the journal");
+    assert_eq!(
+        journal(&m.server),
+        before,
+        "activate --dry-run changed the journal"
+    );
     m.server.ok(&["ca", "activate"]);
     assert_eq!(active_x509(&m.server), new);
 
@@ -294,16 +355,29 @@ async fn forced_rotation_taint_then_revoke_under_traffic() {
     let out = m.server.cli(&["ca", "revoke", &old]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("live certificate(s)") && err.contains("still depend"), "{err}");
-    assert_eq!(journal(&m.server), before, "a refused revoke changed the journal");
+    assert!(
+        err.contains("live certificate(s)") && err.contains("still depend"),
+        "{err}"
+    );
+    assert_eq!(
+        journal(&m.server),
+        before,
+        "a refused revoke changed the journal"
+    );
     let out = m.server.ok(&["ca", "revoke", &old, "--dry-run"]);
-    assert!(out.contains("would revoke") && out.contains("live SVID(s) affected"), "{out}");
+    assert!(
+        out.contains("would revoke") && out.contains("live SVID(s) affected"),
+        "{out}"
+    );
     assert_eq!(journal(&m.server), before);
 
     // Taint: the dry run lists the blast radius; the real one makes every
     // holder re-mint under the new CA now.
     let out = m.server.ok(&["ca", "taint", &old, "--dry-run"]);
-    assert!(out.contains("would taint") && out.contains(&format!("spiffe://{TD}/frontend")), "{out}");
+    assert!(
+        out.contains("would taint") && out.contains(&format!("spiffe://{TD}/frontend")),
+        "{out}"
+    );
     assert_eq!(journal(&m.server), before);
     let tainted_at = Instant::now();
     m.server.ok(&["ca", "taint", &old]);
@@ -328,12 +402,21 @@ async fn forced_rotation_taint_then_revoke_under_traffic() {
     // Now nothing depends on it: revoke removes it from the bundle.
     let out = m.server.ok(&["ca", "revoke", &old]);
     assert!(out.contains("revoked"), "{out}");
-    let roots: Vec<String> = roots_of(&m.server.bundle_pem()).into_iter().map(|r| r.1).collect();
-    assert_eq!(roots, vec![new.clone()], "the bundle must hold only the new CA");
+    let roots: Vec<String> = roots_of(&m.server.bundle_pem())
+        .into_iter()
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(
+        roots,
+        vec![new.clone()],
+        "the bundle must hold only the new CA"
+    );
     // Fresh connections keep working under the new bundle.
-    wait_for("a request after the revocation", Duration::from_secs(10), || {
-        common::apps::get(m.a_http).ok()
-    });
+    wait_for(
+        "a request after the revocation",
+        Duration::from_secs(10),
+        || common::apps::get(m.a_http).ok(),
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = traffic.stop();
     assert!(
@@ -345,7 +428,10 @@ async fn forced_rotation_taint_then_revoke_under_traffic() {
     assert_eq!(report.stream_error, None);
     let audit = m.server.audit();
     for ev in ["ca_prepared", "ca_activated", "ca_tainted", "ca_revoked"] {
-        assert!(audit.iter().any(|e| e["event"] == ev), "no {ev} in the audit log");
+        assert!(
+            audit.iter().any(|e| e["event"] == ev),
+            "no {ev} in the audit log"
+        );
     }
     assert!(
         m.agent.log().contains("tainted"),

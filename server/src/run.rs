@@ -114,8 +114,9 @@ fn node_tls_config(
 
 /// The CA loop: runs the journal's due transitions, republishes the bundle
 /// when anything changed (which the sync streams push to every agent), and
-/// sleeps until the next transition, a manual change, or 30 s (other
-/// servers sharing the store may have changed the journal).
+/// sleeps until the next transition, a manual change, or 10 s (a failed
+/// transition is retried; other servers sharing the store may have changed
+/// the journal).
 fn spawn_ca_loop(state: Arc<ServerState>, renew: Arc<tokio::sync::Notify>) {
     tokio::spawn(async move {
         loop {
@@ -140,8 +141,8 @@ fn spawn_ca_loop(state: Arc<ServerState>, renew: Arc<tokio::sync::Notify>) {
                 .map(|(at, _)| {
                     Duration::from_secs(u64::try_from(at - unix(SystemTime::now())).unwrap_or(0))
                 })
-                .unwrap_or(Duration::from_secs(30))
-                .clamp(Duration::from_millis(200), Duration::from_secs(30));
+                .unwrap_or(Duration::from_secs(10))
+                .clamp(Duration::from_millis(200), Duration::from_secs(10));
             tokio::select! {
                 () = tokio::time::sleep(wait) => {},
                 () = state.ca_changed.notified() => renew.notify_one(),

@@ -76,12 +76,24 @@ impl ServerState {
         self.changes.send_modify(|v| *v += 1);
     }
 
-    /// The trust domain's own bundle, as last published.
+    /// The trust domain's own bundle, as last published, without anything
+    /// that has expired since (never served, whatever the CA loop's timing).
     pub async fn own_bundle(&self) -> Result<Bundle, StoreError> {
-        self.store
+        let mut b = self
+            .store
             .get_bundle(&self.config.trust_domain)
             .await?
-            .ok_or_else(|| StoreError::NotFound("own bundle not yet published".into()))
+            .ok_or_else(|| StoreError::NotFound("own bundle not yet published".into()))?;
+        let now = SystemTime::now();
+        let (roots, dropped) = meshid_identity::chain::prune_roots(&b.x509_authorities, now);
+        if !dropped.is_empty() {
+            tracing::debug!(?dropped, "expired CA left out of the served bundle");
+            b.x509_authorities = roots;
+        }
+        let t = unix(now);
+        b.jwt_authorities
+            .retain(|k| k.expires_at == 0 || k.expires_at > t);
+        Ok(b)
     }
 
     /// Builds the own bundle from the CA journal through the chain gate, and

@@ -90,7 +90,6 @@ pub fn get(port: u16) -> Result<String, String> {
     }
 }
 
-
 /// Traffic through a sidecar pair while something else happens: one
 /// keep-alive connection echoing a line every 100 ms, and a fresh
 /// connection (a GET) every 50 ms. Stopping returns what happened.

@@ -255,7 +255,12 @@ pub fn under_upstream(
 /// decides the validity.
 pub fn upstream_csr(trust_domain: &str, now: SystemTime) -> Result<(KeyPair, String), CaError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let params = ca_params(trust_domain, now + Duration::from_secs(86400), now)?;
+    // A CSR carries the subject and the SAN; the upstream sets the CA
+    // constraints, key usage and validity.
+    let full = ca_params(trust_domain, now + Duration::from_secs(86400), now)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = full.distinguished_name;
+    params.subject_alt_names = full.subject_alt_names;
     let csr = params.serialize_request(&key)?;
     Ok((key, csr.pem()?))
 }

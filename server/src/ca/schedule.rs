@@ -332,7 +332,7 @@ mod tests {
         assert_eq!(removal_time(&r, 46, &p), 48);
         assert_eq!(removal_time(&r, 52, &p), 52);
         // Never beyond its own end.
-        assert_eq!(removal_time(&r, 90, &p), 60);
+        assert_eq!(removal_time(&r, 90, &p), 59);
         let mut j = r.clone();
         j.kind = "jwt".into();
         assert_eq!(removal_time(&j, 0, &p), 48);
