@@ -104,6 +104,21 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
         12,
         &format!("0::/kubepods/besteffort/pod11111111-2222-3333-4444-555555555555/{CID}\n"),
     );
+    // Issue 12 finding 3: the real pod's layout rebuilt below a delegated
+    // subtree (pod UID and container ID are world-readable in /proc).
+    proc_entry(
+        &proc_root,
+        13,
+        &format!(
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/evil/kubepods/burstable/pod{UID}/{CID}\n"
+        ),
+    );
+    // ...and nested below the real container.
+    proc_entry(
+        &proc_root,
+        14,
+        &format!("0::/kubepods/burstable/pod{UID}/{CID}/escape\n"),
+    );
     std::fs::write(dir.path().join("token"), "agent-token\n").expect("w");
     std::fs::write(dir.path().join("ca.pem"), ca).expect("w");
     let cfg = |extra: &str| -> K8sAttestorConfig {
@@ -117,15 +132,9 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
     let attest = |pid: i32| {
         let a = attestor.clone();
         async move {
-            tokio::task::spawn_blocking(move || {
-                a.attest(&Caller {
-                    pid: Some(pid),
-                    uid: 0,
-                    gid: 0,
-                })
-            })
-            .await
-            .expect("join")
+            tokio::task::spawn_blocking(move || a.attest(&Caller::new(Some(pid), 0, 0)))
+                .await
+                .expect("join")
         }
     };
     let mut got: Vec<String> = attest(10)
@@ -155,6 +164,14 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
     // Not in a pod: no k8s selectors, no kubelet call.
     assert!(attest(11).await.expect("host process").is_empty());
     assert_eq!(hits.load(Ordering::SeqCst), 1);
+    // Look-alike and nested layouts: refused with a typed error, before any
+    // kubelet call, never with the pod's selectors.
+    for pid in [13, 14] {
+        let e = attest(pid).await.expect_err("look-alike cgroup");
+        assert!(matches!(e, AttestError::Cgroup { .. }), "{e:?}");
+        assert_eq!(e.label(), "cgroup_layout");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
     // A pod the kubelet does not know: one fresh fetch, then a typed error.
     let e = attest(12).await.expect_err("unknown pod");
     assert!(matches!(e, AttestError::UnknownPod { .. }), "{e:?}");
@@ -163,16 +180,10 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
     // Wrong token: the kubelet's refusal is a typed error.
     std::fs::write(dir.path().join("token"), "stolen\n").expect("w");
     let fresh = K8sAttestor::new(&cfg(""), proc_root.clone()).expect("attestor");
-    let e = tokio::task::spawn_blocking(move || {
-        fresh.attest(&Caller {
-            pid: Some(10),
-            uid: 0,
-            gid: 0,
-        })
-    })
-    .await
-    .expect("join")
-    .expect_err("401");
+    let e = tokio::task::spawn_blocking(move || fresh.attest(&Caller::new(Some(10), 0, 0)))
+        .await
+        .expect("join")
+        .expect_err("401");
     assert!(
         matches!(&e, AttestError::Kubelet(m) if m.contains("401")),
         "{e:?}"
@@ -186,16 +197,10 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
         .expect("c");
     std::fs::write(dir.path().join("ca.pem"), other.pem()).expect("w");
     let strict = K8sAttestor::new(&cfg(""), proc_root.clone()).expect("attestor");
-    let e = tokio::task::spawn_blocking(move || {
-        strict.attest(&Caller {
-            pid: Some(10),
-            uid: 0,
-            gid: 0,
-        })
-    })
-    .await
-    .expect("join")
-    .expect_err("tls");
+    let e = tokio::task::spawn_blocking(move || strict.attest(&Caller::new(Some(10), 0, 0)))
+        .await
+        .expect("join")
+        .expect_err("tls");
     assert!(
         matches!(&e, AttestError::Kubelet(m) if m.contains("TLS")),
         "{e:?}"
@@ -203,14 +208,8 @@ async fn k8s_selectors_from_cgroup_and_kubelet() {
     // ...unless verification is skipped on purpose.
     let lax =
         K8sAttestor::new(&cfg("skip_kubelet_verification = true"), proc_root).expect("attestor");
-    tokio::task::spawn_blocking(move || {
-        lax.attest(&Caller {
-            pid: Some(10),
-            uid: 0,
-            gid: 0,
-        })
-    })
-    .await
-    .expect("join")
-    .expect("skip verification");
+    tokio::task::spawn_blocking(move || lax.attest(&Caller::new(Some(10), 0, 0)))
+        .await
+        .expect("join")
+        .expect("skip verification");
 }

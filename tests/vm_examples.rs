@@ -221,18 +221,12 @@ fn vm_walkthrough_yields_an_svid() {
         stdout.contains(&format!("spiffe://{TD}/billing")),
         "fetch x509 output: {stdout}"
     );
-    // The agent's key is private to it, as the unit's UMask would also ensure.
-    let key_mode = std::fs::read_dir(root.join("var/lib/meshid/agent"))
-        .expect("agent data dir")
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().contains("key"))
-        .map(|e| {
-            use std::os::unix::fs::PermissionsExt as _;
-            e.metadata().expect("meta").permissions().mode() & 0o777
-        })
-        .collect::<Vec<_>>();
-    assert!(
-        !key_mode.is_empty() && key_mode.iter().all(|m| *m == 0o600),
-        "agent key modes: {key_mode:?}"
-    );
+    // The agent's key (with its SVID, in one file) is private to it, as the
+    // unit's UMask would also ensure; so is its data directory.
+    use std::os::unix::fs::PermissionsExt as _;
+    let data = root.join("var/lib/meshid/agent");
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&data.join("agent_identity.pem")), 0o600, "agent key");
+    assert_eq!(mode(&data), 0o700, "agent data directory");
 }

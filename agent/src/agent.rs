@@ -108,7 +108,7 @@ impl Agent {
         config: AgentConfig,
         join_token: Option<String>,
     ) -> anyhow::Result<Arc<Self>> {
-        std::fs::create_dir_all(&config.data_dir)?;
+        crate::server_client::create_data_dir(&config.data_dir)?;
         let ids = IdentityStore::new(&config.data_dir);
         let persisted = ids.load()?;
         let roots = match (&persisted, &config.trust_bundle_path) {

@@ -1,17 +1,25 @@
 //! Workload attestation from the kernel's view of the caller.
 //!
 //! The Workload API socket hands us the caller's uid, gid and pid
-//! (SO_PEERCRED). From `/proc/<pid>` we derive the executable and its digest.
-//! The process start time is read before and after, so a pid recycled by
-//! another process in between is detected and refused.
+//! (SO_PEERCRED, captured when it connected) and a pidfd of that process.
+//! When the connection is accepted, the agent *pins* the process: its start
+//! time and the identity of the executable it runs (device, inode, size,
+//! mtime, ctime). Every call then checks, before and after reading
+//! `/proc/<pid>`, that the pinned process still exists (pidfd: a recycled
+//! pid is never mistaken for it) and still runs the pinned executable (an
+//! `execve` since connecting is refused), and derives `path` and `sha256`
+//! from that very file.
 
-use std::path::PathBuf;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aws_lc_rs::digest::{Context, SHA256};
 use meshid_proto::types::Selector;
+use rustix::fs::{AtFlags, StatxFlags};
 
 /// The caller as the kernel reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Caller {
     /// Process id, if the kernel reported one.
     pub pid: Option<i32>,
@@ -19,6 +27,21 @@ pub struct Caller {
     pub uid: u32,
     /// Effective gid.
     pub gid: u32,
+    /// What was pinned about the process when it connected; `None` for a
+    /// caller attested without a connection (tests, tools).
+    pub pinned: Option<Arc<Pinned>>,
+}
+
+impl Caller {
+    /// A caller with nothing pinned.
+    pub fn new(pid: Option<i32>, uid: u32, gid: u32) -> Self {
+        Self {
+            pid,
+            uid,
+            gid,
+            pinned: None,
+        }
+    }
 }
 
 /// Why a caller could not be attested.
@@ -39,6 +62,33 @@ pub enum AttestError {
     /// The pid now belongs to another process.
     #[error("caller process {0} changed during attestation (pid reuse)")]
     PidReused(i32),
+    /// The process that connected has exited (the socket is held by another).
+    #[error("the process {0} that opened this connection has exited")]
+    Exited(i32),
+    /// The process runs another executable than when it connected.
+    #[error(
+        "caller process {0} runs another executable than when it connected (exec after connect)"
+    )]
+    ImageChanged(i32),
+    /// Bytes on the connection came from a process that did not open it.
+    #[error(
+        "this connection was opened by process {connected} but is used by process {writer}; \
+         open the Workload API connection in the process that uses it"
+    )]
+    ForeignWriter {
+        /// The process that connected.
+        connected: i32,
+        /// The process that wrote (0: unknown to this pid namespace).
+        writer: i32,
+    },
+    /// The caller's cgroup names a pod outside the kubelet's layout.
+    #[error("k8s attestor: process {pid}: {reason}")]
+    Cgroup {
+        /// Pid.
+        pid: i32,
+        /// Why.
+        reason: String,
+    },
     /// The kubelet could not be asked.
     #[error("k8s attestor: kubelet: {0}")]
     Kubelet(String),
@@ -59,6 +109,10 @@ impl AttestError {
             Self::NoPid => "no_pid",
             Self::Proc { .. } => "proc_error",
             Self::PidReused(_) => "pid_reused",
+            Self::Exited(_) => "exited",
+            Self::ImageChanged(_) => "image_changed",
+            Self::ForeignWriter { .. } => "foreign_writer",
+            Self::Cgroup { .. } => "cgroup_layout",
             Self::Kubelet(_) => "kubelet_error",
             Self::UnknownPod { .. } => "unknown_pod",
         }
@@ -73,17 +127,166 @@ pub trait WorkloadAttestor: Send + Sync {
     fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError>;
 }
 
-/// Identity of an executable file: a changed file gets a new key.
-type FileKey = (u64, u64, u64, i64, i64);
+/// Identity of an executable file: device, inode, size, mtime and ctime.
+/// Writing the file changes mtime and ctime; ctime cannot be set back by
+/// anyone, so a file with the same identity has the same content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExeId {
+    dev: (u32, u32),
+    ino: u64,
+    size: u64,
+    mtime: (i64, u32),
+    ctime: (i64, u32),
+}
+
+impl ExeId {
+    fn from_statx(s: &rustix::fs::Statx) -> Self {
+        Self {
+            dev: (s.stx_dev_major, s.stx_dev_minor),
+            ino: s.stx_ino,
+            size: s.stx_size,
+            mtime: (s.stx_mtime.tv_sec, s.stx_mtime.tv_nsec),
+            ctime: (s.stx_ctime.tv_sec, s.stx_ctime.tv_nsec),
+        }
+    }
+
+    /// The file `path` names (following links, so `/proc/<pid>/exe` is the
+    /// executable itself). `AT_STATX_DONT_SYNC`: attributes the kernel has,
+    /// without a round trip to a FUSE daemon or NFS server a caller may
+    /// control.
+    pub fn of_path(path: &Path) -> std::io::Result<Self> {
+        let s = rustix::fs::statx(
+            rustix::fs::CWD,
+            path,
+            AtFlags::STATX_DONT_SYNC,
+            StatxFlags::BASIC_STATS,
+        )?;
+        Ok(Self::from_statx(&s))
+    }
+
+    /// The open file `fd`.
+    pub fn of_fd<F: AsFd>(fd: F) -> std::io::Result<Self> {
+        let s = rustix::fs::statx(
+            fd,
+            "",
+            AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+            StatxFlags::BASIC_STATS,
+        )?;
+        Ok(Self::from_statx(&s))
+    }
+
+    fn same_file(&self, other: &Self) -> bool {
+        self.dev == other.dev && self.ino == other.ino
+    }
+}
+
+fn proc_err(pid: i32, what: &str) -> impl FnOnce(std::io::Error) -> AttestError + '_ {
+    move |e| AttestError::Proc {
+        pid,
+        reason: format!("{what}: {e}"),
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat` (start time, clock ticks after boot).
+fn start_time(proc_root: &Path, pid: i32) -> Result<u64, AttestError> {
+    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat"))
+        .map_err(proc_err(pid, "stat"))?;
+    // Counted after the ")" that ends the command name.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| AttestError::Proc {
+            pid,
+            reason: "malformed stat".into(),
+        })
+}
+
+/// What the agent pinned about a process when it connected.
+pub struct Pinned {
+    pid: i32,
+    pidfd: Option<OwnedFd>,
+    start_time: u64,
+    exe: ExeId,
+}
+
+impl std::fmt::Debug for Pinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pinned")
+            .field("pid", &self.pid)
+            .field("pidfd", &self.pidfd.is_some())
+            .field("start_time", &self.start_time)
+            .field("exe", &self.exe)
+            .finish()
+    }
+}
+
+impl Pinned {
+    /// Pins process `pid` (whose pidfd, if the kernel gives one, is
+    /// `pidfd`) as it is now, reading `proc_root` (normally `/proc`).
+    pub fn take(pid: i32, pidfd: Option<OwnedFd>, proc_root: &Path) -> Result<Self, AttestError> {
+        let start_time = start_time(proc_root, pid)?;
+        let exe = ExeId::of_path(&proc_root.join(pid.to_string()).join("exe"))
+            .map_err(proc_err(pid, "exe"))?;
+        let p = Self {
+            pid,
+            pidfd,
+            start_time,
+            exe,
+        };
+        // Still the process that connected, so what was read is about it.
+        p.check_alive()?;
+        Ok(p)
+    }
+
+    /// The pinned pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Whether the pinned process still exists (through its pidfd, so a
+    /// recycled pid does not count).
+    pub fn check_alive(&self) -> Result<(), AttestError> {
+        let Some(fd) = &self.pidfd else {
+            return Ok(());
+        };
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(AttestError::Exited(self.pid)),
+            Err(e) => Err(AttestError::Proc {
+                pid: self.pid,
+                reason: format!("pidfd: {e}"),
+            }),
+        }
+    }
+
+    /// Whether the pinned process still exists and runs the pinned
+    /// executable.
+    pub fn verify(&self, proc_root: &Path) -> Result<(), AttestError> {
+        if start_time(proc_root, self.pid)? != self.start_time {
+            return Err(AttestError::PidReused(self.pid));
+        }
+        let now = ExeId::of_path(&proc_root.join(self.pid.to_string()).join("exe"))
+            .map_err(proc_err(self.pid, "exe"))?;
+        self.check_alive()?;
+        if now != self.exe {
+            return Err(AttestError::ImageChanged(self.pid));
+        }
+        Ok(())
+    }
+}
 
 /// The `unix` attestor, reading `/proc` (or another root for tests).
 ///
-/// Executable digests are cached by (device, inode, size, mtime) of the file
-/// the process runs, so a large binary is hashed once, not on every call.
+/// Executable digests are cached by [`ExeId`] (device, inode, size, mtime,
+/// ctime) of the file the process runs, so a large binary is hashed once,
+/// not on every call.
 #[derive(Debug)]
 pub struct UnixAttestor {
     proc_root: PathBuf,
-    digests: std::sync::Mutex<std::collections::HashMap<FileKey, String>>,
+    digests: std::sync::Mutex<std::collections::HashMap<ExeId, String>>,
 }
 
 impl Default for UnixAttestor {
@@ -108,20 +311,14 @@ impl UnixAttestor {
         }
     }
 
-    fn exe_digest(&self, pid: i32) -> Result<String, AttestError> {
+    fn proc(&self, pid: i32) -> PathBuf {
+        self.proc_root.join(pid.to_string())
+    }
+
+    /// SHA-256 of the open executable `f` whose identity is `id`.
+    fn digest(&self, pid: i32, f: &mut std::fs::File, id: ExeId) -> Result<String, AttestError> {
         use std::io::Read;
-        use std::os::unix::fs::MetadataExt;
-        let path = self.proc_root.join(pid.to_string()).join("exe");
-        let mut f = std::fs::File::open(&path).map_err(|e| AttestError::Proc {
-            pid,
-            reason: format!("exe: {e}"),
-        })?;
-        let m = f.metadata().map_err(|e| AttestError::Proc {
-            pid,
-            reason: format!("exe: {e}"),
-        })?;
-        let key = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
-        if let Some(d) = self.digests.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        if let Some(d) = self.digests.lock().ok().and_then(|c| c.get(&id).cloned()) {
             return Ok(d);
         }
         let mut ctx = Context::new(&SHA256);
@@ -130,47 +327,30 @@ impl UnixAttestor {
             match f.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => ctx.update(&buf[..n]),
-                Err(e) => {
-                    return Err(AttestError::Proc {
-                        pid,
-                        reason: format!("exe read: {e}"),
-                    });
-                }
+                Err(e) => return Err(proc_err(pid, "exe read")(e)),
             }
         }
         let d = hex::encode(ctx.finish());
+        // Changed while being read: the digest belongs to no identity.
+        if ExeId::of_fd(&*f).map_err(proc_err(pid, "exe"))? != id {
+            return Err(AttestError::ImageChanged(pid));
+        }
         if let Ok(mut c) = self.digests.lock() {
             if c.len() > 4096 {
                 c.clear();
             }
-            c.insert(key, d.clone());
+            c.insert(id, d.clone());
         }
         Ok(d)
     }
 
-    fn start_time(&self, pid: i32) -> Result<String, AttestError> {
-        let stat = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat"))
-            .map_err(|e| AttestError::Proc {
-                pid,
-                reason: e.to_string(),
-            })?;
-        // Field 22 (starttime), counted after the ")" that ends the command name.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        rest.split_whitespace()
-            .nth(19)
-            .map(str::to_string)
-            .ok_or_else(|| AttestError::Proc {
-                pid,
-                reason: "malformed stat".into(),
-            })
+    fn start_time(&self, pid: i32) -> Result<u64, AttestError> {
+        start_time(&self.proc_root, pid)
     }
 
     fn supplementary_gids(&self, pid: i32) -> Result<Vec<u32>, AttestError> {
-        let status = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("status"))
-            .map_err(|e| AttestError::Proc {
-            pid,
-            reason: e.to_string(),
-        })?;
+        let status = std::fs::read_to_string(self.proc(pid).join("status"))
+            .map_err(proc_err(pid, "status"))?;
         Ok(status
             .lines()
             .find_map(|l| l.strip_prefix("Groups:"))
@@ -180,6 +360,21 @@ impl UnixAttestor {
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    /// The path of the running executable, if that path (seen from the
+    /// process's own root) is the file `id` — not a name since given to
+    /// another file, nor a deleted one.
+    fn exe_path(&self, pid: i32, id: &ExeId) -> Result<Option<String>, AttestError> {
+        let exe = std::fs::read_link(self.proc(pid).join("exe")).map_err(proc_err(pid, "exe"))?;
+        let Some(rel) = exe.to_str().and_then(|p| p.strip_prefix('/')) else {
+            return Ok(None);
+        };
+        let at = self.proc(pid).join("root").join(rel);
+        Ok(match ExeId::of_path(&at) {
+            Ok(found) if found.same_file(id) => Some(exe.display().to_string()),
+            _ => None,
+        })
     }
 }
 
@@ -191,6 +386,12 @@ impl WorkloadAttestor for UnixAttestor {
     fn attest(&self, c: &Caller) -> Result<Vec<Selector>, AttestError> {
         let pid = c.pid.ok_or(AttestError::NoPid)?;
         let before = self.start_time(pid)?;
+        if let Some(p) = &c.pinned {
+            p.check_alive()?;
+            if before != p.start_time {
+                return Err(AttestError::PidReused(pid));
+            }
+        }
         let mut out = vec![sel(format!("uid:{}", c.uid)), sel(format!("gid:{}", c.gid))];
         if let Ok(Some(u)) = nix::unistd::User::from_uid(c.uid.into()) {
             out.push(sel(format!("user:{}", u.name)));
@@ -201,88 +402,32 @@ impl WorkloadAttestor for UnixAttestor {
         for g in self.supplementary_gids(pid)? {
             out.push(sel(format!("supplementary_gid:{g}")));
         }
-        let exe =
-            std::fs::read_link(self.proc_root.join(pid.to_string()).join("exe")).map_err(|e| {
-                AttestError::Proc {
+        // The very file the process runs, even if its path was replaced.
+        let mut f =
+            std::fs::File::open(self.proc(pid).join("exe")).map_err(proc_err(pid, "exe"))?;
+        let id = ExeId::of_fd(&f).map_err(proc_err(pid, "exe"))?;
+        if let Some(p) = &c.pinned
+            && id != p.exe
+        {
+            return Err(AttestError::ImageChanged(pid));
+        }
+        match self.exe_path(pid, &id)? {
+            Some(path) => out.push(sel(format!("path:{path}"))),
+            None => {
+                tracing::debug!(
                     pid,
-                    reason: format!("exe: {e}"),
-                }
-            })?;
-        out.push(sel(format!("path:{}", exe.display())));
-        // Hash through /proc/<pid>/exe: the very file the process runs, even if
-        // the path was replaced since.
-        out.push(sel(format!("sha256:{}", self.exe_digest(pid)?)));
+                    "executable path no longer names the running file; no path selector"
+                );
+            }
+        }
+        out.push(sel(format!("sha256:{}", self.digest(pid, &mut f, id)?)));
         if self.start_time(pid)? != before {
             return Err(AttestError::PidReused(pid));
         }
+        if let Some(p) = &c.pinned {
+            p.verify(&self.proc_root)?;
+        }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attests_this_process() {
-        let me = Caller {
-            pid: Some(i32::try_from(std::process::id()).expect("pid")),
-            uid: nix::unistd::geteuid().as_raw(),
-            gid: nix::unistd::getegid().as_raw(),
-        };
-        let s = UnixAttestor::default().attest(&me).expect("attest");
-        let values: Vec<&str> = s.iter().map(|x| x.value.as_str()).collect();
-        assert!(values.contains(&format!("uid:{}", me.uid).as_str()));
-        assert!(values.iter().any(|v| v.starts_with("path:/")));
-        assert!(
-            values
-                .iter()
-                .any(|v| v.starts_with("sha256:") && v.len() == 7 + 64)
-        );
-    }
-
-    #[test]
-    fn gone_process_is_refused() {
-        let c = Caller {
-            pid: Some(i32::MAX - 1),
-            uid: 0,
-            gid: 0,
-        };
-        assert!(matches!(
-            UnixAttestor::default().attest(&c),
-            Err(AttestError::Proc { .. })
-        ));
-        assert_eq!(
-            UnixAttestor::default().attest(&Caller {
-                pid: None,
-                uid: 0,
-                gid: 0
-            }),
-            Err(AttestError::NoPid)
-        );
-    }
-
-    #[test]
-    fn pid_reuse_is_detected_with_a_fake_proc() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let p = dir.path().join("42");
-        std::fs::create_dir_all(&p).expect("mkdir");
-        std::fs::write(
-            p.join("stat"),
-            "42 (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 111 0 0",
-        )
-        .expect("stat");
-        std::fs::write(p.join("status"), "Groups:\t10 20\n").expect("status");
-        // No exe link: the attestor refuses rather than guessing.
-        let a = UnixAttestor::with_proc_root(dir.path().to_path_buf());
-        let r = a.attest(&Caller {
-            pid: Some(42),
-            uid: 1,
-            gid: 1,
-        });
-        assert!(matches!(r, Err(AttestError::Proc { .. })), "{r:?}");
-        assert_eq!(a.supplementary_gids(42).expect("gids"), vec![10, 20]);
-        assert_eq!(a.start_time(42).expect("start"), "111");
     }
 }
 
@@ -306,6 +451,136 @@ impl WorkloadAttestor for Attestors {
         for a in &self.0 {
             out.extend(a.attest(caller)?);
         }
+        // Whatever was read about the pid was about the pinned process.
+        if let Some(p) = &caller.pinned {
+            p.check_alive()?;
+        }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Caller {
+        Caller::new(
+            Some(i32::try_from(std::process::id()).expect("pid")),
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        )
+    }
+
+    #[test]
+    fn attests_this_process() {
+        let me = me();
+        let s = UnixAttestor::default().attest(&me).expect("attest");
+        let values: Vec<&str> = s.iter().map(|x| x.value.as_str()).collect();
+        assert!(values.contains(&format!("uid:{}", me.uid).as_str()));
+        let exe = std::env::current_exe().expect("exe");
+        assert!(values.contains(&format!("path:{}", exe.display()).as_str()));
+        assert!(
+            values
+                .iter()
+                .any(|v| v.starts_with("sha256:") && v.len() == 7 + 64)
+        );
+    }
+
+    /// Pinned: the same process and image attest; a pin of another image
+    /// (as after an exec) or of another start time (pid reuse) is refused.
+    #[test]
+    fn pinned_process_must_be_unchanged() {
+        let proc_root = Path::new("/proc");
+        let mut me = me();
+        let pid = me.pid.expect("pid");
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid).expect("pid"),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .ok();
+        let pinned = Pinned::take(pid, pidfd, proc_root).expect("pin");
+        pinned.verify(proc_root).expect("unchanged");
+        let exe = pinned.exe;
+        let start = pinned.start_time;
+        me.pinned = Some(Arc::new(pinned));
+        UnixAttestor::default().attest(&me).expect("attest pinned");
+
+        let other_image = Pinned {
+            pid,
+            pidfd: None,
+            start_time: start,
+            exe: ExeId {
+                ctime: (exe.ctime.0 - 1, exe.ctime.1),
+                ..exe
+            },
+        };
+        me.pinned = Some(Arc::new(other_image));
+        assert_eq!(
+            UnixAttestor::default().attest(&me),
+            Err(AttestError::ImageChanged(pid))
+        );
+        let recycled = Pinned {
+            pid,
+            pidfd: None,
+            start_time: start + 1,
+            exe,
+        };
+        me.pinned = Some(Arc::new(recycled));
+        assert_eq!(
+            UnixAttestor::default().attest(&me),
+            Err(AttestError::PidReused(pid))
+        );
+    }
+
+    /// A pidfd whose process has exited refuses, even if the pid exists.
+    #[test]
+    fn exited_pinned_process_is_refused() {
+        let mut child = std::process::Command::new("true").spawn().expect("true");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid).expect("pid"),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .expect("pidfd");
+        child.wait().expect("wait");
+        let p = Pinned {
+            pid,
+            pidfd: Some(pidfd),
+            start_time: 0,
+            exe: ExeId::of_path(Path::new("/proc/self/exe")).expect("exe"),
+        };
+        assert_eq!(p.check_alive(), Err(AttestError::Exited(pid)));
+    }
+
+    #[test]
+    fn gone_process_is_refused() {
+        let c = Caller::new(Some(i32::MAX - 1), 0, 0);
+        assert!(matches!(
+            UnixAttestor::default().attest(&c),
+            Err(AttestError::Proc { .. })
+        ));
+        assert_eq!(
+            UnixAttestor::default().attest(&Caller::new(None, 0, 0)),
+            Err(AttestError::NoPid)
+        );
+    }
+
+    #[test]
+    fn pid_reuse_is_detected_with_a_fake_proc() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("42");
+        std::fs::create_dir_all(&p).expect("mkdir");
+        std::fs::write(
+            p.join("stat"),
+            "42 (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 111 0 0",
+        )
+        .expect("stat");
+        std::fs::write(p.join("status"), "Groups:\t10 20\n").expect("status");
+        // No exe link: the attestor refuses rather than guessing.
+        let a = UnixAttestor::with_proc_root(dir.path().to_path_buf());
+        let r = a.attest(&Caller::new(Some(42), 1, 1));
+        assert!(matches!(r, Err(AttestError::Proc { .. })), "{r:?}");
+        assert_eq!(a.supplementary_gids(42).expect("gids"), vec![10, 20]);
+        assert_eq!(a.start_time(42).expect("start"), 111);
     }
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod jwt;
 pub mod k8s_attestor;
 pub mod metrics;
+pub mod peer;
 pub mod run;
 pub mod server_client;
 pub mod workload_api;

@@ -31,6 +31,13 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels for entries left out of a Workload API response.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// `invalid_spiffe_id`, `duplicate_hint` or `invalid_svid`.
+    pub reason: &'static str,
+}
+
 /// Every agent metric.
 pub struct Metrics {
     registry: Registry,
@@ -60,6 +67,8 @@ pub struct Metrics {
     pub bundle_updates: Counter,
     /// SVIDs re-minted early because their authority was tainted.
     pub tainted_reminted: Counter,
+    /// Entries (entry revisions) left out of Workload API responses.
+    pub entries_dropped: Family<DropLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -146,6 +155,12 @@ impl Metrics {
             "SVIDs re-minted early because their signing authority was tainted",
             tainted_reminted.clone(),
         );
+        let entries_dropped = Family::default();
+        r.register(
+            "workload_entries_dropped",
+            "Entry revisions the Workload API cannot serve and leaves out, by reason",
+            entries_dropped.clone(),
+        );
         Arc::new(Self {
             bundle_refused,
             bundle_updates,
@@ -161,6 +176,7 @@ impl Metrics {
             sign_failures,
             agent_renewal_failures,
             agent_not_after,
+            entries_dropped,
         })
     }
 

@@ -63,6 +63,8 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> anyhow::Result
         .with_context(|| format!("binding Workload API socket {}", sock.display()))?;
     // Any local process may connect; attestation decides what it gets.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777))?;
+    // Every read names its writer (inherited by accepted connections).
+    crate::peer::pass_credentials(&listener).context("SO_PASSCRED on the Workload API socket")?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let refused = agent.metrics.connections_refused.clone();
     let on_refused: RefusalHook = Arc::new(move |e| {

@@ -2,8 +2,6 @@
 //! certificate is swapped in place on renewal, attestation with a join token,
 //! and the persisted agent identity (SVID, key 0600, bundle).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -278,29 +276,43 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
 }
 
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ClientError> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    meshid_identity::files::write_atomic(path, data, mode).map_err(io(path))
 }
+
+/// Creates the agent's data directory 0700 (an existing one is tightened).
+pub fn create_data_dir(dir: &Path) -> Result<(), ClientError> {
+    meshid_identity::files::create_private_dir(dir).map_err(io(dir))
+}
+
+/// Whether the PKCS#8 `key` is the key of the certificate `leaf`.
+fn key_matches(key: &[u8], leaf: &[u8]) -> Result<bool, ClientError> {
+    use rcgen::PublicKeyData as _;
+    let kp = rcgen::KeyPair::try_from(key)
+        .map_err(|e| ClientError::Identity(format!("agent key: {e}")))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| ClientError::Identity(format!("agent SVID: {e}")))?;
+    Ok(cert.public_key().raw == kp.subject_public_key_info().as_slice())
+}
+
+/// A DER chain (leaf first) and its PKCS#8 key.
+type ChainAndKey = (Vec<Vec<u8>>, Vec<u8>);
 
 /// A persisted agent identity and the bundle roots (DER) saved with it.
 pub type Persisted = (AgentIdentity, Vec<Vec<u8>>);
 
 /// Files of the persisted agent identity.
+///
+/// The SVID chain and its key are one file, `agent_identity.pem` (0600),
+/// replaced with a single rename, so no crash can leave a key next to a
+/// certificate it does not belong to. The separate `agent_svid.pem` +
+/// `agent_svid.key` of earlier versions are still read (when they match) and
+/// removed on the next save.
 #[derive(Debug, Clone)]
 pub struct IdentityStore {
-    svid: PathBuf,
-    key: PathBuf,
+    dir: PathBuf,
+    identity: PathBuf,
+    legacy_svid: PathBuf,
+    legacy_key: PathBuf,
     bundle: PathBuf,
 }
 
@@ -308,29 +320,37 @@ impl IdentityStore {
     /// Under `data_dir`.
     pub fn new(data_dir: &Path) -> Self {
         Self {
-            svid: data_dir.join("agent_svid.pem"),
-            key: data_dir.join("agent_svid.key"),
+            dir: data_dir.to_path_buf(),
+            identity: data_dir.join("agent_identity.pem"),
+            legacy_svid: data_dir.join("agent_svid.pem"),
+            legacy_key: data_dir.join("agent_svid.key"),
             bundle: data_dir.join("bundle.pem"),
         }
     }
 
-    /// Persists identity and bundle (key 0600).
+    /// Persists identity and bundle (identity file 0600, data dir 0700).
     pub fn save(&self, id: &AgentIdentity, bundle: &Bundle) -> Result<(), ClientError> {
-        write_atomic(
-            &self.key,
-            meshid_identity::pem::encode("PRIVATE KEY", &id.key).as_bytes(),
-            0o600,
-        )?;
-        write_atomic(
-            &self.svid,
-            meshid_identity::pem::encode_certs(id.chain.iter().map(Vec::as_slice)).as_bytes(),
-            0o644,
-        )?;
+        create_data_dir(&self.dir)?;
+        let mut pem = meshid_identity::pem::encode_certs(id.chain.iter().map(Vec::as_slice));
+        pem.push_str(&meshid_identity::pem::encode("PRIVATE KEY", &id.key));
+        write_atomic(&self.identity, pem.as_bytes(), 0o600)?;
+        let mut removed = false;
+        for old in [&self.legacy_key, &self.legacy_svid] {
+            match std::fs::remove_file(old) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(old)(e)),
+            }
+        }
+        if removed {
+            meshid_identity::files::sync_dir(&self.dir).map_err(io(&self.dir))?;
+        }
         self.save_bundle(bundle)
     }
 
     /// Persists the bundle roots.
     pub fn save_bundle(&self, bundle: &Bundle) -> Result<(), ClientError> {
+        create_data_dir(&self.dir)?;
         write_atomic(
             &self.bundle,
             meshid_identity::pem::encode_certs(bundle.x509_authorities.iter().map(Vec::as_slice))
@@ -339,24 +359,49 @@ impl IdentityStore {
         )
     }
 
-    /// The persisted identity, if present and not expired.
-    pub fn load(&self) -> Result<Option<Persisted>, ClientError> {
-        if !self.svid.exists() || !self.key.exists() {
+    /// The chain (DER, leaf first) and PKCS#8 key, if present and matching.
+    fn read_pair(&self) -> Result<Option<ChainAndKey>, ClientError> {
+        let (cert_pem, key_pem) = if self.identity.exists() {
+            let pem = std::fs::read(&self.identity).map_err(io(&self.identity))?;
+            (pem.clone(), pem)
+        } else if self.legacy_svid.exists() && self.legacy_key.exists() {
+            (
+                std::fs::read(&self.legacy_svid).map_err(io(&self.legacy_svid))?,
+                std::fs::read(&self.legacy_key).map_err(io(&self.legacy_key))?,
+            )
+        } else {
             return Ok(None);
-        }
-        let chain: Vec<Vec<u8>> =
-            meshid_identity::pem::parse_certs(&std::fs::read(&self.svid).map_err(io(&self.svid))?)
-                .map_err(|e| ClientError::Identity(e.to_string()))?
-                .into_iter()
-                .map(|c| c.to_vec())
-                .collect();
-        let key = match meshid_identity::pem::parse_key(
-            &std::fs::read(&self.key).map_err(io(&self.key))?,
-        )
-        .map_err(|e| ClientError::Identity(e.to_string()))?
+        };
+        let chain: Vec<Vec<u8>> = meshid_identity::pem::parse_certs(&cert_pem)
+            .map_err(|e| ClientError::Identity(e.to_string()))?
+            .into_iter()
+            .map(|c| c.to_vec())
+            .collect();
+        let key = match meshid_identity::pem::parse_key(&key_pem)
+            .map_err(|e| ClientError::Identity(e.to_string()))?
         {
             PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
             _ => return Err(ClientError::Identity("agent key is not PKCS#8".into())),
+        };
+        let leaf = chain
+            .first()
+            .ok_or_else(|| ClientError::Identity("no certificate in the agent identity".into()))?;
+        if !key_matches(&key, leaf)? {
+            tracing::error!(
+                dir = %self.dir.display(),
+                "the persisted agent key does not belong to the persisted agent SVID; \
+                 ignoring both: the agent must attest again"
+            );
+            return Ok(None);
+        }
+        Ok(Some((chain, key)))
+    }
+
+    /// The persisted identity, if present, matching and not expired. A key
+    /// that does not belong to the certificate is logged and never used.
+    pub fn load(&self) -> Result<Option<Persisted>, ClientError> {
+        let Some((chain, key)) = self.read_pair()? else {
+            return Ok(None);
         };
         let roots = load_roots(&self.bundle)?;
         let id = AgentIdentity::new(

@@ -6,9 +6,11 @@
 //!   the peer's trust domain, then authorize the peer's SPIFFE ID.
 //! - [`pem`]: PEM encoding and decoding of certificates and keys.
 //! - [`h2_authority`]: accept any HTTP/2 `:authority` on Unix-socket gRPC servers.
+//! - [`files`]: atomic, durable writes of key and certificate files.
 
 pub mod chain;
 pub mod crypto;
+pub mod files;
 pub mod h2_authority;
 pub mod kube;
 pub mod pem;

@@ -837,7 +837,13 @@ mod tests {
                 w[1].activated_at >= w[1].prepared_at + 8,
                 "published too briefly: {:?}",
                 x509.iter()
-                    .map(|a| (a.prepared_at, a.activated_at, a.not_before, a.not_after, &a.state))
+                    .map(|a| (
+                        a.prepared_at,
+                        a.activated_at,
+                        a.not_before,
+                        a.not_after,
+                        &a.state
+                    ))
                     .collect::<Vec<_>>()
             );
         }
