@@ -924,10 +924,10 @@ async fn postgres_missed_notification_is_caught_up() {
         }
     };
     wait_listeners("1");
+    let before = *rx.borrow_and_update();
     a.create_entry(&entry("e0", "spiffe://td/w", "spiffe://td/agent", "0"))
         .await
         .expect("create");
-    let before = *rx.borrow_and_update();
     let rev = next_change(&mut rx, before).await;
 
     // Keep B from reconnecting, then kill its listener.
