@@ -282,8 +282,17 @@ async fn ca_rotates_by_itself_for_three_lifetimes_under_traffic() {
         log.lines()
             .filter(|l| l.contains(marker))
             .filter_map(|l| {
-                let ts = humantime::parse_rfc3339_weak(l.split_whitespace().next()?.trim_end_matches('Z')).ok()?;
-                let seq = l.split("sequence_number=").nth(1)?.split_whitespace().next()?.parse().ok()?;
+                let ts = humantime::parse_rfc3339_weak(
+                    l.split_whitespace().next()?.trim_end_matches('Z'),
+                )
+                .ok()?;
+                let seq = l
+                    .split("sequence_number=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()?;
                 Some((seq, ts))
             })
             .collect()
@@ -297,7 +306,10 @@ async fn ca_rotates_by_itself_for_three_lifetimes_under_traffic() {
             r.duration_since(*p).ok()
         })
         .collect();
-    assert!(lags.len() >= 6, "bundle changes seen by the agent: {lags:?}");
+    assert!(
+        lags.len() >= 6,
+        "bundle changes seen by the agent: {lags:?}"
+    );
     println!(
         "bundle propagation server -> agent over {} changes: max {:?}, all {:?}",
         lags.len(),

@@ -185,7 +185,9 @@ impl ServerClient {
         kx: meshid_identity::crypto::KeyExchange,
     ) -> Result<Self, ClientError> {
         let cert = Arc::new(ClientCert::default());
-        let connector = Arc::new(ArcSwap::from_pointee(Self::connector(td, roots, &cert, kx)?));
+        let connector = Arc::new(ArcSwap::from_pointee(Self::connector(
+            td, roots, &cert, kx,
+        )?));
         let addrs = Arc::new(addrs);
         let channel = ArcSwap::from_pointee(make_channel(connector.clone(), addrs.clone()));
         Ok(Self {

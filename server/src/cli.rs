@@ -89,6 +89,9 @@ enum Command {
     /// The audit log: verify its hash chain and seals; search it.
     #[command(subcommand)]
     Audit(crate::cli_audit::AuditCmd),
+    /// The store itself (not through a running server).
+    #[command(subcommand)]
+    Store(crate::cli_store::StoreCmd),
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -500,6 +503,7 @@ impl ServerCli {
             Command::Agent(cmd) => agent(cmd).await,
             Command::Ca(cmd) => crate::cli_ca::run(cmd).await,
             Command::Audit(cmd) => crate::cli_audit::run(cmd).await,
+            Command::Store(cmd) => cmd.run().await,
         }
     }
 }

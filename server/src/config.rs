@@ -41,10 +41,90 @@ pub enum StoreConfig {
         path: Option<PathBuf>,
     },
     /// PostgreSQL, shared by several servers.
+    ///
+    /// ```toml
+    /// [store]
+    /// kind = "postgres"
+    /// url = "postgres://meshid@db.example.org/meshid"  # password: PGPASSWORD or ~/.pgpass
+    /// pool_size = 10
+    /// ssl_mode = "verify-full"                          # default: as the URL says, else prefer
+    /// ssl_root_cert = "/etc/meshid/db-ca.pem"           # default: the Mozilla roots
+    /// ```
     Postgres {
         /// Connection URL, e.g. `postgres://user@host/meshid`.
-        url: String,
+        url: DatabaseUrl,
+        /// Largest number of pooled connections.
+        #[serde(default = "default_pool_size")]
+        pool_size: u32,
+        /// `disable`, `allow`, `prefer`, `require`, `verify-ca` or
+        /// `verify-full`; overrides the URL's `sslmode`.
+        ssl_mode: Option<crate::store::SslMode>,
+        /// PEM roots the database's certificate must chain to.
+        ssl_root_cert: Option<PathBuf>,
     },
+}
+
+/// A database URL; its `Debug` hides it, as it may carry a password.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(<redacted>)")
+    }
+}
+
+fn default_pool_size() -> u32 {
+    10
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let Self::Postgres {
+            url,
+            pool_size,
+            ssl_mode,
+            ssl_root_cert,
+        } = self
+        else {
+            return Ok(());
+        };
+        if !(url.0.starts_with("postgres://") || url.0.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid(
+                "store.url must start with postgres:// or postgresql://".into(),
+            ));
+        }
+        if !(1..=1000).contains(pool_size) {
+            return Err(ConfigError::Invalid(format!(
+                "store.pool_size must be 1 to 1000, got {pool_size}"
+            )));
+        }
+        if ssl_root_cert.is_some() && *ssl_mode == Some(crate::store::SslMode::Disable) {
+            return Err(ConfigError::Invalid(
+                "store.ssl_root_cert is set but store.ssl_mode = \"disable\"".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Connection options of a PostgreSQL store; `None` for SQLite.
+    pub fn postgres_options(&self) -> Option<crate::store::PostgresOptions> {
+        match self {
+            Self::Sqlite { .. } => None,
+            Self::Postgres {
+                url,
+                pool_size,
+                ssl_mode,
+                ssl_root_cert,
+            } => Some(crate::store::PostgresOptions {
+                url: url.0.clone(),
+                pool_size: *pool_size,
+                ssl_mode: *ssl_mode,
+                ssl_root_cert: ssl_root_cert.clone(),
+            }),
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -455,6 +535,7 @@ impl ServerConfig {
         if let Some(psat) = &self.node_attestor.k8s_psat {
             psat.validate(&self.trust_domain)?;
         }
+        self.store.validate()?;
         if self.max_sign_batch == 0 {
             return Err(ConfigError::Invalid("max_sign_batch must be > 0".into()));
         }
@@ -618,6 +699,43 @@ mod tests {
             ("[audit]\nmax_filez = 3", "max_filez"),
         ] {
             let e = ServerConfig::parse(&format!("trust_domain = \"td\"\n{bad}\n")).expect_err(bad);
+            assert!(e.to_string().contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn postgres_store() {
+        let base = "trust_domain = \"td\"\n[store]\nkind = \"postgres\"\n";
+        let c = ServerConfig::parse(&format!(
+            "{base}url = \"postgres://m:secret@db/meshid\"\npool_size = 4\nssl_mode = \"verify-full\"\nssl_root_cert = \"/etc/ca.pem\"\n"
+        ))
+        .expect("parses");
+        let o = c.store.postgres_options().expect("postgres");
+        assert_eq!(o.pool_size, 4);
+        assert_eq!(o.ssl_mode, Some(crate::store::SslMode::VerifyFull));
+        assert_eq!(o.ssl_root_cert, Some(PathBuf::from("/etc/ca.pem")));
+        assert!(
+            !format!("{c:?}").contains("secret"),
+            "the URL is not in Debug"
+        );
+        let d =
+            ServerConfig::parse(&format!("{base}url = \"postgres://db/m\"\n")).expect("defaults");
+        let o = d.store.postgres_options().expect("postgres");
+        assert_eq!((o.pool_size, o.ssl_mode, o.ssl_root_cert), (10, None, None));
+        for (bad, needle) in [
+            ("url = \"mysql://db/m\"", "postgres://"),
+            ("url = \"postgres://db/m\"\npool_size = 0", "pool_size"),
+            (
+                "url = \"postgres://db/m\"\nssl_mode = \"sometimes\"",
+                "sometimes",
+            ),
+            (
+                "url = \"postgres://db/m\"\nssl_mode = \"disable\"\nssl_root_cert = \"/x\"",
+                "ssl_root_cert",
+            ),
+            ("url = \"postgres://db/m\"\npath = \"/x\"", "path"),
+        ] {
+            let e = ServerConfig::parse(&format!("{base}{bad}\n")).expect_err(bad);
             assert!(e.to_string().contains(needle), "{bad}: {e}");
         }
     }

@@ -24,7 +24,7 @@ use crate::ca::CaManager;
 use crate::config::{ServerConfig, StoreConfig};
 use crate::metrics::Metrics;
 use crate::state::ServerState;
-use crate::store::{SqliteStore, Store};
+use crate::store::{PostgresStore, SqliteStore, Store};
 use meshid_identity::svid::unix;
 
 /// Server SVID lifetime; renewed at half-life.
@@ -42,9 +42,11 @@ async fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
             Ok(Arc::new(s))
         }
         StoreConfig::Postgres { .. } => {
-            anyhow::bail!(
-                "store kind \"postgres\" is not available in this build; use kind = \"sqlite\""
-            )
+            let opts = cfg.store.postgres_options().context("postgres options")?;
+            let s = PostgresStore::connect(&opts)
+                .await
+                .context("opening PostgreSQL store")?;
+            Ok(Arc::new(s))
         }
     }
 }
@@ -208,6 +210,17 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     });
     let bundle = state.publish_own_bundle().await?;
     state.refresh_gauges().await;
+    // Changes committed through the store, by this server or by any other
+    // sharing its database, wake this server's sync streams.
+    let mut store_changes = state.store.subscribe_changes();
+    let weak = Arc::downgrade(&state);
+    tokio::spawn(async move {
+        while store_changes.changed().await.is_ok() {
+            let Some(st) = weak.upgrade() else { break };
+            st.notify_change();
+            st.refresh_gauges().await;
+        }
+    });
 
     // Node API: the verifier follows the published bundle.
     let (ck, not_after, svid_ca) = server_certified_key(&state).await?;
@@ -229,11 +242,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
                 if b.x509_authorities == roots {
                     continue;
                 }
-                match node_tls_config(
-                    &state.config,
-                    &b.x509_authorities,
-                    resolver.clone(),
-                ) {
+                match node_tls_config(&state.config, &b.x509_authorities, resolver.clone()) {
                     Ok(c) => {
                         tls.store(c);
                         roots = b.x509_authorities;

@@ -1,6 +1,8 @@
 //! Test harness: real `meshid` processes on loopback, in temp directories.
 #![allow(dead_code, missing_docs)]
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;

@@ -25,7 +25,7 @@ use super::admin_ca;
 use crate::attest::join_token;
 use crate::audit::Event;
 use crate::state::{RESERVED_PATH, ServerState};
-use crate::store::{AgentRecord, StoreError, filter_is_empty};
+use crate::store::{AgentRecord, EntryFilter, StoreError};
 use meshid_identity::svid::unix;
 
 /// The admin API service.
@@ -55,6 +55,17 @@ fn store_status(e: StoreError) -> Status {
         StoreError::AlreadyExists(m) => Status::already_exists(m),
         StoreError::Conflict(m) => Status::aborted(m),
         other => Status::internal(other.to_string()),
+    }
+}
+
+/// The admin API's filter as the store's: empty strings mean "any".
+fn entry_filter(f: Option<meshid_proto::admin::EntryFilter>) -> EntryFilter {
+    let f = f.unwrap_or_default();
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    EntryFilter {
+        parent_id: some(f.parent_id),
+        spiffe_id: some(f.spiffe_id),
+        selectors: f.selectors,
     }
 }
 
@@ -298,7 +309,7 @@ impl Admin for AdminService {
         &self,
         req: Request<ListEntriesRequest>,
     ) -> Result<Response<ListEntriesResponse>, Status> {
-        let filter = req.into_inner().filter.unwrap_or_default();
+        let filter = entry_filter(req.into_inner().filter);
         let entries = self
             .state
             .store
@@ -363,9 +374,9 @@ impl Admin for AdminService {
     ) -> Result<Response<DeleteEntriesResponse>, Status> {
         let st = &self.state;
         let r = req.into_inner();
-        let filter = r.filter.unwrap_or_default();
+        let filter = entry_filter(r.filter);
         let entries = if !r.ids.is_empty() {
-            if !filter_is_empty(&filter) || r.all {
+            if !filter.is_empty() || r.all {
                 return Err(Status::invalid_argument(
                     "give entry ids, or a filter, not both",
                 ));
@@ -378,7 +389,7 @@ impl Admin for AdminService {
             }
             found
         } else {
-            if filter_is_empty(&filter) && !r.all {
+            if filter.is_empty() && !r.all {
                 return Err(Status::invalid_argument(
                     "refusing to delete every entry: give ids or a filter, or --all to mean it",
                 ));
@@ -484,7 +495,7 @@ impl Admin for AdminService {
         let td_id = format!("spiffe://{td}");
         let affected = st
             .store
-            .list_entries(&Default::default())
+            .list_entries(&EntryFilter::default())
             .await
             .map_err(store_status)?
             .into_iter()

@@ -1,17 +1,25 @@
-//! The registry's storage: one [`Store`] trait, with an embedded SQLite
-//! implementation as the default. A PostgreSQL implementation is a second
-//! impl of the same trait.
+//! The registry's storage: one [`Store`] trait with two implementations, an
+//! embedded SQLite database (the default, one server) and PostgreSQL (shared
+//! by several servers).
 //!
-//! Entries and bundles are kept as the wire messages of `meshid-proto`
-//! (prost-encoded), so the store, the node API and the admin API share one
-//! model and nothing is translated twice.
+//! Entries and bundles are kept as the `meshid.types` messages of
+//! `meshid-proto` (prost-encoded), so the store, the node API and the admin
+//! API share one model and nothing is translated twice. Queries take domain
+//! types ([`EntryFilter`]), never admin-API request types.
+//!
+//! Changes that agents must see (entries, bundles, an agent's identity-relevant
+//! fields) bump a store-wide revision that [`Store::subscribe_changes`]
+//! publishes: in-process for SQLite, across servers for PostgreSQL.
 
+pub mod migrate;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
-use meshid_proto::admin::EntryFilter;
-use meshid_proto::types::{Authority, Bundle, Entry};
+use meshid_proto::types::{Authority, Bundle, Entry, Selector};
+use tokio::sync::watch;
 
+pub use postgres::{PostgresOptions, PostgresStore, SslMode};
 pub use sqlite::SqliteStore;
 
 /// Storage failures.
@@ -219,16 +227,41 @@ pub trait Store: Send + Sync + 'static {
     async fn list_audit_seals(&self, server_id: &str) -> Result<Vec<AuditSeal>, StoreError>;
     /// The seal with the highest sequence number of one server's chain.
     async fn latest_audit_seal(&self, server_id: &str) -> Result<Option<AuditSeal>, StoreError>;
+    /// The store's change revision: it grows whenever something agents must
+    /// see changes (entries, bundles, a new agent, an agent's aliases or ban,
+    /// an eviction), through this store or, for a shared database, through
+    /// any other server's. Waiting on the receiver is how servers learn of
+    /// each other's changes; the value itself only ever grows.
+    fn subscribe_changes(&self) -> watch::Receiver<u64>;
 }
 
-/// Whether `entry` satisfies `filter` (fields ANDed; empty fields ignored).
-pub fn entry_matches(entry: &Entry, filter: &EntryFilter) -> bool {
-    (filter.parent_id.is_empty() || entry.parent_id == filter.parent_id)
-        && (filter.spiffe_id.is_empty() || entry.spiffe_id == filter.spiffe_id)
-        && filter.selectors.iter().all(|s| entry.selectors.contains(s))
+/// Which entries a query selects. Fields are ANDed; unset fields match
+/// everything, so the default filter selects every entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryFilter {
+    /// Only entries with this parent ID.
+    pub parent_id: Option<String>,
+    /// Only entries with this SPIFFE ID.
+    pub spiffe_id: Option<String>,
+    /// Only entries carrying every one of these selectors.
+    pub selectors: Vec<Selector>,
 }
 
-/// Whether a filter matches everything.
-pub fn filter_is_empty(filter: &EntryFilter) -> bool {
-    filter.parent_id.is_empty() && filter.spiffe_id.is_empty() && filter.selectors.is_empty()
+impl EntryFilter {
+    /// Whether `entry` satisfies the filter.
+    pub fn matches(&self, entry: &Entry) -> bool {
+        self.parent_id
+            .as_ref()
+            .is_none_or(|p| &entry.parent_id == p)
+            && self
+                .spiffe_id
+                .as_ref()
+                .is_none_or(|s| &entry.spiffe_id == s)
+            && self.selectors.iter().all(|s| entry.selectors.contains(s))
+    }
+
+    /// Whether the filter selects every entry.
+    pub fn is_empty(&self) -> bool {
+        self.parent_id.is_none() && self.spiffe_id.is_none() && self.selectors.is_empty()
+    }
 }

@@ -3,28 +3,32 @@
 //! `BEGIN IMMEDIATE`: a deferred transaction that reads and then writes can
 //! fail at once with SQLITE_BUSY when another writer commits in between,
 //! whatever the busy timeout.
+//!
+//! One server owns the file, so its change revision is kept in process.
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use prost::Message;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
+use tokio::sync::watch;
 
-use meshid_proto::admin::EntryFilter;
 use meshid_proto::types::{Authority, Bundle, Entry};
 
 use super::{
-    AgentRecord, AuditSeal, IssuedRecord, IssuedSummary, JoinTokenRecord, Store, StoreError,
-    entry_matches,
+    AgentRecord, AuditSeal, EntryFilter, IssuedRecord, IssuedSummary, JoinTokenRecord, Store,
+    StoreError,
 };
 
 /// SQLite-backed [`Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    changes: Arc<watch::Sender<u64>>,
 }
 
 fn decode_entry(data: &[u8]) -> Result<Entry, StoreError> {
@@ -45,7 +49,7 @@ fn sorted_selectors(e: &Entry) -> Vec<(String, String)> {
     v
 }
 
-fn agent_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord, StoreError> {
+pub(crate) fn agent_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord, StoreError> {
     let aliases: String = r.try_get("aliases")?;
     Ok(AgentRecord {
         spiffe_id: r.try_get("spiffe_id")?,
@@ -88,7 +92,20 @@ impl SqliteStore {
             .connect_with(opts)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            changes: Arc::new(watch::channel(0).0),
+        })
+    }
+
+    /// The migrations this build applies to a SQLite database.
+    pub fn migrator() -> sqlx::migrate::Migrator {
+        sqlx::migrate!("./migrations/sqlite")
+    }
+
+    /// Signals a committed change to subscribers.
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
     }
 }
 
@@ -123,6 +140,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.changed();
         Ok(())
     }
 
@@ -163,7 +181,7 @@ impl Store for SqliteStore {
         let mut out = Vec::new();
         for r in rows {
             let e = decode_entry(r.try_get::<&[u8], _>("data")?)?;
-            if entry_matches(&e, filter) {
+            if filter.matches(&e) {
                 out.push(e);
             }
         }
@@ -203,6 +221,7 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?;
         if res.rows_affected() == 1 {
+            self.changed();
             Ok(())
         } else if self.get_entry(&entry.id).await?.is_some() {
             Err(StoreError::Conflict(format!(
@@ -226,6 +245,9 @@ impl Store for SqliteStore {
             }
         }
         tx.commit().await?;
+        if !ids.is_empty() {
+            self.changed();
+        }
         Ok(())
     }
 
@@ -274,6 +296,20 @@ impl Store for SqliteStore {
     async fn upsert_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
         let aliases =
             serde_json::to_string(&a.aliases).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Agents see a change only when the agent is new or its aliases or
+        // ban change; a renewal (new serial) is not one.
+        let before = sqlx::query("SELECT aliases, banned FROM agents WHERE spiffe_id = ?")
+            .bind(&a.spiffe_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let visible = match before {
+            None => true,
+            Some(r) => {
+                r.try_get::<String, _>("aliases")? != aliases
+                    || (r.try_get::<i64, _>("banned")? != 0) != a.banned
+            }
+        };
         sqlx::query(
             "INSERT INTO agents (spiffe_id, attestor, serial, prev_serial, expires_at, banned, aliases, attested_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -289,8 +325,12 @@ impl Store for SqliteStore {
         .bind(i64::from(a.banned))
         .bind(aliases)
         .bind(a.attested_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
+        if visible {
+            self.changed();
+        }
         Ok(())
     }
 
@@ -319,6 +359,7 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         if res.rows_affected() == 1 {
+            self.changed();
             Ok(())
         } else {
             Err(StoreError::NotFound(format!("agent {spiffe_id}")))
@@ -326,15 +367,21 @@ impl Store for SqliteStore {
     }
 
     async fn put_bundle(&self, b: &Bundle, federated: bool) -> Result<(), StoreError> {
-        sqlx::query(
+        // Returns a row only when something changed.
+        let changed = sqlx::query(
             "INSERT INTO bundles (trust_domain, federated, data, updated_at) VALUES (?, ?, ?, strftime('%s','now'))
-             ON CONFLICT(trust_domain) DO UPDATE SET federated = excluded.federated, data = excluded.data, updated_at = excluded.updated_at",
+             ON CONFLICT(trust_domain) DO UPDATE SET federated = excluded.federated, data = excluded.data, updated_at = excluded.updated_at
+             WHERE bundles.federated IS NOT excluded.federated OR bundles.data IS NOT excluded.data
+             RETURNING trust_domain",
         )
         .bind(&b.trust_domain)
         .bind(i64::from(federated))
         .bind(b.encode_to_vec())
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
+        if changed.is_some() {
+            self.changed();
+        }
         Ok(())
     }
 
@@ -362,6 +409,7 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         if res.rows_affected() == 1 {
+            self.changed();
             Ok(())
         } else {
             Err(StoreError::NotFound(format!(
@@ -395,7 +443,10 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await;
         match r {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.changed();
+                Ok(())
+            }
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 Err(StoreError::AlreadyExists(format!("authority {}", a.id)))
             }
@@ -416,6 +467,7 @@ impl Store for SqliteStore {
         .await?
         .rows_affected();
         if done == 1 {
+            self.changed();
             Ok(())
         } else {
             Err(StoreError::Conflict(format!(
@@ -552,6 +604,10 @@ impl Store for SqliteStore {
             .as_ref()
             .map(seal_from_row)
             .transpose()
+    }
+
+    fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 
