@@ -90,7 +90,7 @@ async fn ticket_from_one_listener_does_not_open_another() {
 /// policy) before anything is forwarded, and refused with `expired`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resumed_session_of_expired_peer_is_refused() {
-    let mesh = Mesh::start(&["gate"], &[("validator", "4s")]);
+    let mesh = Mesh::start(&["gate"], &[("validator", "6s")]);
     let (app, seen) = recording_app();
     let a = free_addr();
     let gate = mesh.sidecar(
@@ -100,7 +100,7 @@ async fn resumed_session_of_expired_peer_is_refused() {
             id("validator"),
         ),
     );
-    let svid = mesh.svid("validator", Duration::from_secs(2)).await;
+    let svid = mesh.svid("validator", Duration::from_secs(4)).await;
     let cfg = Arc::new(svid.client_config(mesh.bundles(), &id("gate")));
     let mut tls = sidecar_proc::tls_connect(cfg.clone(), a)
         .await

@@ -30,7 +30,9 @@
 //!   the current bundle at the current time (so a peer SVID that expired
 //!   after the ticket was issued is refused) and against the listener's
 //!   policy. A refused resumption is counted under the same outcome as a
-//!   refused full handshake (`expired`, `denied`, …);
+//!   refused full handshake (`expired`, `denied`, …). Outbound, the
+//!   upstream's chain from the session cache gets the same check
+//!   ([`Snapshot::reverify_resumed_upstream`]);
 //! - a ticket's lifetime never exceeds the remaining lifetime of the SVID
 //!   that issued it, and tickets are refused once that SVID has expired;
 //! - the readiness probe never resumes, so it always proves a full handshake.
@@ -56,11 +58,12 @@ use meshid_identity::verify::{
     SpiffeClientVerifier, SpiffeServerVerifier, describe, verify_svid_chain,
 };
 use meshid_identity::{Authorizer, SpiffeId, SvidInfo, TrustBundles, crypto};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::server::ProducesTickets;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{ClientConfig, ServerConfig};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -134,6 +137,9 @@ pub struct Snapshot {
     pub probe_server: Arc<ServerConfig>,
     /// One client config per outbound listener.
     pub outbound: Vec<Arc<ClientConfig>>,
+    /// The server verifier of each outbound listener (the same one its
+    /// config uses), to re-verify resumed sessions.
+    pub outbound_verifiers: Vec<Arc<SpiffeServerVerifier>>,
     /// Client config for readiness probes: no resumption, server must be us.
     pub probe_client: Arc<ClientConfig>,
 }
@@ -161,6 +167,31 @@ impl Snapshot {
         SvidInfo::from_der(leaf)
             .map(|i| i.spiffe_id)
             .map_err(|e| rustls::Error::General(e.to_string()))
+    }
+}
+
+impl Snapshot {
+    /// Re-verifies the upstream of a resumed session on outbound listener
+    /// `idx`, as [`Snapshot::reverify_resumed`] does for inbound peers: the
+    /// chain from the session cache against this snapshot's bundle, at the
+    /// current time, and the listener's `server_id`.
+    pub fn reverify_resumed_upstream(
+        &self,
+        idx: usize,
+        upstream: &[CertificateDer<'_>],
+    ) -> Result<(), rustls::Error> {
+        let verifier = self
+            .outbound_verifiers
+            .get(idx)
+            .ok_or_else(|| rustls::Error::General("no verifier for listener".into()))?;
+        let (leaf, intermediates) = upstream
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        // The SPIFFE verifiers do not look at the TLS server name.
+        let name = ServerName::try_from("upstream.invalid")
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(leaf, intermediates, &name, &[], UnixTime::now())?;
+        Ok(())
     }
 }
 
@@ -346,12 +377,12 @@ impl Identity {
             let mut cfg = ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(versions)?
                 .dangerous()
-                .with_custom_certificate_verifier(verifier)
+                .with_custom_certificate_verifier(verifier.clone())
                 .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(key.clone())));
             if !resume {
                 cfg.resumption = rustls::client::Resumption::disabled();
             }
-            Ok(Arc::new(cfg))
+            Ok((Arc::new(cfg), verifier))
         };
 
         let (inbound, inbound_verifiers): (Vec<_>, Vec<_>) = self
@@ -362,14 +393,16 @@ impl Identity {
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
-        let outbound = self
+        let (outbound, outbound_verifiers): (Vec<_>, Vec<_>) = self
             .policies
             .outbound
             .iter()
             .map(|id| client(id, true))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
         let (probe_server, _) = server(Authorizer::Exact(svid.spiffe_id.clone()), false)?;
-        let probe_client = client(&svid.spiffe_id, false)?;
+        let (probe_client, _) = client(&svid.spiffe_id, false)?;
 
         let generation = *self.generation.borrow() + 1;
         let snapshot = Arc::new(Snapshot {
@@ -381,6 +414,7 @@ impl Identity {
             inbound_verifiers,
             probe_server,
             outbound,
+            outbound_verifiers,
             probe_client,
         });
         self.current.store(Some(snapshot.clone()));
@@ -865,6 +899,30 @@ mod tests {
         assert_eq!(meshid_identity::verify::classify(&e), "expired");
         assert!(snap.reverify_resumed(0, &[]).is_err());
         assert!(snap.reverify_resumed(7, &peer).is_err());
+    }
+
+    /// Outbound, the upstream chain of a resumed session is re-verified
+    /// against the listener's `server_id` and the current time.
+    #[test]
+    fn resumed_upstreams_are_reverified() {
+        let policies = Policies {
+            inbound: vec![],
+            outbound: vec![
+                SpiffeId::new(ME).unwrap(),
+                SpiffeId::new("spiffe://example.org/db").unwrap(),
+            ],
+            allow_tls12: false,
+        };
+        let id = Identity::new(policies, Arc::new(Metrics::new()));
+        let ca = ca("ca");
+        let snap = id.update(material(&ca, &[&ca])).unwrap();
+        let upstream = svid(&ca);
+        snap.reverify_resumed_upstream(0, &upstream).unwrap();
+        let e = snap.reverify_resumed_upstream(1, &upstream).unwrap_err();
+        assert_eq!(meshid_identity::verify::classify(&e), "denied");
+        let expired = svid_between(&ca, -120, -60).0;
+        let e = snap.reverify_resumed_upstream(0, &expired).unwrap_err();
+        assert_eq!(meshid_identity::verify::classify(&e), "expired");
     }
 
     fn ticketer(not_after: SystemTime) -> SvidBoundTicketer {

@@ -124,6 +124,24 @@ async fn handle(
         }
     };
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if resumed
+        && let Some(snap) = shared.identity.current()
+        && let Err(e) = snap.reverify_resumed_upstream(
+            ctx.idx,
+            tls.get_ref().1.peer_certificates().unwrap_or_default(),
+        )
+    {
+        // The session cache held an upstream chain that no longer passes.
+        let outcome = meshid_identity::verify::classify(&e);
+        m.handshake(Direction::Outbound, outcome);
+        tracing::warn!(
+            upstream = ctx.upstream,
+            error = %meshid_identity::verify::describe(&e),
+            outcome,
+            "outbound resumed session refused"
+        );
+        return;
+    }
     m.handshake(Direction::Outbound, if resumed { "resumed" } else { "ok" });
 
     let started = Instant::now();
