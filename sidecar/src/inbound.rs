@@ -80,7 +80,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, ctx: Arc<InboundC
     }
 }
 
-/// Logs a refused or failed inbound handshake, at most once per outcome and
+/// Logs a refused or failed inbound handshake, at most once per kind and
 /// [`crate::LogLimiter::INTERVAL`] (every one is counted in the metrics).
 fn log_refusal(
     shared: &Shared,
