@@ -1,15 +1,19 @@
 //! rustls verifiers for SPIFFE peers.
 //!
 //! Order of checks, each with its own error so metrics can tell them apart:
-//! 1. the leaf is an X509-SVID (exactly one SPIFFE URI SAN);
+//! 1. the leaf is an X509-SVID leaf (X509-SVID §5.2): exactly one URI SAN
+//!    holding a SPIFFE ID with a path, `cA` not set, key usage present with
+//!    `digitalSignature` and without `keyCertSign` / `cRLSign`;
 //! 2. the chain verifies (webpki) against the bundle of the leaf's trust
-//!    domain, for the right extended key usage, at the current time;
+//!    domain, for the right extended key usage, at the current time; roots
+//!    past their notAfter are not used as trust anchors;
 //! 3. the SPIFFE ID is authorized by policy.
 //!
 //! A verifier is immutable: when bundles change, build a new one and swap the
 //! whole rustls config, so no handshake ever sees a half-updated trust store.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -17,24 +21,40 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
 use spiffe::SpiffeId;
 use webpki::{EndEntityCert, KeyUsage};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::svid::SvidInfo;
+use crate::svid::{SvidError, spiffe_id_of};
+
+/// The roots of one trust domain, each with its notAfter (Unix seconds).
+#[derive(Clone, Default, PartialEq, Eq)]
+struct Roots {
+    anchors: Vec<TrustAnchor<'static>>,
+    not_after: Vec<u64>,
+}
 
 /// Trust anchors per trust domain name (without scheme).
-#[derive(Clone, Default)]
+///
+/// Each root keeps its notAfter: a root past it is never used to verify a
+/// chain (webpki itself does not look at the validity of trust anchors), and
+/// [`TrustBundles::prune_expired`] removes such roots when configs are built.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct TrustBundles {
-    roots: HashMap<String, Vec<rustls_pki_types::TrustAnchor<'static>>>,
+    roots: BTreeMap<String, Roots>,
 }
 
 impl fmt::Debug for TrustBundles {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map()
-            .entries(self.roots.iter().map(|(k, v)| (k, v.len())))
+            .entries(self.roots.iter().map(|(k, v)| (k, v.anchors.len())))
             .finish()
     }
+}
+
+fn unix_secs(t: UnixTime) -> u64 {
+    t.as_secs()
 }
 
 impl TrustBundles {
@@ -44,14 +64,24 @@ impl TrustBundles {
     }
 
     /// Adds the DER root certificates of `trust_domain`. Certificates that are
-    /// not usable as trust anchors are skipped and counted in the result.
+    /// not usable as trust anchors are skipped and counted in the result; a
+    /// root already present is not added twice.
     pub fn add(&mut self, trust_domain: &str, ders: &[CertificateDer<'_>]) -> usize {
         let mut skipped = 0;
-        let anchors = self.roots.entry(trust_domain.to_string()).or_default();
+        let roots = self.roots.entry(trust_domain.to_string()).or_default();
         for d in ders {
-            match webpki::anchor_from_trusted_cert(d) {
-                Ok(a) => anchors.push(a.to_owned()),
-                Err(_) => skipped += 1,
+            let not_after = X509Certificate::from_der(d)
+                .ok()
+                .and_then(|(_, c)| u64::try_from(c.validity().not_after.timestamp()).ok());
+            match (webpki::anchor_from_trusted_cert(d), not_after) {
+                (Ok(a), Some(not_after)) => {
+                    let a = a.to_owned();
+                    if !roots.anchors.contains(&a) {
+                        roots.anchors.push(a);
+                        roots.not_after.push(not_after);
+                    }
+                }
+                _ => skipped += 1,
             }
         }
         skipped
@@ -62,11 +92,58 @@ impl TrustBundles {
         self.roots.keys().map(String::as_str)
     }
 
-    fn anchors(&self, td: &str) -> Option<&[rustls_pki_types::TrustAnchor<'static>]> {
-        self.roots
-            .get(td)
-            .map(Vec::as_slice)
-            .filter(|a| !a.is_empty())
+    /// How many roots `trust_domain` has (expired ones included).
+    pub fn root_count(&self, trust_domain: &str) -> usize {
+        self.roots.get(trust_domain).map_or(0, |r| r.anchors.len())
+    }
+
+    /// Removes every root whose notAfter is before `now`; returns how many
+    /// were removed. A trust domain left without roots stays present and
+    /// empty, so it trusts nothing.
+    pub fn prune_expired(&mut self, now: UnixTime) -> usize {
+        let now = unix_secs(now);
+        let mut removed = 0;
+        for r in self.roots.values_mut() {
+            let before = r.anchors.len();
+            (r.anchors, r.not_after) = std::mem::take(&mut r.anchors)
+                .into_iter()
+                .zip(std::mem::take(&mut r.not_after))
+                .filter(|(_, na)| *na >= now)
+                .unzip();
+            removed += before - r.anchors.len();
+        }
+        removed
+    }
+
+    /// Replaces the roots of `trust_domain` with those `other` has for it.
+    pub fn copy_domain_from(&mut self, other: &TrustBundles, trust_domain: &str) {
+        match other.roots.get(trust_domain) {
+            Some(r) => {
+                self.roots.insert(trust_domain.to_string(), r.clone());
+            }
+            None => {
+                self.roots.remove(trust_domain);
+            }
+        }
+    }
+
+    /// The roots of `td` that are valid at `now`, or `None` if there is none.
+    fn anchors_at(&self, td: &str, now: UnixTime) -> Option<Cow<'_, [TrustAnchor<'static>]>> {
+        let r = self.roots.get(td)?;
+        let now = unix_secs(now);
+        let anchors = if r.not_after.iter().all(|na| *na >= now) {
+            Cow::Borrowed(r.anchors.as_slice())
+        } else {
+            Cow::Owned(
+                r.anchors
+                    .iter()
+                    .zip(&r.not_after)
+                    .filter(|(_, na)| **na >= now)
+                    .map(|(a, _)| a.clone())
+                    .collect(),
+            )
+        };
+        (!anchors.is_empty()).then_some(anchors)
     }
 }
 
@@ -115,14 +192,88 @@ impl fmt::Display for Denied {
 }
 impl std::error::Error for Denied {}
 
+/// Marker text inside `CertificateError::Other` for a certificate that is not
+/// an X509-SVID leaf ([`LeafError`]).
+pub const NOT_SVID: &str = "not an X509-SVID";
+
 #[derive(Debug)]
-struct NotSvid(String);
+struct NotSvid(LeafError);
 impl fmt::Display for NotSvid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "not an X509-SVID: {}", self.0)
+        write!(f, "{NOT_SVID}: {}", self.0)
     }
 }
 impl std::error::Error for NotSvid {}
+
+/// Why a certificate is not acceptable as an X509-SVID leaf (X509-SVID §3,
+/// §4.1, §4.3, §5.2).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LeafError {
+    /// No single valid SPIFFE ID in the URI SANs, or the DER is malformed.
+    #[error("{0}")]
+    Svid(#[from] SvidError),
+    /// The SPIFFE ID names a trust domain, not a workload (no path).
+    #[error("SPIFFE ID {0} has no path; a leaf SVID must identify a workload")]
+    RootPath(String),
+    /// basicConstraints has `cA` set: a signing certificate presented as leaf.
+    #[error("the certificate is a CA (basicConstraints cA=true); a leaf SVID must not be")]
+    Ca,
+    /// No key usage extension.
+    #[error("no key usage extension; a leaf SVID must set digitalSignature")]
+    NoKeyUsage,
+    /// Key usage without `digitalSignature`.
+    #[error("key usage lacks digitalSignature")]
+    NoDigitalSignature,
+    /// Key usage with `keyCertSign`.
+    #[error("key usage has keyCertSign, which only signing certificates may set")]
+    KeyCertSign,
+    /// Key usage with `cRLSign`.
+    #[error("key usage has cRLSign, which only signing certificates may set")]
+    CrlSign,
+    /// basicConstraints or key usage is malformed or present twice.
+    #[error("malformed extensions: {0}")]
+    Extensions(String),
+}
+
+/// Checks that a DER certificate is an X509-SVID *leaf* and returns its
+/// SPIFFE ID: exactly one URI SAN with a SPIFFE ID that has a path, `cA`
+/// false, and key usage with `digitalSignature` but neither `keyCertSign`
+/// nor `cRLSign`. Chain and validity are not checked here.
+pub fn check_leaf(der: &[u8]) -> Result<SpiffeId, LeafError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| SvidError::Malformed(e.to_string()))?;
+    check_parsed_leaf(&cert)
+}
+
+fn check_parsed_leaf(cert: &X509Certificate<'_>) -> Result<SpiffeId, LeafError> {
+    let id = spiffe_id_of(cert)?;
+    if id.path().is_empty() {
+        return Err(LeafError::RootPath(id.to_string()));
+    }
+    let ext = |e: x509_parser::error::X509Error| LeafError::Extensions(e.to_string());
+    if cert
+        .basic_constraints()
+        .map_err(ext)?
+        .is_some_and(|bc| bc.value.ca)
+    {
+        return Err(LeafError::Ca);
+    }
+    let ku = cert
+        .key_usage()
+        .map_err(ext)?
+        .ok_or(LeafError::NoKeyUsage)?;
+    if ku.value.key_cert_sign() {
+        return Err(LeafError::KeyCertSign);
+    }
+    if ku.value.crl_sign() {
+        return Err(LeafError::CrlSign);
+    }
+    if !ku.value.digital_signature() {
+        return Err(LeafError::NoDigitalSignature);
+    }
+    Ok(id)
+}
 
 fn other(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
@@ -148,8 +299,10 @@ fn webpki_error(e: webpki::Error) -> rustls::Error {
         W::CertNotValidYet { time, not_before } => {
             CertificateError::NotValidYetContext { time, not_before }
         }
-        W::UnknownIssuer => CertificateError::UnknownIssuer,
-        W::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        // An issuer with the right name but another key (e.g. a CA that was
+        // replaced under the same name) did not sign this chain: to an
+        // operator that is the same as an unknown CA.
+        W::UnknownIssuer | W::InvalidSignatureForPublicKey => CertificateError::UnknownIssuer,
         W::RequiredEkuNotFoundContext(ctx) => CertificateError::InvalidPurposeContext {
             required: purpose(ctx.required.oid_values().collect()),
             presented: ctx.present.into_iter().map(purpose).collect(),
@@ -175,31 +328,61 @@ impl Core {
         now: UnixTime,
         usage: KeyUsage,
     ) -> Result<SpiffeId, rustls::Error> {
-        let info = SvidInfo::from_der(end_entity).map_err(|e| other(NotSvid(e.to_string())))?;
-        let td = info.spiffe_id.trust_domain().to_string();
-        let td = td.strip_prefix("spiffe://").unwrap_or(&td).to_string();
-        let anchors = self
-            .bundles
-            .anchors(&td)
-            .ok_or(rustls::Error::InvalidCertificate(
-                CertificateError::UnknownIssuer,
-            ))?;
-        let ee = EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
-        ee.verify_for_usage(
-            self.algs.all,
-            anchors,
+        let id = check_leaf(end_entity).map_err(|e| other(NotSvid(e)))?;
+        verify_chain(
+            &self.bundles,
+            &id,
+            end_entity,
             intermediates,
             now,
             usage,
-            None,
-            None,
-        )
-        .map_err(webpki_error)?;
-        if !self.authorizer.allows(&info.spiffe_id) {
-            return Err(other(Denied(info.spiffe_id.to_string())));
+            self.algs,
+        )?;
+        if !self.authorizer.allows(&id) {
+            return Err(other(Denied(id.to_string())));
         }
-        Ok(info.spiffe_id)
+        Ok(id)
     }
+}
+
+/// Verifies `end_entity` (whose SPIFFE ID is `id`) up to a root of its trust
+/// domain that is valid at `now`.
+fn verify_chain(
+    bundles: &TrustBundles,
+    id: &SpiffeId,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: KeyUsage,
+    algs: WebPkiSupportedAlgorithms,
+) -> Result<(), rustls::Error> {
+    let anchors = bundles.anchors_at(id.trust_domain().as_str(), now).ok_or(
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+    )?;
+    let ee = EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
+    ee.verify_for_usage(algs.all, &anchors, intermediates, now, usage, None, None)
+        .map_err(webpki_error)?;
+    Ok(())
+}
+
+/// Checks that `chain` (leaf first) is an X509-SVID that `bundles` verifies at
+/// `now` for both TLS client and server use, as a workload's own SVID must
+/// be; returns its SPIFFE ID. No policy is applied.
+pub fn verify_svid_chain(
+    bundles: &TrustBundles,
+    chain: &[CertificateDer<'_>],
+    now: UnixTime,
+    provider: &CryptoProvider,
+) -> Result<SpiffeId, rustls::Error> {
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    let id = check_leaf(leaf).map_err(|e| other(NotSvid(e)))?;
+    let algs = provider.signature_verification_algorithms;
+    for usage in [KeyUsage::server_auth(), KeyUsage::client_auth()] {
+        verify_chain(bundles, &id, leaf, intermediates, now, usage, algs)?;
+    }
+    Ok(id)
 }
 
 /// Verifies servers by SPIFFE ID; the TLS server name is not used.
@@ -391,7 +574,7 @@ pub fn classify(err: &rustls::Error) -> &'static str {
                 let s = o.to_string();
                 if s.starts_with(DENIED) {
                     "denied"
-                } else if s.starts_with("not an X509-SVID") {
+                } else if s.starts_with(NOT_SVID) {
                     "not_svid"
                 } else {
                     "other"
@@ -406,5 +589,400 @@ pub fn classify(err: &rustls::Error) -> &'static str {
         rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired) => "expired",
         rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied) => "denied",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The verifier every meshid part trusts, case by case. Clauses quoted
+    //! are from the SPIFFE X509-SVID standard.
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    use std::time::Duration;
+
+    const WEB: &str = "spiffe://example.org/web";
+
+    struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        der: CertificateDer<'static>,
+    }
+
+    fn ca_with(td: &str, f: impl FnOnce(&mut CertificateParams)) -> Ca {
+        let mut p = CertificateParams::new(vec![]).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, td);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into().unwrap())];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(1);
+        p.not_after = now + time::Duration::days(30);
+        f(&mut p);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        Ca {
+            der: cert.der().clone(),
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    fn ca(td: &str) -> Ca {
+        ca_with(td, |_| {})
+    }
+
+    /// A good leaf SVID for `WEB`, then altered by `f`.
+    fn leaf(ca: &Ca, f: impl FnOnce(&mut CertificateParams)) -> CertificateDer<'static> {
+        let mut p = CertificateParams::new(vec![]).unwrap();
+        p.subject_alt_names = vec![SanType::URI(WEB.try_into().unwrap())];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + time::Duration::hours(1);
+        f(&mut p);
+        let key = KeyPair::generate().unwrap();
+        p.signed_by(&key, &ca.issuer).unwrap().der().clone()
+    }
+
+    fn bundles(cas: &[(&str, &Ca)]) -> TrustBundles {
+        let mut b = TrustBundles::new();
+        for (td, ca) in cas {
+            assert_eq!(b.add(td, std::slice::from_ref(&ca.der)), 0);
+        }
+        b
+    }
+
+    fn at(offset_secs: i64) -> UnixTime {
+        let now = UnixTime::now().as_secs();
+        UnixTime::since_unix_epoch(Duration::from_secs(now.saturating_add_signed(offset_secs)))
+    }
+
+    /// Verifies `leaf` as a client with `authorizer`, at `now`; the metric
+    /// label of the failure, or "ok".
+    fn client(
+        b: TrustBundles,
+        authorizer: Authorizer,
+        leaf: &CertificateDer<'_>,
+        now: UnixTime,
+    ) -> (&'static str, String) {
+        let v = SpiffeClientVerifier::new(b, authorizer, &crypto::provider(), true);
+        match v.verify_client_cert(leaf, &[], now) {
+            Ok(_) => ("ok", String::new()),
+            Err(e) => (classify(&e), describe(&e)),
+        }
+    }
+
+    fn any_client(b: TrustBundles, leaf: &CertificateDer<'_>) -> (&'static str, String) {
+        client(b, Authorizer::Any, leaf, UnixTime::now())
+    }
+
+    use crate::crypto;
+
+    #[test]
+    fn good_leaf_verifies_as_client_and_server() {
+        let ca = ca("example.org");
+        let l = leaf(&ca, |_| {});
+        assert_eq!(any_client(bundles(&[("example.org", &ca)]), &l).0, "ok");
+        let v = SpiffeServerVerifier::new(
+            bundles(&[("example.org", &ca)]),
+            Authorizer::Exact(SpiffeId::new(WEB).unwrap()),
+            &crypto::provider(),
+        );
+        let name = ServerName::try_from("web.invalid").unwrap();
+        v.verify_server_cert(&l, &[], &name, &[], UnixTime::now())
+            .unwrap();
+        assert_eq!(
+            verify_svid_chain(
+                &bundles(&[("example.org", &ca)]),
+                &[l],
+                UnixTime::now(),
+                &crypto::provider()
+            )
+            .unwrap()
+            .to_string(),
+            WEB
+        );
+    }
+
+    /// "the chain verifies against the bundle of the leaf's trust domain":
+    /// a leaf claiming another trust domain is not accepted on the strength
+    /// of this trust domain's CA, even when both bundles are present.
+    #[test]
+    fn trust_domain_mismatch_is_unknown_ca() {
+        let ours = ca("example.org");
+        let theirs = ca("other.org");
+        let forged = leaf(&ours, |p| {
+            p.subject_alt_names = vec![SanType::URI("spiffe://other.org/web".try_into().unwrap())];
+        });
+        assert_eq!(
+            any_client(bundles(&[("example.org", &ours)]), &forged).0,
+            "unknown_ca"
+        );
+        assert_eq!(
+            any_client(
+                bundles(&[("example.org", &ours), ("other.org", &theirs)]),
+                &forged
+            )
+            .0,
+            "unknown_ca"
+        );
+        // And an unknown trust domain altogether.
+        let (label, msg) = any_client(bundles(&[("other.org", &theirs)]), &leaf(&ours, |_| {}));
+        assert_eq!(label, "unknown_ca", "{msg}");
+    }
+
+    /// X509-SVID §4.4: leaf SVIDs carry id-kp-serverAuth and id-kp-clientAuth;
+    /// a certificate lacking the purpose it is used for is refused.
+    #[test]
+    fn wrong_eku_is_bad_purpose() {
+        let ca = ca("example.org");
+        let server_only = leaf(&ca, |p| {
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        });
+        let (label, msg) = any_client(bundles(&[("example.org", &ca)]), &server_only);
+        assert_eq!(label, "bad_purpose", "{msg}");
+        let client_only = leaf(&ca, |p| {
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        });
+        let v = SpiffeServerVerifier::new(
+            bundles(&[("example.org", &ca)]),
+            Authorizer::Any,
+            &crypto::provider(),
+        );
+        let name = ServerName::try_from("web.invalid").unwrap();
+        let e = v
+            .verify_server_cert(&client_only, &[], &name, &[], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(classify(&e), "bad_purpose");
+        let e = verify_svid_chain(
+            &bundles(&[("example.org", &ca)]),
+            &[client_only],
+            UnixTime::now(),
+            &crypto::provider(),
+        )
+        .unwrap_err();
+        assert_eq!(classify(&e), "bad_purpose", "own SVIDs need both purposes");
+    }
+
+    #[test]
+    fn expired_and_not_yet_valid_leaves_are_refused() {
+        let ca = ca("example.org");
+        let l = leaf(&ca, |_| {});
+        let b = || bundles(&[("example.org", &ca)]);
+        let (label, msg) = client(b(), Authorizer::Any, &l, at(2 * 3600));
+        assert_eq!(label, "expired", "{msg}");
+        assert!(msg.starts_with("certificate expired"), "{msg}");
+        let (label, msg) = client(b(), Authorizer::Any, &l, at(-3600));
+        assert_eq!(label, "not_yet_valid", "{msg}");
+        assert_eq!(client(b(), Authorizer::Any, &l, at(0)).0, "ok");
+    }
+
+    #[test]
+    fn denied_spiffe_id_is_refused_after_the_chain_verified() {
+        let ca = ca("example.org");
+        let l = leaf(&ca, |_| {});
+        let other = Authorizer::Exact(SpiffeId::new("spiffe://example.org/payments").unwrap());
+        let (label, msg) = client(bundles(&[("example.org", &ca)]), other, &l, UnixTime::now());
+        assert_eq!(label, "denied");
+        assert_eq!(msg, format!("{DENIED}: {WEB}"));
+        // A chain that does not verify is refused for that, not for policy.
+        let stranger = ca_with("example.org", |_| {});
+        let other = Authorizer::Exact(SpiffeId::new("spiffe://example.org/payments").unwrap());
+        let (label, _m) = client(
+            bundles(&[("example.org", &stranger)]),
+            other,
+            &l,
+            UnixTime::now(),
+        );
+        assert_eq!(label, "unknown_ca", "{_m}");
+    }
+
+    /// X509-SVID §5.2: "the validator MUST ensure that the `CA` field in the
+    /// basic constraints extension is set to `false`, and that `keyCertSign`
+    /// and `cRLSign` are not set in the key usage extension. The validator
+    /// MUST also ensure that the scheme of the SPIFFE ID is set to `spiffe`,
+    /// and MUST ensure that the SPIFFE ID has a non-root path component ...
+    /// SVIDs containing more than one URI SAN MUST be rejected."
+    /// X509-SVID §4.3: "Leaf SVIDs MUST set `digitalSignature`."
+    #[test]
+    fn leaf_rules_of_x509_svid() {
+        let ca = ca("example.org");
+        type Alter = fn(&mut CertificateParams);
+        let cases: &[(&str, Alter, LeafError)] = &[
+            (
+                "CA certificate as leaf",
+                |p| {
+                    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                    p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+                },
+                LeafError::Ca,
+            ),
+            (
+                "cA=true with leaf key usage",
+                |p| p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0)),
+                LeafError::Ca,
+            ),
+            (
+                "keyCertSign on a leaf",
+                |p| {
+                    p.key_usages = vec![
+                        KeyUsagePurpose::DigitalSignature,
+                        KeyUsagePurpose::KeyCertSign,
+                    ];
+                },
+                LeafError::KeyCertSign,
+            ),
+            (
+                "cRLSign on a leaf",
+                |p| {
+                    p.key_usages =
+                        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign];
+                },
+                LeafError::CrlSign,
+            ),
+            (
+                "no digitalSignature",
+                |p| p.key_usages = vec![KeyUsagePurpose::KeyEncipherment],
+                LeafError::NoDigitalSignature,
+            ),
+            (
+                "no key usage extension",
+                |p| p.key_usages = vec![],
+                LeafError::NoKeyUsage,
+            ),
+            (
+                "two URI SANs",
+                |p| {
+                    p.subject_alt_names = vec![
+                        SanType::URI(WEB.try_into().unwrap()),
+                        SanType::URI("spiffe://example.org/admin".try_into().unwrap()),
+                    ];
+                },
+                LeafError::Svid(SvidError::MultipleUris(2)),
+            ),
+            (
+                "no URI SAN",
+                |p| p.subject_alt_names = vec![SanType::DnsName("web".try_into().unwrap())],
+                LeafError::Svid(SvidError::NoSpiffeId),
+            ),
+            (
+                "root path (the trust domain's own ID)",
+                |p| {
+                    p.subject_alt_names =
+                        vec![SanType::URI("spiffe://example.org".try_into().unwrap())];
+                },
+                LeafError::RootPath("spiffe://example.org".into()),
+            ),
+        ];
+        for (what, alter, want) in cases {
+            let l = leaf(&ca, alter);
+            assert_eq!(check_leaf(&l).as_ref(), Err(want), "{what}");
+            let (label, msg) = any_client(bundles(&[("example.org", &ca)]), &l);
+            assert_eq!(label, "not_svid", "{what}: {msg}");
+            assert_eq!(msg, format!("{NOT_SVID}: {want}"), "{what}");
+        }
+        // Not the spiffe scheme.
+        let l = leaf(&ca, |p| {
+            p.subject_alt_names = vec![SanType::URI("https://example.org/web".try_into().unwrap())];
+        });
+        assert!(matches!(
+            check_leaf(&l),
+            Err(LeafError::Svid(SvidError::InvalidSpiffeId { .. }))
+        ));
+        assert_eq!(
+            any_client(bundles(&[("example.org", &ca)]), &l).0,
+            "not_svid"
+        );
+        // Garbage DER.
+        assert!(matches!(
+            check_leaf(b"\x30\x03\x02\x01\x00"),
+            Err(LeafError::Svid(SvidError::Malformed(_)))
+        ));
+    }
+
+    /// webpki does not look at the validity of trust anchors; the bundle
+    /// does: a root past its notAfter verifies nothing, even a leaf that is
+    /// itself still within its validity window.
+    #[test]
+    fn expired_root_is_not_a_trust_anchor() {
+        let short = ca_with("example.org", |p| {
+            p.not_after = time::OffsetDateTime::now_utc() + time::Duration::minutes(30);
+        });
+        let l = leaf(&short, |_| {});
+        let b = || bundles(&[("example.org", &short)]);
+        assert_eq!(client(b(), Authorizer::Any, &l, at(0)).0, "ok");
+        let (label, msg) = client(b(), Authorizer::Any, &l, at(45 * 60));
+        assert_eq!(label, "unknown_ca", "{msg}");
+
+        // Pruning: an expired root goes, a valid one stays.
+        let good = ca("example.org");
+        let mut both = bundles(&[("example.org", &short), ("example.org", &good)]);
+        assert_eq!(both.root_count("example.org"), 2);
+        assert_eq!(both.prune_expired(at(0)), 0);
+        assert_eq!(both.prune_expired(at(45 * 60)), 1);
+        assert_eq!(both.root_count("example.org"), 1);
+        let l2 = leaf(&good, |_| {});
+        assert_eq!(client(both.clone(), Authorizer::Any, &l2, at(0)).0, "ok");
+        assert_eq!(client(both, Authorizer::Any, &l, at(0)).0, "unknown_ca");
+    }
+
+    #[test]
+    fn bundles_skip_unusable_and_duplicate_roots() {
+        let ca = ca("example.org");
+        let mut b = TrustBundles::new();
+        let garbage = CertificateDer::from(vec![0x30, 0x00]);
+        assert_eq!(b.add("example.org", &[ca.der.clone(), garbage]), 1);
+        assert_eq!(b.add("example.org", std::slice::from_ref(&ca.der)), 0);
+        assert_eq!(b.root_count("example.org"), 1);
+        assert_eq!(b, bundles(&[("example.org", &ca)]));
+        let mut c = TrustBundles::new();
+        c.copy_domain_from(&b, "example.org");
+        assert_eq!(c, b);
+        c.copy_domain_from(&TrustBundles::new(), "example.org");
+        assert_eq!(c.root_count("example.org"), 0);
+    }
+
+    /// A chain through an intermediate verifies; the intermediate's own
+    /// validity is checked (by webpki), so an expired intermediate fails.
+    #[test]
+    fn chain_through_intermediate() {
+        let root = ca("example.org");
+        let inter = {
+            let mut p = CertificateParams::new(vec![]).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            p.distinguished_name.push(DnType::CommonName, "inter");
+            let now = time::OffsetDateTime::now_utc();
+            p.not_before = now - time::Duration::hours(1);
+            p.not_after = now + time::Duration::minutes(30);
+            let key = KeyPair::generate().unwrap();
+            let der = p.signed_by(&key, &root.issuer).unwrap().der().clone();
+            Ca {
+                der,
+                issuer: Issuer::new(p, key),
+            }
+        };
+        let l = leaf(&inter, |_| {});
+        let v = SpiffeClientVerifier::new(
+            bundles(&[("example.org", &root)]),
+            Authorizer::Any,
+            &crypto::provider(),
+            true,
+        );
+        v.verify_client_cert(&l, std::slice::from_ref(&inter.der), at(0))
+            .unwrap();
+        let e = v
+            .verify_client_cert(&l, std::slice::from_ref(&inter.der), at(45 * 60))
+            .unwrap_err();
+        assert_eq!(classify(&e), "expired");
+        let e = v.verify_client_cert(&l, &[], at(0)).unwrap_err();
+        assert_eq!(classify(&e), "unknown_ca", "intermediate missing");
     }
 }

@@ -42,6 +42,14 @@ impl SidecarCli {
 
 async fn run(path: PathBuf, check: bool) -> anyhow::Result<()> {
     let v = Config::load(&path)?.validate(std::env::var(ENDPOINT_ENV).ok())?;
+    if v.config.max_connections.is_some() {
+        tracing::warn!(
+            inbound = v.limits.inbound,
+            outbound = v.limits.outbound,
+            "max_connections is deprecated: it now sets both max_inbound_connections and \
+             max_outbound_connections (separate budgets); set those instead"
+        );
+    }
     if check {
         println!(
             "config ok: {} inbound, {} outbound listener(s)",

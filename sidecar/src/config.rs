@@ -6,9 +6,11 @@
 //! spiffe_id = "spiffe://example.org/web"                # which SVID to present (default: first)
 //! allow_tls12 = false
 //! tls_key_exchange = "hybrid-preferred" # or "hybrid-required", "classical"
-//! handshake_timeout = "10s"
+//! handshake_timeout = "10s"       # deadline for a TLS handshake, in and out
 //! connect_timeout = "5s"
-//! max_connections = 10000
+//! max_inbound_connections = 10000 # open inbound connections, handshaking ones included
+//! max_outbound_connections = 10000
+//! max_pending_handshakes = 1024   # inbound connections still in their handshake
 //! drain_timeout = "30s"
 //!
 //! [[inbound]]
@@ -137,9 +139,23 @@ pub struct Config {
     /// Time allowed to connect to `forward_to` or `upstream`.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Maximum open proxied connections (all listeners together).
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
+    /// Open inbound connections (all inbound listeners together, those
+    /// still handshaking included); beyond it new ones are closed at accept.
+    #[serde(default)]
+    pub max_inbound_connections: Option<usize>,
+    /// Open outbound connections (all outbound listeners together); beyond
+    /// it new ones are closed at accept.
+    #[serde(default)]
+    pub max_outbound_connections: Option<usize>,
+    /// Inbound connections accepted but still in their TLS handshake (each
+    /// bounded by `handshake_timeout`); beyond it new ones are closed at
+    /// accept, so idle or slow peers cannot hold the inbound budget.
+    #[serde(default = "default_max_pending_handshakes")]
+    pub max_pending_handshakes: usize,
+    /// Deprecated: the default of both `max_inbound_connections` and
+    /// `max_outbound_connections` (it used to be one budget for both).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
     /// On SIGTERM, how long to wait for open connections before exiting.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -157,16 +173,31 @@ fn default_handshake_timeout() -> Duration {
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
-fn default_max_connections() -> usize {
-    10_000
+/// Default of `max_inbound_connections` and `max_outbound_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+fn default_max_pending_handshakes() -> usize {
+    1024
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
+/// Connection budgets, resolved from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `max_inbound_connections`.
+    pub inbound: usize,
+    /// `max_outbound_connections`.
+    pub outbound: usize,
+    /// `max_pending_handshakes`.
+    pub pending_handshakes: usize,
+}
+
 /// A validated configuration with parsed policies.
 #[derive(Debug, Clone)]
 pub struct Validated {
+    /// Connection budgets.
+    pub limits: Limits,
     /// The raw configuration.
     pub config: Config,
     /// Workload API endpoint (`unix:///…`), resolved from the env if unset.
@@ -200,8 +231,21 @@ impl Config {
         if self.inbound.is_empty() && self.outbound.is_empty() {
             return Err(bad("no [[inbound]] or [[outbound]] listener".into()));
         }
-        if self.max_connections == 0 {
-            return Err(bad("max_connections must be at least 1".into()));
+        let default = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let limits = Limits {
+            inbound: self.max_inbound_connections.unwrap_or(default),
+            outbound: self.max_outbound_connections.unwrap_or(default),
+            pending_handshakes: self.max_pending_handshakes,
+        };
+        for (key, v) in [
+            ("max_connections", self.max_connections.unwrap_or(1)),
+            ("max_inbound_connections", limits.inbound),
+            ("max_outbound_connections", limits.outbound),
+            ("max_pending_handshakes", limits.pending_handshakes),
+        ] {
+            if v == 0 {
+                return Err(bad(format!("{key} must be at least 1")));
+            }
         }
         if self.handshake_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err(bad("timeouts must be greater than zero".into()));
@@ -273,6 +317,7 @@ impl Config {
             server_ids.push(id);
         }
         Ok(Validated {
+            limits,
             config: self,
             endpoint,
             spiffe_id,
@@ -351,6 +396,56 @@ server_id = "spiffe://td/db"
         assert_eq!(v.server_ids[0].to_string(), "spiffe://td/db");
         assert_eq!(v.endpoint.as_deref(), Some("unix:///run/agent.sock"));
         assert!(!v.config.allow_tls12);
+        assert_eq!(
+            v.limits,
+            Limits {
+                inbound: DEFAULT_MAX_CONNECTIONS,
+                outbound: DEFAULT_MAX_CONNECTIONS,
+                pending_handshakes: 1024
+            }
+        );
+    }
+
+    #[test]
+    fn connection_budgets_per_direction() {
+        let with = |extra: &str| {
+            Config::parse(&format!(
+                "{extra}
+{GOOD}"
+            ))
+            .unwrap()
+            .validate(None)
+        };
+        let v = with(
+            "max_inbound_connections = 10
+max_outbound_connections = 20
+max_pending_handshakes = 3",
+        )
+        .unwrap();
+        assert_eq!(
+            v.limits,
+            Limits {
+                inbound: 10,
+                outbound: 20,
+                pending_handshakes: 3
+            }
+        );
+        // The old single key still works as the default of both.
+        let v = with(
+            "max_connections = 50
+max_outbound_connections = 7",
+        )
+        .unwrap();
+        assert_eq!((v.limits.inbound, v.limits.outbound), (50, 7));
+        for zero in [
+            "max_connections = 0",
+            "max_inbound_connections = 0",
+            "max_outbound_connections = 0",
+            "max_pending_handshakes = 0",
+        ] {
+            let err = with(zero).unwrap_err().to_string();
+            assert!(err.contains(zero.split(' ').next().unwrap()), "{err}");
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! against the first inbound listener with the current SVID) and
 //! `/metrics` (Prometheus text).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -12,7 +13,7 @@ use axum::routing::get;
 use meshid_identity::SvidInfo;
 use rustls_pki_types::ServerName;
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsConnector;
 
 use crate::Shared;
@@ -61,7 +62,9 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 /// Checks readiness: an SVID is installed and, if there is an inbound
 /// listener, a full (never resumed) mTLS handshake with it succeeds in both
-/// directions and the listener presents the current SVID.
+/// directions and the listener presents the current SVID. Probe connections
+/// are exempt from the inbound budgets (at most [`crate::Probes::MAX`] at
+/// once), so a flood of idle peers does not make the sidecar look unready.
 pub async fn probe(shared: &Shared) -> Result<SvidInfo, String> {
     let snap = shared
         .identity
@@ -71,7 +74,27 @@ pub async fn probe(shared: &Shared) -> Result<SvidInfo, String> {
         return Ok(snap.svid.clone());
     };
     let t = shared.handshake_timeout;
-    let tcp = tokio::time::timeout(t, TcpStream::connect(target))
+    let _slot = tokio::time::timeout(t, shared.probes.slots.acquire())
+        .await
+        .map_err(|_| "too many readiness probes at once".to_string())?
+        .map_err(|e| e.to_string())?;
+    // The listener exempts our probes from its connection budgets by their
+    // source address, so bind before connecting and register it.
+    let socket = if target.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .and_then(|s| {
+        s.bind(SocketAddr::new(target.ip(), 0))?;
+        Ok(s)
+    })
+    .map_err(|e| format!("probe socket: {e}"))?;
+    let source = socket
+        .local_addr()
+        .map_err(|e| format!("probe socket: {e}"))?;
+    let _registered = shared.probes.register(source);
+    let tcp = tokio::time::timeout(t, socket.connect(target))
         .await
         .map_err(|_| format!("connect {target}: timeout"))?
         .map_err(|e| format!("connect {target}: {e}"))?;

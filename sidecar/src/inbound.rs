@@ -9,22 +9,24 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http_body_util::Either;
+use hyper::HeaderMap;
 use hyper::body::Incoming;
-use hyper::header::HeaderValue;
+use hyper::header::{
+    CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TRAILER, TRANSFER_ENCODING,
+};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use meshid_identity::SvidInfo;
 use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::{Inbound, Mode};
 use crate::identity::PROBE_SNI;
 use crate::metrics::{ByteLabels, DirLabels, Direction};
-use crate::{COPY_BUFFER, Shared, classify_io};
+use crate::{Admission, COPY_BUFFER, Shared, classify_io};
 
 /// The header carrying the peer's SPIFFE ID to the application.
 pub const SPIFFE_ID_HEADER: &str = "x-spiffe-id";
@@ -50,16 +52,11 @@ impl InboundCtx {
     }
 }
 
-/// Accepts until shutdown; each connection runs in its own task.
+/// Accepts until shutdown; each connection runs in its own task. Accepting
+/// never waits for a budget: a connection beyond one is closed at once and
+/// counted ([`Shared::admit`]).
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, ctx: Arc<InboundCtx>) {
     loop {
-        let permit = tokio::select! {
-            p = shared.limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            () = shared.shutdown.cancelled() => return,
-        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -72,10 +69,33 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, ctx: Arc<InboundC
             },
             () = shared.shutdown.cancelled() => return,
         };
+        let Ok(admission) = shared.admit(Direction::Inbound, peer) else {
+            // Dropping the socket closes it; `admit` counted and logged.
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         shared
             .tracker
-            .spawn(handle(shared.clone(), ctx.clone(), tcp, peer, permit));
+            .spawn(handle(shared.clone(), ctx.clone(), tcp, peer, admission));
+    }
+}
+
+/// Logs a refused or failed inbound handshake, at most once per kind and
+/// [`crate::LogLimiter::INTERVAL`] (every one is counted in the metrics).
+fn log_refusal(
+    shared: &Shared,
+    peer: SocketAddr,
+    (outcome, detail): (&'static str, &'static str),
+    resumed: bool,
+    msg: &str,
+) {
+    let Some(suppressed) = shared.log_limiter.check(outcome, detail) else {
+        return;
+    };
+    if resumed {
+        tracing::info!(%peer, error = msg, outcome, suppressed, "inbound resumed session refused");
+    } else {
+        tracing::info!(%peer, error = msg, outcome, suppressed, "inbound handshake failed");
     }
 }
 
@@ -84,8 +104,12 @@ async fn handle(
     ctx: Arc<InboundCtx>,
     tcp: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    admission: Admission,
 ) {
+    let Admission {
+        connection: _connection,
+        pending,
+    } = admission;
     let m = &shared.metrics;
     if shared.identity.current().is_none() {
         // Not ready: close before any TLS byte, the client sees a reset/EOF.
@@ -93,7 +117,11 @@ async fn handle(
         return;
     }
     let local = tcp.local_addr().ok();
+    // The first bytes, to name plaintext HTTP when the handshake fails.
+    let mut first = [0u8; 8];
+    let mut first_len = 0;
     let hs = async {
+        first_len = tcp.peek(&mut first).await?;
         let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
         let probe = start.client_hello().server_name() == Some(PROBE_SNI);
         // Load the snapshot at ClientHello time: the newest SVID and policy.
@@ -109,25 +137,38 @@ async fn handle(
             }
         };
         let stream = start.into_stream(cfg).await?;
-        Ok((stream, probe))
+        Ok((stream, probe, snap))
     };
-    let (mut tls, probe) = match tokio::time::timeout(shared.handshake_timeout, hs).await {
+    let res = tokio::time::timeout(shared.handshake_timeout, hs).await;
+    drop(pending);
+    let (mut tls, probe, snap) = match res {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
+            let detail = crate::failure_detail(&e);
+            if detail == "not_tls" && crate::looks_like_http(&first[..first_len.min(first.len())]) {
+                m.handshake(Direction::Inbound, "plaintext_http");
+                let msg = "plaintext HTTP on an mTLS port: the caller must use mTLS (e.g. through its outbound sidecar)";
+                log_refusal(&shared, peer, ("plaintext_http", detail), false, msg);
+                return;
+            }
             let outcome = classify_io(&e);
             m.handshake(Direction::Inbound, outcome);
-            // A refused peer certificate is worth an operator's eye; garbage
-            // and port scans ("other") only count in the metrics.
-            if outcome == "other" {
-                tracing::debug!(%peer, error = %crate::describe_io(&e), outcome, "inbound handshake failed");
-            } else {
-                tracing::info!(%peer, error = %crate::describe_io(&e), outcome, "inbound handshake failed");
-            }
+            log_refusal(
+                &shared,
+                peer,
+                (outcome, detail),
+                false,
+                &crate::describe_io(&e),
+            );
             return;
         }
         Err(_) => {
             m.handshake(Direction::Inbound, "timeout");
-            tracing::debug!(%peer, "inbound handshake timed out");
+            let msg = format!(
+                "no complete TLS handshake within handshake_timeout ({:?})",
+                shared.handshake_timeout
+            );
+            log_refusal(&shared, peer, ("timeout", "timeout"), false, &msg);
             return;
         }
     };
@@ -136,12 +177,35 @@ async fn handle(
         let _ = tls.shutdown().await;
         return;
     }
-    let Some(peer_id) = peer_spiffe_id(&tls) else {
-        // The verifier admitted the peer, so this cannot happen.
-        m.handshake(Direction::Inbound, "other");
-        return;
-    };
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let peer_id = if resumed {
+        // The ticket carried the peer's chain; hold it to today's rules
+        // before a byte is forwarded.
+        let now = shared.identity.current().unwrap_or(snap);
+        let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+        match now.reverify_resumed(ctx.idx, chain) {
+            Ok(id) => id.to_string(),
+            Err(e) => {
+                let outcome = meshid_identity::verify::classify(&e);
+                m.handshake(Direction::Inbound, outcome);
+                log_refusal(
+                    &shared,
+                    peer,
+                    (outcome, "resumed"),
+                    true,
+                    &meshid_identity::verify::describe(&e),
+                );
+                return;
+            }
+        }
+    } else {
+        let Some(id) = peer_spiffe_id(&tls) else {
+            // The verifier admitted the peer, so this cannot happen.
+            m.handshake(Direction::Inbound, "other");
+            return;
+        };
+        id
+    };
     m.handshake(Direction::Inbound, if resumed { "resumed" } else { "ok" });
     m.key_exchange(
         Direction::Inbound,
@@ -277,7 +341,7 @@ async fn forward_http(
         hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let headers = req.headers_mut();
             // Whatever the client claims is replaced by what TLS proved.
-            headers.remove(SPIFFE_ID_HEADER);
+            sanitize_request_headers(headers);
             headers.insert(SPIFFE_ID_HEADER, id_value.clone());
             let upstream = upstream.clone();
             let shared = shared.clone();
@@ -350,6 +414,80 @@ async fn forward_http(
     );
 }
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1) a proxy never forwards, besides
+/// those named in `Connection`.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+];
+
+/// Whether `name` would reach an application as the identity header: equal to
+/// [`SPIFFE_ID_HEADER`] once lower-cased with `_` read as `-` (CGI, WSGI and
+/// many frameworks map both to the same variable, e.g. `HTTP_X_SPIFFE_ID`).
+pub fn is_identity_lookalike(name: &str) -> bool {
+    name.len() == SPIFFE_ID_HEADER.len()
+        && name
+            .bytes()
+            .map(|b| {
+                if b == b'_' {
+                    b'-'
+                } else {
+                    b.to_ascii_lowercase()
+                }
+            })
+            .eq(SPIFFE_ID_HEADER.bytes())
+}
+
+/// Removes from a request everything that could pass for the peer's identity
+/// or must not cross a proxy: every look-alike of the identity header, every
+/// header named in `Connection` (except `host` and the message framing,
+/// which the proxy rewrites itself), the standard hop-by-hop headers, and
+/// identity look-alikes declared in `Trailer` (only declared trailers are
+/// forwarded, so identity trailers never reach the application).
+pub fn sanitize_request_headers(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+        .filter(|n| *n != HOST && *n != CONTENT_LENGTH && *n != TRANSFER_ENCODING)
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(*n);
+    }
+    let lookalikes: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_identity_lookalike(k.as_str()))
+        .cloned()
+        .collect();
+    for n in lookalikes {
+        headers.remove(n);
+    }
+    // Keep only the declared trailers that are not identity look-alikes.
+    if headers.contains_key(TRAILER) {
+        let kept: Vec<String> = headers
+            .get_all(TRAILER)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .filter(|n| !is_identity_lookalike(n.as_str()))
+            .map(|n| n.as_str().to_string())
+            .collect();
+        headers.remove(TRAILER);
+        if let Ok(v) = HeaderValue::from_str(&kept.join(", "))
+            && !kept.is_empty()
+        {
+            headers.insert(TRAILER, v);
+        }
+    }
+}
+
 /// Bytes read from and written to the TLS peer.
 #[derive(Debug, Default)]
 struct Counts {
@@ -396,5 +534,93 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<String> {
+        let mut v: Vec<String> = h.keys().map(|k| k.as_str().to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn lookalikes_of_the_identity_header() {
+        for yes in ["x-spiffe-id", "X_SPIFFE_ID", "x_spiffe-id", "X-Spiffe_Id"] {
+            assert!(is_identity_lookalike(yes), "{yes}");
+        }
+        for no in [
+            "x-spiffe-ids",
+            "x-spiffe",
+            "xspiffe-id",
+            "x-spiffe-id-",
+            "spiffe-id",
+            "",
+        ] {
+            assert!(!is_identity_lookalike(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn sanitize_removes_lookalikes_connection_named_and_hop_by_hop() {
+        let mut h = map(&[
+            ("host", "app"),
+            ("x_spiffe_id", "forged"),
+            ("x-spiffe_id", "forged"),
+            ("x-spiffe-id", "forged"),
+            ("connection", "keep-alive, X-Admin , ,x-other"),
+            ("connection", "host, content-length, transfer-encoding"),
+            ("x-admin", "1"),
+            ("x-other", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("content-length", "5"),
+            ("x-request-id", "7"),
+        ]);
+        sanitize_request_headers(&mut h);
+        assert_eq!(names(&h), ["content-length", "host", "x-request-id"]);
+    }
+
+    #[test]
+    fn sanitize_keeps_only_non_identity_trailers() {
+        let mut h = map(&[
+            ("trailer", "X_Spiffe_Id, x-checksum"),
+            ("trailer", "x-spiffe-id"),
+        ]);
+        sanitize_request_headers(&mut h);
+        assert_eq!(h.get_all(TRAILER).iter().count(), 1);
+        assert_eq!(h.get(TRAILER).unwrap(), "x-checksum");
+        let mut h = map(&[("trailer", "x-spiffe-id")]);
+        sanitize_request_headers(&mut h);
+        assert!(h.get(TRAILER).is_none());
+    }
+
+    #[test]
+    fn sanitize_survives_non_utf8_connection_values() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_bytes(b"x-a, \xff\xfe").unwrap(),
+        );
+        h.insert("x-a", HeaderValue::from_static("1"));
+        sanitize_request_headers(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 }

@@ -53,6 +53,16 @@ pub struct DirLabels {
     pub direction: Direction,
 }
 
+/// Labels for refused connections.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// inbound/outbound.
+    pub direction: Direction,
+    /// `connections` (the direction's connection budget is spent) or
+    /// `pending_handshakes` (too many inbound connections still handshaking).
+    pub reason: &'static str,
+}
+
 /// Labels for byte counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByteLabels {
@@ -83,6 +93,18 @@ pub struct Metrics {
     pub svid_not_after: Gauge,
     /// SVID updates applied (the first one included).
     pub rotations: Counter,
+    /// Connections closed at accept because a budget was spent.
+    pub refused: Family<RefusedLabels, Counter>,
+    /// Connections accepted and still in their TLS handshake.
+    pub pending_handshakes: Family<DirLabels, Gauge>,
+    /// Workload API updates whose bundle would not verify the sidecar's own
+    /// SVID: the last good bundle was kept.
+    pub bundle_updates_refused: Counter,
+    /// Workload API updates refused whole: the SVID verified against neither
+    /// the new nor the last good bundle.
+    pub svid_updates_refused: Counter,
+    /// Trust-bundle roots dropped because they were past their notAfter.
+    pub expired_roots_pruned: Counter,
 }
 
 impl Default for Metrics {
@@ -105,6 +127,11 @@ impl Metrics {
         let dial_errors = Family::<DirLabels, Counter>::default();
         let svid_not_after = Gauge::default();
         let rotations = Counter::default();
+        let refused = Family::<RefusedLabels, Counter>::default();
+        let pending_handshakes = Family::<DirLabels, Gauge>::default();
+        let bundle_updates_refused = Counter::default();
+        let svid_updates_refused = Counter::default();
+        let expired_roots_pruned = Counter::default();
         registry.register(
             "tls_handshakes",
             "TLS handshakes by direction and outcome",
@@ -137,6 +164,31 @@ impl Metrics {
             svid_not_after.clone(),
         );
         registry.register("svid_rotations", "SVID updates applied", rotations.clone());
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept because a connection budget was spent",
+            refused.clone(),
+        );
+        registry.register(
+            "pending_handshakes",
+            "Accepted connections still in their TLS handshake",
+            pending_handshakes.clone(),
+        );
+        registry.register(
+            "bundle_updates_refused",
+            "Bundle updates that would not verify the sidecar's own SVID (last good bundle kept)",
+            bundle_updates_refused.clone(),
+        );
+        registry.register(
+            "svid_updates_refused",
+            "Workload API updates refused because the SVID does not verify",
+            svid_updates_refused.clone(),
+        );
+        registry.register(
+            "expired_roots_pruned",
+            "Trust-bundle roots dropped because they were past their notAfter",
+            expired_roots_pruned.clone(),
+        );
         Self {
             registry,
             handshakes,
@@ -147,6 +199,11 @@ impl Metrics {
             dial_errors,
             svid_not_after,
             rotations,
+            refused,
+            pending_handshakes,
+            bundle_updates_refused,
+            svid_updates_refused,
+            expired_roots_pruned,
         }
     }
 
@@ -168,6 +225,13 @@ impl Metrics {
                 direction,
                 group: meshid_identity::crypto::group_label(group),
             })
+            .inc();
+    }
+
+    /// Counts one connection refused at accept.
+    pub fn count_refused(&self, direction: Direction, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels { direction, reason })
             .inc();
     }
 

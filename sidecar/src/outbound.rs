@@ -7,12 +7,11 @@ use std::time::Instant;
 
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Outbound, split_host_port};
 use crate::metrics::{ByteLabels, DirLabels, Direction};
-use crate::{COPY_BUFFER, Shared, classify_io};
+use crate::{Admission, COPY_BUFFER, Shared, classify_io};
 
 /// One outbound listener's settings.
 #[derive(Debug)]
@@ -41,16 +40,11 @@ impl OutboundCtx {
     }
 }
 
-/// Accepts until shutdown; each connection runs in its own task.
+/// Accepts until shutdown; each connection runs in its own task. A
+/// connection beyond `max_outbound_connections` is closed at once and
+/// counted ([`Shared::admit`]).
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, ctx: Arc<OutboundCtx>) {
     loop {
-        let permit = tokio::select! {
-            p = shared.limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            () = shared.shutdown.cancelled() => return,
-        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -62,10 +56,14 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, ctx: Arc<Outbound
             },
             () = shared.shutdown.cancelled() => return,
         };
+        let Ok(admission) = shared.admit(Direction::Outbound, peer) else {
+            // Dropping the socket closes it; `admit` counted and logged.
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         shared
             .tracker
-            .spawn(handle(shared.clone(), ctx.clone(), tcp, peer, permit));
+            .spawn(handle(shared.clone(), ctx.clone(), tcp, peer, admission));
     }
 }
 
@@ -74,8 +72,12 @@ async fn handle(
     ctx: Arc<OutboundCtx>,
     mut local: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    admission: Admission,
 ) {
+    let Admission {
+        connection: _connection,
+        pending,
+    } = admission;
     let m = &shared.metrics;
     let dir = DirLabels {
         direction: Direction::Outbound,
@@ -105,7 +107,9 @@ async fn handle(
     };
     let _ = up.set_nodelay(true);
     let connect = TlsConnector::from(cfg).connect(ctx.server_name.clone(), up);
-    let mut tls = match tokio::time::timeout(shared.handshake_timeout, connect).await {
+    let res = tokio::time::timeout(shared.handshake_timeout, connect).await;
+    drop(pending);
+    let mut tls = match res {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let outcome = classify_io(&e);
@@ -120,6 +124,24 @@ async fn handle(
         }
     };
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if resumed
+        && let Some(snap) = shared.identity.current()
+        && let Err(e) = snap.reverify_resumed_upstream(
+            ctx.idx,
+            tls.get_ref().1.peer_certificates().unwrap_or_default(),
+        )
+    {
+        // The session cache held an upstream chain that no longer passes.
+        let outcome = meshid_identity::verify::classify(&e);
+        m.handshake(Direction::Outbound, outcome);
+        tracing::warn!(
+            upstream = ctx.upstream,
+            error = %meshid_identity::verify::describe(&e),
+            outcome,
+            "outbound resumed session refused"
+        );
+        return;
+    }
     m.handshake(Direction::Outbound, if resumed { "resumed" } else { "ok" });
     m.key_exchange(
         Direction::Outbound,
