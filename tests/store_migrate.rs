@@ -40,13 +40,14 @@ fn reported_rows(out: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-const TABLES: [&str; 6] = [
+const TABLES: [&str; 7] = [
     "entries",
     "agents",
     "bundles",
     "join_tokens",
     "ca_journal",
     "issued_certs",
+    "audit_seals",
 ];
 
 fn target_rows(srv: &pg::PgServer, db: &str) -> BTreeMap<String, u64> {

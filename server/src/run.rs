@@ -186,10 +186,14 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     }
     audit
         .record(vec![
-            Event::new("server_started")
-                .with("owner", ca.owner().to_string())
-                .with("ca", ca.signer().id().to_string())
-                .with("jwt_kid", ca.jwt_signer().kid().to_string()),
+            Event::new(if ca.created_at_start() {
+                "ca_created"
+            } else {
+                "ca_loaded"
+            })
+            .with("owner", ca.owner().to_string())
+            .with("ca", ca.signer().id().to_string())
+            .with("jwt_kid", ca.jwt_signer().kid().to_string()),
         ])
         .await?;
     let (changes, _) = tokio::sync::watch::channel(0u64);

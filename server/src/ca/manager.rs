@@ -83,6 +83,9 @@ pub struct CaManager {
     x509: ArcSwap<SigningCa>,
     jwt: ArcSwap<JwtSigner>,
     lock: Mutex<()>,
+    /// Whether start-up had to make the X.509 CA (first start, or the old
+    /// one expired while the server was down).
+    created: bool,
 }
 
 impl std::fmt::Debug for CaManager {
@@ -154,6 +157,7 @@ impl CaManager {
             }
         };
         let journal = store.list_authorities().await?;
+        let mut created = false;
         for kind in [X509, JWT] {
             let mine = own(&journal, &owner, kind);
             let plan = schedule::plan(&mine, &|_| 0, unix(now), &boot(kind));
@@ -161,6 +165,7 @@ impl CaManager {
                 match step {
                     Step::Bootstrap => {
                         bootstrap(cfg, kind, &owner, &keys, &store, &audit, now).await?;
+                        created |= kind == X509;
                     }
                     Step::Activate(id) => {
                         activate_rows(
@@ -205,9 +210,15 @@ impl CaManager {
             x509: ArcSwap::from_pointee(x509),
             jwt: ArcSwap::from_pointee(jwt),
             lock: Mutex::new(()),
+            created,
         });
         m.refresh_gauges(&journal);
         Ok(m)
+    }
+
+    /// Whether start-up made the X.509 CA rather than loading it.
+    pub fn created_at_start(&self) -> bool {
+        self.created
     }
 
     /// The X.509 CA that signs now.

@@ -100,13 +100,15 @@ pub fn removal_time(a: &Authority, last_signed_not_after: i64, policy: &Policy) 
         last_signed_not_after
     };
     // A short grace after retirement covers a signing call that took the
-    // authority just before it was retired and is still being journaled.
+    // authority just before it was retired and is still being journaled;
+    // and it is gone from the bundle a second before it expires at the
+    // latest.
     dependents
         .max(
             a.retired_at
                 .saturating_add(super::x509svid::BACKDATE.as_secs() as i64),
         )
-        .min(a.not_after)
+        .min(a.not_after - 1)
 }
 
 /// When a prepared authority becomes active, given the active one.
