@@ -65,6 +65,18 @@ fn response(o: Outcome, dry_run: bool) -> AuthorityActionResponse {
     }
 }
 
+/// Maps the manager's result, republishes the bundle after a real change
+/// (which the sync streams push to every agent), and builds the answer.
+async fn finish(
+    st: &ServerState,
+    outcome: Result<Outcome, CaError>,
+    dry_run: bool,
+) -> Result<AuthorityActionResponse, Status> {
+    let o = outcome.map_err(ca_status)?;
+    republish(st, dry_run).await?;
+    Ok(response(o, dry_run))
+}
+
 async fn republish(st: &ServerState, dry_run: bool) -> Result<(), Status> {
     if dry_run {
         return Ok(());
@@ -113,13 +125,15 @@ pub async fn prepare(
     st: &Arc<ServerState>,
     r: AuthorityActionRequest,
 ) -> Result<AuthorityActionResponse, Status> {
-    let o = st
-        .ca
-        .prepare(kind(&r.kind)?, r.upstream_csr, r.dry_run)
-        .await
-        .map_err(ca_status)?;
-    republish(st, r.dry_run).await?;
-    Ok(response(o, r.dry_run))
+    let dry_run = r.dry_run;
+    finish(
+        st,
+        st.ca
+            .prepare(kind(&r.kind)?, r.upstream_csr, r.dry_run)
+            .await,
+        dry_run,
+    )
+    .await
 }
 
 /// `ActivateAuthority`.
@@ -127,13 +141,13 @@ pub async fn activate(
     st: &Arc<ServerState>,
     r: AuthorityActionRequest,
 ) -> Result<AuthorityActionResponse, Status> {
-    let o = st
-        .ca
-        .activate(kind(&r.kind)?, &r.id, r.dry_run)
-        .await
-        .map_err(ca_status)?;
-    republish(st, r.dry_run).await?;
-    Ok(response(o, r.dry_run))
+    let dry_run = r.dry_run;
+    finish(
+        st,
+        st.ca.activate(kind(&r.kind)?, &r.id, r.dry_run).await,
+        dry_run,
+    )
+    .await
 }
 
 /// `RetireAuthority`.
@@ -142,13 +156,13 @@ pub async fn retire(
     r: AuthorityActionRequest,
 ) -> Result<AuthorityActionResponse, Status> {
     require_id(&r)?;
-    let o = st
-        .ca
-        .retire(kind(&r.kind)?, &r.id, r.dry_run)
-        .await
-        .map_err(ca_status)?;
-    republish(st, r.dry_run).await?;
-    Ok(response(o, r.dry_run))
+    let dry_run = r.dry_run;
+    finish(
+        st,
+        st.ca.retire(kind(&r.kind)?, &r.id, r.dry_run).await,
+        dry_run,
+    )
+    .await
 }
 
 /// `TaintAuthority`.
@@ -157,13 +171,13 @@ pub async fn taint(
     r: AuthorityActionRequest,
 ) -> Result<AuthorityActionResponse, Status> {
     require_id(&r)?;
-    let o = st
-        .ca
-        .taint(kind(&r.kind)?, &r.id, r.dry_run)
-        .await
-        .map_err(ca_status)?;
-    republish(st, r.dry_run).await?;
-    Ok(response(o, r.dry_run))
+    let dry_run = r.dry_run;
+    finish(
+        st,
+        st.ca.taint(kind(&r.kind)?, &r.id, r.dry_run).await,
+        dry_run,
+    )
+    .await
 }
 
 /// `RevokeAuthority`.
