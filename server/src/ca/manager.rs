@@ -69,8 +69,11 @@ pub struct Readiness {
     pub warnings: Vec<String>,
 }
 
-/// Owns this server's authorities.
-pub struct CaManager {
+/// This server's authorities in the journal and the transitions between
+/// their states: everything the manager does except hold the signers in
+/// use, so that start-up runs the very same transitions before any signer
+/// exists.
+pub struct Lifecycle {
     trust_domain: String,
     owner: String,
     keys: KeyDir,
@@ -80,12 +83,26 @@ pub struct CaManager {
     x509_policy: Policy,
     jwt_policy: Policy,
     upstream: Option<crate::config::UpstreamConfig>,
+}
+
+/// Owns this server's authorities: their [`Lifecycle`] (reached through
+/// `Deref`), the signers in use, and the lock every transition runs under.
+pub struct CaManager {
+    life: Lifecycle,
     x509: ArcSwap<SigningCa>,
     jwt: ArcSwap<JwtSigner>,
     lock: Mutex<()>,
     /// Whether start-up had to make the X.509 CA (first start, or the old
     /// one expired while the server was down).
     created: bool,
+}
+
+impl std::ops::Deref for CaManager {
+    type Target = Lifecycle;
+
+    fn deref(&self) -> &Lifecycle {
+        &self.life
+    }
 }
 
 impl std::fmt::Debug for CaManager {
@@ -141,45 +158,36 @@ impl CaManager {
         if own(&journal, &owner, JWT).is_empty() {
             import_legacy_jwt(cfg, &owner, &keys, &store, &audit, now).await?;
         }
-        // Bootstrap what is missing, or replace what expired while down.
-        let x509_policy = cfg.x509_policy();
-        let jwt_policy = cfg.jwt_policy();
-        let upstream = cfg.upstream.clone();
-        let boot = |kind: &str| {
-            let p = if kind == X509 {
-                x509_policy
-            } else {
-                jwt_policy
-            };
-            Policy {
-                can_prepare: kind == JWT || upstream.as_ref().is_none_or(|u| u.has_key()),
-                ..p
-            }
+        let life = Lifecycle {
+            trust_domain: cfg.trust_domain.clone(),
+            owner,
+            keys,
+            store,
+            audit,
+            metrics,
+            x509_policy: cfg.x509_policy(),
+            jwt_policy: cfg.jwt_policy(),
+            upstream: cfg.upstream.clone(),
         };
-        let journal = store.list_authorities().await?;
+        // Make what is missing, or replace what expired while the server was
+        // down, with the transitions the CA loop uses; at start-up an
+        // authority is made even when automatic rotation is off.
+        let journal = life.store.list_authorities().await?;
         let mut created = false;
         for kind in [X509, JWT] {
-            let mine = own(&journal, &owner, kind);
-            let plan = schedule::plan(&mine, &|_| 0, unix(now), &boot(kind));
-            for step in plan.due {
+            let boot = Policy {
+                can_prepare: kind == JWT || life.upstream.as_ref().is_none_or(|u| u.has_key()),
+                ..*life.policy(kind)
+            };
+            let mine = own(&journal, &life.owner, kind);
+            for step in schedule::plan(&mine, &|_| 0, unix(now), &boot).due {
                 match step {
                     Step::Bootstrap => {
-                        bootstrap(cfg, kind, &owner, &keys, &store, &audit, now).await?;
+                        life.prepare_locked(kind, false, now, true).await?;
                         created |= kind == X509;
                     }
                     Step::Activate(id) => {
-                        activate_rows(
-                            &store,
-                            &own(&store.list_authorities().await?, &owner, kind),
-                            &id,
-                            now,
-                        )
-                        .await?;
-                        audit_write(
-                            &audit,
-                            Event::new("ca_activated").with("kind", kind).with("id", id),
-                        )
-                        .await?;
+                        life.activate_locked(kind, &id, now).await?;
                     }
                     Step::NeedsOperator => {
                         return Err(CaError::Refused(
@@ -194,19 +202,16 @@ impl CaManager {
                 }
             }
         }
-        let journal = store.list_authorities().await?;
-        let x509 = load_signer_x509(&cfg.trust_domain, &own(&journal, &owner, X509), &keys, now)?;
-        let jwt = load_signer_jwt(&own(&journal, &owner, JWT), &keys)?;
+        let journal = life.store.list_authorities().await?;
+        let x509 = load_signer_x509(
+            &life.trust_domain,
+            &own(&journal, &life.owner, X509),
+            &life.keys,
+            now,
+        )?;
+        let jwt = load_signer_jwt(&own(&journal, &life.owner, JWT), &life.keys)?;
         let m = Arc::new(Self {
-            trust_domain: cfg.trust_domain.clone(),
-            owner,
-            keys,
-            store,
-            audit,
-            metrics,
-            x509_policy,
-            jwt_policy,
-            upstream: cfg.upstream.clone(),
+            life,
             x509: ArcSwap::from_pointee(x509),
             jwt: ArcSwap::from_pointee(jwt),
             lock: Mutex::new(()),
@@ -244,16 +249,6 @@ impl CaManager {
     /// The journal (every server's authorities).
     pub async fn journal(&self) -> Result<Vec<Authority>, CaError> {
         Ok(self.store.list_authorities().await?)
-    }
-
-    async fn live_counts(&self, now: i64) -> Result<HashMap<String, (i64, i64)>, CaError> {
-        Ok(self
-            .store
-            .issued_summary(now)
-            .await?
-            .into_iter()
-            .map(|s| (s.ca_id, (s.live, s.last_not_after)))
-            .collect())
     }
 
     /// Live certificate count and latest notAfter per authority.
@@ -311,31 +306,25 @@ impl CaManager {
         }
     }
 
-    fn count(&self, kind: &str, transition: &'static str) {
-        self.metrics.ca_transition(kind, transition);
-    }
-
-    fn policy(&self, kind: &str) -> &Policy {
-        if kind == JWT {
-            &self.jwt_policy
-        } else {
-            &self.x509_policy
-        }
-    }
-
     /// Runs the transitions due now. Returns the plan's next transition and
     /// whether anything changed (the bundle must then be republished).
     pub async fn tick(&self, now: SystemTime) -> Result<(Option<(i64, String)>, bool), CaError> {
         let _g = self.lock.lock().await;
         let mut changed = false;
         let mut next: Option<(i64, String)> = None;
-        for kind in [X509, JWT] {
-            // Plan again after acting: one transition can make the next one
-            // due (or schedule it), and the returned time must be the real
-            // next one, or the loop would sleep past it.
-            for _round in 0..4 {
-                let journal = self.store.list_authorities().await?;
-                let live = self.live_counts(unix(now)).await?;
+        // Plan again after acting: one transition can make the next one due
+        // (or schedule it), and the returned time must be the real next one,
+        // or the loop would sleep past it. The journal and the issued
+        // summary are read once per round, for both kinds; a quiet tick is
+        // one round (two reads).
+        let mut settled = [false; 2];
+        for _round in 0..4 {
+            let journal = self.store.list_authorities().await?;
+            let live = self.live_counts(unix(now)).await?;
+            for (k, kind) in [X509, JWT].into_iter().enumerate() {
+                if settled[k] {
+                    continue;
+                }
                 let mine = own(&journal, &self.owner, kind);
                 let Plan { due, next: n } = schedule::plan(
                     &mine,
@@ -352,34 +341,7 @@ impl CaManager {
                 }
                 let mut failed = false;
                 for step in due {
-                    let r = match &step {
-                        Step::Bootstrap => {
-                            tracing::warn!(
-                                kind,
-                                "no usable active authority; making one and activating it now"
-                            );
-                            self.prepare_locked(kind, false, now, true)
-                                .await
-                                .map(|_| ())
-                        }
-                        Step::Prepare => self
-                            .prepare_locked(kind, false, now, false)
-                            .await
-                            .map(|_| ()),
-                        Step::Activate(id) => self.activate_locked(kind, id, now).await.map(|_| ()),
-                        Step::Remove(id) => self.remove_locked(kind, id, now, "removed").await,
-                        Step::NeedsOperator => {
-                            self.metrics.ca_transition(kind, "needs_operator");
-                            tracing::warn!(
-                                kind,
-                                "the next CA must be prepared by an operator (offline upstream): run \
-                                 `meshid server ca prepare --upstream-csr FILE`, sign it, then \
-                                 `meshid server ca import --cert FILE`"
-                            );
-                            Ok(())
-                        }
-                    };
-                    match r {
+                    match self.run_step(kind, &step, now).await {
                         Ok(()) => changed |= step != Step::NeedsOperator,
                         Err(e) => {
                             failed = true;
@@ -388,9 +350,10 @@ impl CaManager {
                         }
                     }
                 }
-                if !acting || failed {
-                    break;
-                }
+                settled[k] = !acting || failed;
+            }
+            if settled.iter().all(|s| *s) {
+                break;
             }
         }
         if changed {
@@ -419,6 +382,124 @@ impl CaManager {
         self.jwt.store(Arc::new(j));
         self.refresh_gauges(&journal);
         Ok(())
+    }
+
+    /// Why the trust material needs attention now: `fatal` (not ready) when
+    /// there is no usable active authority, or the active one is past its
+    /// latest activation point with no valid successor; `warnings` for an
+    /// upstream chain ending within `upstream.warn_before`.
+    pub async fn readiness(&self, now: SystemTime) -> Readiness {
+        let mut r = Readiness::default();
+        let t = unix(now);
+        let journal = match self.store.list_authorities().await {
+            Ok(j) => j,
+            Err(e) => {
+                r.fatal.push(format!("CA journal unreadable: {e}"));
+                return r;
+            }
+        };
+        let w = &mut r.fatal;
+        for kind in [X509, JWT] {
+            let mine = own(&journal, &self.owner, kind);
+            let active = mine
+                .iter()
+                .find(|a| a.state == state::ACTIVE && schedule::usable(a, t));
+            let Some(a) = active else {
+                w.push(format!("no usable active {kind} authority"));
+                continue;
+            };
+            let p = self.policy(kind);
+            let latest =
+                a.not_before + ((a.not_after - a.not_before) as f64 * p.activate_by) as i64;
+            let successor = mine
+                .iter()
+                .any(|s| s.state == state::PREPARED && !s.tainted && s.not_after > a.not_after);
+            if t >= latest && !successor {
+                w.push(format!(
+                    "active {kind} authority {} ends at {} and no valid successor is prepared",
+                    a.id,
+                    humantime::format_rfc3339_seconds(
+                        SystemTime::UNIX_EPOCH
+                            + Duration::from_secs(u64::try_from(a.not_after).unwrap_or(0))
+                    )
+                ));
+            }
+        }
+        let signer = self.signer();
+        if let Err(e) = signer.revalidate(now) {
+            w.push(format!("the signing CA is not usable: {e}"));
+        }
+        if let Some(u) = &self.upstream {
+            let w = &mut r.warnings;
+            match mint::Upstream::load(u, now) {
+                Ok(up) if up.not_after < now + u.warn_before => w.push(format!(
+                    "the upstream CA chain ends at {} (within {})",
+                    humantime::format_rfc3339_seconds(up.not_after),
+                    humantime::format_duration(u.warn_before)
+                )),
+                Ok(_) => {}
+                Err(e) => w.push(format!("upstream CA: {e}")),
+            }
+        }
+        for w in &r.warnings {
+            tracing::warn!(warning = %w, "trust material needs attention");
+        }
+        r
+    }
+}
+
+impl Lifecycle {
+    /// Runs one step of the plan (the lock held).
+    async fn run_step(&self, kind: &str, step: &Step, now: SystemTime) -> Result<(), CaError> {
+        match step {
+            Step::Bootstrap => {
+                tracing::warn!(
+                    kind,
+                    "no usable active authority; making one and activating it now"
+                );
+                self.prepare_locked(kind, false, now, true)
+                    .await
+                    .map(|_| ())
+            }
+            Step::Prepare => self
+                .prepare_locked(kind, false, now, false)
+                .await
+                .map(|_| ()),
+            Step::Activate(id) => self.activate_locked(kind, id, now).await.map(|_| ()),
+            Step::Remove(id) => self.remove_locked(kind, id, now, "removed").await,
+            Step::NeedsOperator => {
+                self.metrics.ca_transition(kind, "needs_operator");
+                tracing::warn!(
+                    kind,
+                    "the next CA must be prepared by an operator (offline upstream): run \
+                     `meshid server ca prepare --upstream-csr FILE`, sign it, then \
+                     `meshid server ca import --cert FILE`"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    async fn live_counts(&self, now: i64) -> Result<HashMap<String, (i64, i64)>, CaError> {
+        Ok(self
+            .store
+            .issued_summary(now)
+            .await?
+            .into_iter()
+            .map(|s| (s.ca_id, (s.live, s.last_not_after)))
+            .collect())
+    }
+
+    fn count(&self, kind: &str, transition: &'static str) {
+        self.metrics.ca_transition(kind, transition);
+    }
+
+    fn policy(&self, kind: &str) -> &Policy {
+        if kind == JWT {
+            &self.jwt_policy
+        } else {
+            &self.x509_policy
+        }
     }
 
     async fn prepare_locked(
@@ -469,6 +550,7 @@ impl CaManager {
                 .into_iter()
                 .filter(|a| a.state == state::ACTIVE)
             {
+                tracing::warn!(kind, id = %old.id, "the active authority is no longer usable (it expired while the server was down?); agents holding only it must be re-bootstrapped");
                 self.set_state(old, state::RETIRED, now).await?;
             }
         }
@@ -582,69 +664,6 @@ impl CaManager {
         tracing::info!(kind, id, "authority {transition} from the bundle");
         Ok(())
     }
-
-    /// Why the trust material needs attention now: `fatal` (not ready) when
-    /// there is no usable active authority, or the active one is past its
-    /// latest activation point with no valid successor; `warnings` for an
-    /// upstream chain ending within `upstream.warn_before`.
-    pub async fn readiness(&self, now: SystemTime) -> Readiness {
-        let mut r = Readiness::default();
-        let t = unix(now);
-        let journal = match self.store.list_authorities().await {
-            Ok(j) => j,
-            Err(e) => {
-                r.fatal.push(format!("CA journal unreadable: {e}"));
-                return r;
-            }
-        };
-        let w = &mut r.fatal;
-        for kind in [X509, JWT] {
-            let mine = own(&journal, &self.owner, kind);
-            let active = mine
-                .iter()
-                .find(|a| a.state == state::ACTIVE && schedule::usable(a, t));
-            let Some(a) = active else {
-                w.push(format!("no usable active {kind} authority"));
-                continue;
-            };
-            let p = self.policy(kind);
-            let latest =
-                a.not_before + ((a.not_after - a.not_before) as f64 * p.activate_by) as i64;
-            let successor = mine
-                .iter()
-                .any(|s| s.state == state::PREPARED && !s.tainted && s.not_after > a.not_after);
-            if t >= latest && !successor {
-                w.push(format!(
-                    "active {kind} authority {} ends at {} and no valid successor is prepared",
-                    a.id,
-                    humantime::format_rfc3339_seconds(
-                        SystemTime::UNIX_EPOCH
-                            + Duration::from_secs(u64::try_from(a.not_after).unwrap_or(0))
-                    )
-                ));
-            }
-        }
-        let signer = self.signer();
-        if let Err(e) = signer.revalidate(now) {
-            w.push(format!("the signing CA is not usable: {e}"));
-        }
-        if let Some(u) = &self.upstream {
-            let w = &mut r.warnings;
-            match mint::Upstream::load(u, now) {
-                Ok(up) if up.not_after < now + u.warn_before => w.push(format!(
-                    "the upstream CA chain ends at {} (within {})",
-                    humantime::format_rfc3339_seconds(up.not_after),
-                    humantime::format_duration(u.warn_before)
-                )),
-                Ok(_) => {}
-                Err(e) => w.push(format!("upstream CA: {e}")),
-            }
-        }
-        for w in &r.warnings {
-            tracing::warn!(warning = %w, "trust material needs attention");
-        }
-        r
-    }
 }
 
 fn check_activatable(
@@ -666,30 +685,6 @@ fn check_activatable(
     } else {
         let der = keys.get_pkcs8(JWT, &p.id)?;
         JwtSigner::from_pkcs8(&der, SystemTime::UNIX_EPOCH)?;
-    }
-    Ok(())
-}
-
-async fn activate_rows(
-    store: &Arc<dyn Store>,
-    mine: &[Authority],
-    id: &str,
-    now: SystemTime,
-) -> Result<(), CaError> {
-    for a in mine
-        .iter()
-        .filter(|a| a.state == state::ACTIVE || a.id == id)
-    {
-        let mut n = a.clone();
-        n.revision += 1;
-        if a.id == id {
-            n.state = state::ACTIVE.into();
-            n.activated_at = unix(now);
-        } else {
-            n.state = state::RETIRED.into();
-            n.retired_at = unix(now);
-        }
-        store.update_authority(&n, a.revision).await?;
     }
     Ok(())
 }
@@ -723,59 +718,6 @@ fn load_signer_jwt(mine: &[Authority], keys: &KeyDir) -> Result<JwtSigner, CaErr
         .ok_or_else(|| CaError::Refused("no active JWT key".into()))?;
     let na = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(a.not_after).unwrap_or(0));
     JwtSigner::from_pkcs8(&keys.get_pkcs8(JWT, &a.id)?, na)
-}
-
-async fn bootstrap(
-    cfg: &ServerConfig,
-    kind: &str,
-    owner: &str,
-    keys: &KeyDir,
-    store: &Arc<dyn Store>,
-    audit: &AuditLog,
-    now: SystemTime,
-) -> Result<(), CaError> {
-    let mut rec = if kind == JWT {
-        let (rec, pkcs8) = mint::jwt_key(cfg.jwt_policy().ttl, owner, now)?;
-        keys.put_pkcs8(JWT, &rec.id, &pkcs8)?;
-        rec
-    } else {
-        let (rec, key) = match &cfg.upstream {
-            Some(u) => {
-                let up = mint::Upstream::load(u, now)?;
-                mint::under_upstream(&cfg.trust_domain, cfg.ca_ttl, &up, owner, now)?
-            }
-            None => mint::self_signed(&cfg.trust_domain, cfg.ca_ttl, owner, now)?,
-        };
-        keys.put(X509, &rec.id, &key)?;
-        rec
-    };
-    // An active authority left behind (expired while the server was down)
-    // retires.
-    for old in own(&store.list_authorities().await?, owner, kind)
-        .into_iter()
-        .filter(|a| a.state == state::ACTIVE)
-    {
-        tracing::warn!(kind, id = %old.id, "active authority expired while the server was down; agents holding only it must be re-bootstrapped");
-        let mut n = old.clone();
-        n.revision += 1;
-        n.state = state::RETIRED.into();
-        n.retired_at = unix(now);
-        store.update_authority(&n, old.revision).await?;
-    }
-    rec.state = state::ACTIVE.into();
-    rec.activated_at = unix(now);
-    store.insert_authority(&rec).await?;
-    audit_write(
-        audit,
-        Event::new("ca_bootstrapped")
-            .with("kind", kind)
-            .with("id", rec.id.clone())
-            .with("origin", rec.origin.clone())
-            .with("not_after", rec.not_after),
-    )
-    .await?;
-    tracing::info!(kind, id = %rec.id, not_after = rec.not_after, "authority created and activated");
-    Ok(())
 }
 
 #[cfg(test)]
