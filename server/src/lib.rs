@@ -10,6 +10,7 @@ pub mod cli_audit;
 mod cli_ca;
 mod cli_store;
 pub mod config;
+pub mod issuance;
 pub mod journal;
 pub mod metrics;
 pub mod run;

@@ -57,15 +57,15 @@ async fn server_certified_key(
 ) -> anyhow::Result<(CertifiedKey, SystemTime, String)> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
-    let svid = st
-        .issue_identity(
-            csr.der(),
-            &st.server_id(),
-            SERVER_SVID_TTL,
-            &st.server_id(),
-            "server",
-        )
-        .await?;
+    let svid = crate::issuance::sign_identity(
+        st,
+        csr.der(),
+        &st.server_id(),
+        SERVER_SVID_TTL,
+        "server",
+        SystemTime::now(),
+    )
+    .await?;
     let provider = meshid_identity::crypto::provider();
     let signing = provider
         .key_provider
@@ -196,22 +196,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
             .with("jwt_kid", ca.jwt_signer().kid().to_string()),
         ])
         .await?;
-    let (changes, _) = tokio::sync::watch::channel(0u64);
-    let journal = crate::journal::Journal::start(store.clone(), audit.clone());
-    let state = Arc::new(ServerState {
-        config: cfg.clone(),
-        journal,
-        ca,
-        tainted: Default::default(),
-        ca_changed: Default::default(),
-        next_transition: Default::default(),
-        store,
-        audit,
-        metrics: metrics.clone(),
-        changes,
-        node_address: Default::default(),
-        metrics_address: Default::default(),
-    });
+    let state = ServerState::new(cfg.clone(), ca, store, audit, metrics.clone());
     let bundle = state.publish_own_bundle().await?;
     state.refresh_gauges().await;
     // Changes committed through the store, by this server or by any other

@@ -1,7 +1,7 @@
 //! The running server's shared state and the operations both APIs use.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use meshid_proto::types::{Bundle, Entry, X509Svid};
 use tokio::sync::watch;
@@ -10,7 +10,7 @@ use crate::audit::{AuditLog, Event};
 use crate::ca::{CaManager, IssuedSvid};
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
-use crate::store::{AgentRecord, IssuedRecord, Store, StoreError};
+use crate::store::{AgentRecord, Store, StoreError};
 use meshid_identity::svid::unix;
 
 /// Shared by the node API, the admin API and background tasks.
@@ -61,6 +61,32 @@ pub fn svid_to_proto(s: &IssuedSvid) -> X509Svid {
 }
 
 impl ServerState {
+    /// The state over an open store, audit log and started CA manager; starts
+    /// the issuance journal's writer task.
+    pub fn new(
+        config: ServerConfig,
+        ca: Arc<CaManager>,
+        store: Arc<dyn Store>,
+        audit: AuditLog,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let (changes, _) = watch::channel(0u64);
+        Arc::new(Self {
+            journal: crate::journal::Journal::start(store.clone(), audit.clone()),
+            config,
+            ca,
+            tainted: Default::default(),
+            ca_changed: Default::default(),
+            next_transition: Default::default(),
+            store,
+            audit,
+            metrics,
+            changes,
+            node_address: Default::default(),
+            metrics_address: Default::default(),
+        })
+    }
+
     /// `spiffe://<td>`.
     pub fn td_id(&self) -> String {
         self.config.trust_domain_id()
@@ -178,46 +204,6 @@ impl ServerState {
             .into_iter()
             .filter(|b| wanted.contains(&b.trust_domain))
             .collect())
-    }
-
-    /// Signs an agent or server SVID, journals and audits it.
-    pub async fn issue_identity(
-        &self,
-        csr: &[u8],
-        spiffe_id: &str,
-        ttl: Duration,
-        agent_id: &str,
-        kind: &'static str,
-    ) -> Result<IssuedSvid, crate::ca::IssueError> {
-        let ttl = ttl.min(self.config.max_svid_ttl);
-        let ca = self.ca.signer();
-        let svid = ca.sign_x509_svid(csr, spiffe_id, &[], ttl, SystemTime::now());
-        match &svid {
-            Ok(s) => {
-                self.metrics.issued(kind, "ok", 1);
-                let rec = IssuedRecord {
-                    serial: s.serial.clone(),
-                    spiffe_id: s.spiffe_id.clone(),
-                    entry_id: String::new(),
-                    agent_id: agent_id.to_string(),
-                    not_after: unix(s.not_after),
-                    issued_at: unix(SystemTime::now()),
-                    ca_id: ca.id().to_string(),
-                };
-                let ev = Event::new("x509_svid_issued")
-                    .with("kind", kind)
-                    .with("serial", rec.serial.clone())
-                    .with("spiffe_id", rec.spiffe_id.clone())
-                    .with("agent", agent_id)
-                    .with("not_after", rec.not_after);
-                if let Err(e) = self.journal.commit(vec![rec], vec![ev]).await {
-                    tracing::error!(error = %e, "cannot journal issued certificate");
-                    return Err(crate::ca::IssueError::Sign(format!("not journaled: {e}")));
-                }
-            }
-            Err(_) => self.metrics.issued(kind, "invalid", 1),
-        }
-        svid
     }
 
     /// Refreshes the entry and agent gauges.

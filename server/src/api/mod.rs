@@ -4,4 +4,5 @@
 pub mod admin;
 pub mod admin_ca;
 pub mod node;
+pub mod status;
 pub mod tls;

@@ -1,9 +1,8 @@
 //! The node API: node attestation, agent SVID renewal, the sync stream and
 //! batched signing. Every call but `Attest` requires the agent's SVID.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use meshid_proto::node::node_server::Node;
 use meshid_proto::node::{
@@ -11,18 +10,18 @@ use meshid_proto::node::{
     SignJwtSvidsRequest, SignJwtSvidsResponse, SignX509SvidsRequest, SignX509SvidsResponse,
     SyncRequest, SyncResponse, X509SvidResult,
 };
-use meshid_proto::types::{Entry, Status as ItemStatus};
+use meshid_proto::types::Status as ItemStatus;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
+use super::status::refusal_code;
 use super::tls::PeerInfo;
 use crate::attest::join_token;
 use crate::attest::k8s_psat::{self, PsatAttestor};
 use crate::audit::Event;
-use crate::ca::IssueError;
-use crate::metrics::OutcomeLabels;
+use crate::issuance::{self, JwtRequest, X509Request};
 use crate::state::{ServerState, svid_to_proto};
-use crate::store::{AgentRecord, IssuedRecord};
+use crate::store::AgentRecord;
 use meshid_identity::svid::unix;
 
 /// The node API service.
@@ -113,30 +112,6 @@ impl NodeService {
         self.state.authenticate_agent(&leaf).await
     }
 
-    /// Checks a batch's size and loads the entries it names, by id.
-    async fn batch_entries(
-        &self,
-        ids: impl ExactSizeIterator<Item = String>,
-    ) -> Result<HashMap<String, Entry>, Status> {
-        let max = self.state.config.max_sign_batch;
-        if ids.len() == 0 || ids.len() > max {
-            return Err(Status::invalid_argument(format!(
-                "a batch holds 1 to {max} params, got {}",
-                ids.len()
-            )));
-        }
-        let ids: Vec<String> = ids.collect();
-        Ok(self
-            .state
-            .store
-            .get_entries(&ids)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .into_iter()
-            .map(|e| (e.id.clone(), e))
-            .collect())
-    }
-
     /// Counts a refused attestation, and audits and logs it within the
     /// refusal rate limit. The caller chooses `attestor` and much of
     /// `reason`: the metric label comes from a fixed set and both are cut to
@@ -174,36 +149,6 @@ fn item_status(code: Code, message: impl Into<String>) -> Option<ItemStatus> {
     })
 }
 
-fn issue_code(e: &IssueError) -> Code {
-    match e {
-        IssueError::MalformedCsr(_)
-        | IssueError::BadCsrSignature
-        | IssueError::UnsupportedKey(_)
-        | IssueError::InvalidDnsName(_)
-        | IssueError::InvalidSpiffeId(_) => Code::InvalidArgument,
-        IssueError::CaExpired => Code::Unavailable,
-        _ => Code::Internal,
-    }
-}
-
-/// Why a batch item was not signed, before any signing is attempted.
-fn authorize_item<'a>(
-    entries: &'a HashMap<String, Entry>,
-    parents: &[String],
-    entry_id: &str,
-) -> Result<&'a Entry, (Code, String)> {
-    let entry = entries
-        .get(entry_id)
-        .ok_or_else(|| (Code::NotFound, format!("entry {entry_id:?} does not exist")))?;
-    if !parents.contains(&entry.parent_id) {
-        return Err((
-            Code::PermissionDenied,
-            format!("entry {entry_id} is not parented by this agent"),
-        ));
-    }
-    Ok(entry)
-}
-
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn attest(
@@ -231,16 +176,15 @@ impl Node for NodeService {
             self.attest_failed(&r.attestor, "banned", &reason);
             return Err(Status::permission_denied(reason));
         }
-        let svid = st
-            .issue_identity(
-                &r.csr,
-                &agent_id,
-                st.config.agent_svid_ttl,
-                &agent_id,
-                "agent",
-            )
-            .await
-            .map_err(|e| Status::new(issue_code(&e), e.to_string()))?;
+        let svid = issuance::sign_identity(
+            st,
+            &r.csr,
+            &agent_id,
+            st.config.agent_svid_ttl,
+            "agent",
+            SystemTime::now(),
+        )
+        .await?;
         let aliases = node.aliases;
         let record = AgentRecord {
             spiffe_id: agent_id.clone(),
@@ -289,16 +233,15 @@ impl Node for NodeService {
         let mut agent = self.agent(&req).await?;
         let st = &self.state;
         let r = req.into_inner();
-        let svid = st
-            .issue_identity(
-                &r.csr,
-                &agent.spiffe_id,
-                st.config.agent_svid_ttl,
-                &agent.spiffe_id,
-                "agent",
-            )
-            .await
-            .map_err(|e| Status::new(issue_code(&e), e.to_string()))?;
+        let svid = issuance::sign_identity(
+            st,
+            &r.csr,
+            &agent.spiffe_id,
+            st.config.agent_svid_ttl,
+            "agent",
+            SystemTime::now(),
+        )
+        .await?;
         agent.prev_serial = std::mem::replace(&mut agent.serial, svid.serial.clone());
         agent.expires_at = unix(svid.not_after);
         st.store
@@ -374,124 +317,30 @@ impl Node for NodeService {
         &self,
         req: Request<SignX509SvidsRequest>,
     ) -> Result<Response<SignX509SvidsResponse>, Status> {
-        let started = Instant::now();
         let agent = self.agent(&req).await?;
-        let st = self.state.clone();
-        let params = req.into_inner().params;
-        let entries = self
-            .batch_entries(params.iter().map(|p| p.entry_id.clone()))
-            .await?;
-        let parents = agent.parent_ids();
-        let mut events = Vec::new();
-        let mut jobs = Vec::with_capacity(params.len());
-        for p in params {
-            match authorize_item(&entries, &parents, &p.entry_id) {
-                Ok(e) => jobs.push(Ok((e.clone(), p.csr))),
-                Err((code, msg)) => {
-                    if code == Code::PermissionDenied {
-                        tracing::warn!(agent = %agent.spiffe_id, entry = %p.entry_id, "signing refused: entry not parented by agent");
-                        events.push(
-                            Event::new("x509_svid_refused")
-                                .with("agent", agent.spiffe_id.clone())
-                                .with("entry_id", p.entry_id.clone())
-                                .with("reason", msg.clone()),
-                        );
-                    }
-                    jobs.push(Err((code, msg)));
-                }
-            }
-        }
-        let default_ttl = st.config.default_svid_ttl;
-        let max_ttl = st.config.max_svid_ttl;
-        let ca = st.ca.signer();
-        let ca_id = ca.id().to_string();
-        let signed = tokio::task::block_in_place(move || {
-            let now = SystemTime::now();
-            jobs.into_iter()
-                .map(|j| {
-                    let (entry, csr) = j?;
-                    let ttl = match u64::try_from(entry.x509_svid_ttl) {
-                        Ok(0) | Err(_) => default_ttl,
-                        Ok(s) => Duration::from_secs(s),
-                    }
-                    .min(max_ttl);
-                    ca.sign_x509_svid(&csr, &entry.spiffe_id, &entry.dns_names, ttl, now)
-                        .map(|s| (entry.id, s))
-                        .map_err(|e| (issue_code(&e), e.to_string()))
-                })
-                .collect::<Vec<_>>()
-        });
-
-        let now = unix(SystemTime::now());
-        let mut records = Vec::new();
-        let mut results = Vec::with_capacity(signed.len());
-        let (mut ok, mut denied, mut not_found, mut invalid) = (0u64, 0u64, 0u64, 0u64);
-        for r in signed {
-            match r {
-                Ok((entry_id, s)) => {
-                    ok += 1;
-                    let rec = IssuedRecord {
-                        serial: s.serial.clone(),
-                        spiffe_id: s.spiffe_id.clone(),
-                        entry_id,
-                        agent_id: agent.spiffe_id.clone(),
-                        not_after: unix(s.not_after),
-                        issued_at: now,
-                        ca_id: ca_id.clone(),
-                    };
-                    events.push(
-                        Event::new("x509_svid_issued")
-                            .with("serial", rec.serial.clone())
-                            .with("spiffe_id", rec.spiffe_id.clone())
-                            .with("entry_id", rec.entry_id.clone())
-                            .with("agent", rec.agent_id.clone())
-                            .with("not_after", rec.not_after),
-                    );
-                    records.push(rec);
-                    results.push(X509SvidResult {
-                        svid: Some(svid_to_proto(&s)),
-                        status: item_status(Code::Ok, ""),
-                    });
-                }
-                Err((code, msg)) => {
-                    match code {
-                        Code::PermissionDenied => denied += 1,
-                        Code::NotFound => not_found += 1,
-                        _ => invalid += 1,
-                    }
-                    results.push(X509SvidResult {
-                        svid: None,
-                        status: item_status(code, msg),
-                    });
-                }
-            }
-        }
-        // Journal and audit before anything is handed out.
-        let outcome = st
-            .journal
-            .commit(records, events)
-            .await
-            .map_err(Status::internal);
-        let m = &st.metrics;
-        if let Err(e) = outcome {
-            m.issued("x509", "error", ok);
-            m.sign_latency
-                .get_or_create(&OutcomeLabels { outcome: "error" })
-                .observe(started.elapsed().as_secs_f64());
-            return Err(e);
-        }
-        m.issued("x509", "ok", ok);
-        m.issued("x509", "denied", denied);
-        m.issued("x509", "not_found", not_found);
-        m.issued("x509", "invalid", invalid);
-        let label = if ok as usize == results.len() {
-            "ok"
-        } else {
-            "partial"
-        };
-        m.sign_latency
-            .get_or_create(&OutcomeLabels { outcome: label })
-            .observe(started.elapsed().as_secs_f64());
+        let requests = req
+            .into_inner()
+            .params
+            .into_iter()
+            .map(|p| X509Request {
+                entry_id: p.entry_id,
+                csr: p.csr,
+            })
+            .collect();
+        let signed = issuance::sign_x509(&self.state, &agent, requests, SystemTime::now()).await?;
+        let results = signed
+            .into_iter()
+            .map(|r| match r {
+                Ok(s) => X509SvidResult {
+                    svid: Some(svid_to_proto(&s)),
+                    status: item_status(Code::Ok, ""),
+                },
+                Err(r) => X509SvidResult {
+                    svid: None,
+                    status: item_status(refusal_code(&r), r.to_string()),
+                },
+            })
+            .collect();
         Ok(Response::new(SignX509SvidsResponse { results }))
     }
 
@@ -500,86 +349,34 @@ impl Node for NodeService {
         req: Request<SignJwtSvidsRequest>,
     ) -> Result<Response<SignJwtSvidsResponse>, Status> {
         let agent = self.agent(&req).await?;
-        let st = &self.state;
-        let params = req.into_inner().params;
-        let entries = self
-            .batch_entries(params.iter().map(|p| p.entry_id.clone()))
-            .await?;
-        let parents = agent.parent_ids();
-        let now = SystemTime::now();
-        let jwt = st.ca.jwt_signer();
-        let mut events = Vec::new();
-        let mut results = Vec::with_capacity(params.len());
-        for p in params {
-            let r = authorize_item(&entries, &parents, &p.entry_id).and_then(|e| {
-                if p.audience.is_empty() || p.audience.iter().any(String::is_empty) {
-                    return Err((Code::InvalidArgument, "audience is required".to_string()));
-                }
-                let ttl = match u64::try_from(e.jwt_svid_ttl) {
-                    Ok(0) | Err(_) => st.config.default_jwt_svid_ttl,
-                    Ok(s) => Duration::from_secs(s),
-                }
-                .min(st.config.max_svid_ttl);
-                jwt.sign(
-                    &e.spiffe_id,
-                    &p.audience,
-                    ttl,
-                    now,
-                    now + st.config.max_svid_ttl,
-                )
-                .map(|j| (e, j))
-                .map_err(|err| (Code::Internal, err.to_string()))
-            });
-            match r {
-                Ok((e, j)) => {
-                    st.metrics.issued("jwt", "ok", 1);
-                    events.push(
-                        Event::new("jwt_svid_issued")
-                            .with("spiffe_id", e.spiffe_id.clone())
-                            .with("entry_id", e.id.clone())
-                            .with("agent", agent.spiffe_id.clone())
-                            .with("audience", p.audience.clone())
-                            .with("kid", jwt.kid())
-                            .with("expires_at", j.expires_at),
-                    );
-                    results.push(JwtSvidResult {
-                        svid: Some(JwtSvid {
-                            spiffe_id: e.spiffe_id.clone(),
-                            token: j.token,
-                            issued_at: j.issued_at,
-                            expires_at: j.expires_at,
-                        }),
-                        status: item_status(Code::Ok, ""),
-                    });
-                }
-                Err((code, msg)) => {
-                    st.metrics.issued(
-                        "jwt",
-                        if code == Code::PermissionDenied {
-                            "denied"
-                        } else {
-                            "invalid"
-                        },
-                        1,
-                    );
-                    if code == Code::PermissionDenied {
-                        events.push(
-                            Event::new("jwt_svid_refused")
-                                .with("agent", agent.spiffe_id.clone())
-                                .with("entry_id", p.entry_id.clone()),
-                        );
-                    }
-                    results.push(JwtSvidResult {
-                        svid: None,
-                        status: item_status(code, msg),
-                    });
-                }
-            }
-        }
-        st.audit
-            .record(events)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let requests = req
+            .into_inner()
+            .params
+            .into_iter()
+            .map(|p| JwtRequest {
+                entry_id: p.entry_id,
+                audience: p.audience,
+            })
+            .collect();
+        let signed = issuance::sign_jwt(&self.state, &agent, requests, SystemTime::now()).await?;
+        let results = signed
+            .into_iter()
+            .map(|r| match r {
+                Ok(j) => JwtSvidResult {
+                    svid: Some(JwtSvid {
+                        spiffe_id: j.spiffe_id,
+                        token: j.jwt.token,
+                        issued_at: j.jwt.issued_at,
+                        expires_at: j.jwt.expires_at,
+                    }),
+                    status: item_status(Code::Ok, ""),
+                },
+                Err(r) => JwtSvidResult {
+                    svid: None,
+                    status: item_status(refusal_code(&r), r.to_string()),
+                },
+            })
+            .collect();
         Ok(Response::new(SignJwtSvidsResponse { results }))
     }
 }
