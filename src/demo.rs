@@ -213,6 +213,10 @@ impl DemoCli {
             tokio::spawn(async move {
                 let _ = tokio::signal::ctrl_c().await;
                 stop_all(&children, &dir);
+                #[expect(
+                    clippy::disallowed_methods,
+                    reason = "Ctrl-C: the children are stopped; the demo ends with the usual 130"
+                )]
                 std::process::exit(130);
             });
         }
