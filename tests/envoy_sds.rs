@@ -31,6 +31,8 @@ const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_socket
 const WEB: &str = "spiffe://example.org/web";
 const DB: &str = "spiffe://example.org/db";
 const PARTNER: &str = "partner.org";
+/// Selected by this uid and this test executable's path.
+const ME: &str = "spiffe://example.org/sds-test-binary";
 
 struct Setup {
     server: Server,
@@ -61,8 +63,9 @@ fn set_partner_bundle(server: &Server, pem: &str) {
 }
 
 /// A server with a federated trust domain, and an agent (with metrics)
-/// serving two entries for this uid: `web` (first, so `default`) with
-/// `web_ttl`, and `db`, which federates with partner.org.
+/// serving entries for this uid: `web` (first, so `default`) with
+/// `web_ttl`, `db`, which federates with partner.org, and [`ME`] for this
+/// test executable only.
 fn setup(web_ttl: &str) -> (Setup, String) {
     let server = Server::start("");
     let partner = ca_pem("partner CA 1");
@@ -88,6 +91,22 @@ fn setup(web_ttl: &str) -> (Setup, String) {
         }
         server.ok(&args);
     }
+    let me = format!(
+        "unix:path:{}",
+        std::env::current_exe().expect("exe").display()
+    );
+    server.ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        &alias,
+        "--spiffe-id",
+        ME,
+        "--selector",
+        &uid,
+        "--selector",
+        &me,
+    ]);
     let dir = server.dir.path().join("agent");
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("bootstrap.pem"), server.bundle_pem()).expect("bundle");
@@ -270,8 +289,8 @@ fn all_of(r: &DiscoveryResponse) -> SpiffeCertValidatorConfig {
 async fn wait_served(c: &mut SecretDiscoveryServiceClient<Channel>, agent: &AgentProc) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(r) = c.fetch_secrets(request(&[WEB, DB])).await
-            && r.get_ref().resources.len() == 2
+        if let Ok(r) = c.fetch_secrets(request(&[WEB, DB, ME])).await
+            && r.get_ref().resources.len() == 3
         {
             return;
         }
@@ -578,5 +597,108 @@ async fn sds_pushes_rotations_and_bundle_changes() {
     eprintln!(
         "SDS push: first rotation {rotation_interval:?} after the first response (8s SVID); \
          bundle change pushed {latency:?} after `meshid server bundle set` returned"
+    );
+}
+
+/// Connects to `socket` in a perl process and relays its stdin/stdout: the
+/// agent sees perl (same uid, another executable) as the caller.
+const RELAY: &str = r#"
+use strict; use warnings; use IO::Socket::UNIX; use IO::Select;
+my $s = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Peer => $ARGV[0]) or die "connect: $!";
+binmode STDIN; binmode STDOUT;
+my $sel = IO::Select->new(\*STDIN, $s);
+while (1) {
+    for my $from ($sel->can_read) {
+        my $n = sysread($from, my $buf, 65536);
+        exit 0 unless $n;
+        my $to = ($from == $s) ? \*STDOUT : $s;
+        my $off = 0;
+        while ($off < $n) {
+            my $w = syswrite($to, $buf, $n - $off, $off);
+            die "write: $!" unless defined $w;
+            $off += $w;
+        }
+    }
+}
+"#;
+
+/// SDS callers are attested from the connection's kernel credentials, as
+/// on the Workload API: the same request made by another executable of the
+/// same uid (a perl relay) does not get the SVID selected by this test
+/// executable's path, while the uid-only SVID and the bundles are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sds_callers_are_attested_by_kernel_credentials() {
+    if std::process::Command::new("perl")
+        .args(["-MIO::Socket::UNIX", "-MIO::Select", "-e", "1"])
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "perl with IO::Socket::UNIX is required (Debian: perl-base)"
+        );
+        eprintln!("SKIPPED: perl with IO::Socket::UNIX not found");
+        return;
+    }
+    let (s, _) = setup("1h");
+    let mut c = client(&s.agent.socket).await;
+    wait_served(&mut c, &s.agent).await;
+    let ask = [ME, "default", "ROOTCA"];
+
+    // This executable gets all three.
+    let direct = c
+        .fetch_secrets(request(&ask))
+        .await
+        .expect("FetchSecrets")
+        .into_inner();
+    assert_eq!(names(&direct).len(), 3);
+    check_tls(&find(&direct, ME), ME);
+
+    // perl, same uid, relaying the same requests.
+    let script = s.server.dir.path().join("relay.pl");
+    std::fs::write(&script, RELAY).expect("script");
+    let mut child = tokio::process::Command::new("perl")
+        .arg(&script)
+        .arg(&s.agent.socket)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("perl");
+    let io = tokio::io::join(
+        child.stdout.take().expect("stdout"),
+        child.stdin.take().expect("stdin"),
+    );
+    let io = std::sync::Arc::new(std::sync::Mutex::new(Some(io)));
+    let ch = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let io = io.lock().expect("lock").take();
+            async move {
+                io.map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("already connected"))
+            }
+        }))
+        .await
+        .expect("gRPC through the relay");
+    let mut relayed = SecretDiscoveryServiceClient::new(ch);
+    let r = relayed
+        .fetch_secrets(request(&ask))
+        .await
+        .expect("FetchSecrets through perl")
+        .into_inner();
+    assert_eq!(
+        names(&r),
+        BTreeSet::from(["default".to_string(), "ROOTCA".to_string()]),
+        "perl is not this executable: no {ME}"
+    );
+    check_tls(&find(&r, "default"), WEB);
+
+    // A stream through perl: the same answer, and the name stays unknown.
+    let mut st = Stream::open(&mut relayed, request(&ask)).await;
+    let first = st.next(Duration::from_secs(30)).await;
+    assert_eq!(
+        names(&first),
+        BTreeSet::from(["default".to_string(), "ROOTCA".to_string()])
     );
 }
