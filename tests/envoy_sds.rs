@@ -3,7 +3,8 @@
 //! would connect (no security header). The resource names of the README's
 //! Envoy snippet, and the others Envoy configurations written for SPIRE use,
 //! resolve to the right secrets; ACK, NACK and stale nonces are handled; a
-//! rotation and a bundle change are pushed.
+//! rotation and bundle changes (federated, own) are pushed; callers are
+//! attested from the connection's kernel credentials.
 
 mod common;
 
@@ -594,9 +595,34 @@ async fn sds_pushes_rotations_and_bundle_changes() {
             break t1.elapsed();
         }
     };
+
+    // The own trust domain's bundle changes too: a prepared CA is published
+    // in it, and pushed in ALL.
+    s.server.ok(&["ca", "prepare"]);
+    let t2 = Instant::now();
+    let own2 = s.server.bundle_pem();
+    let want = pem_ders(own2.as_bytes());
+    assert!(want.len() > pem_ders(own.as_bytes()).len(), "{own2}");
+    let own_latency = loop {
+        let r = st.next(Duration::from_secs(60)).await;
+        let v: u64 = r.version_info.parse().expect("numeric version");
+        assert_eq!(v, version + 1, "versions increase by one");
+        version = v;
+        st.ack(&r, &names).await;
+        let cfg = all_of(&r);
+        let td = cfg
+            .trust_domains
+            .iter()
+            .find(|t| t.name == TD)
+            .expect("own trust domain in ALL");
+        if pem_ders(&inline(&td.trust_bundle)) == want {
+            break t2.elapsed();
+        }
+    };
     eprintln!(
         "SDS push: first rotation {rotation_interval:?} after the first response (8s SVID); \
-         bundle change pushed {latency:?} after `meshid server bundle set` returned"
+         federated bundle change pushed {latency:?} after `meshid server bundle set` returned; \
+         own bundle change pushed {own_latency:?} after `meshid server ca prepare` returned"
     );
 }
 
