@@ -248,7 +248,7 @@ fn every_metric_the_rules_and_dashboard_use_is_exported() {
     });
 
     // Traffic through the sidecar, a failed dial, a refused node API
-    // handshake, a refused Workload API connection.
+    // handshake, a CA transition, a refused Workload API connection.
     let mut app = std::net::TcpStream::connect(("127.0.0.1", outbound)).expect("outbound");
     app.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
@@ -266,6 +266,9 @@ fn every_metric_the_rules_and_dashboard_use_is_exported() {
         .expect("timeout");
     n.write_all(b"this is not TLS\r\n\r\n").expect("write");
     let _ = n.read_to_end(&mut Vec::new());
+    // A CA lifecycle step (the next CA prepared by hand) makes
+    // meshid_server_ca_transitions_total appear.
+    s.server.ok(&["ca", "prepare"]);
     let mut w = std::os::unix::net::UnixStream::connect(&s.agent.socket).expect("agent socket");
     w.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");

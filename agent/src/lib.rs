@@ -11,5 +11,6 @@ pub mod k8s_attestor;
 pub mod metrics;
 pub mod peer;
 pub mod run;
+pub mod sds;
 pub mod server_client;
 pub mod workload_api;

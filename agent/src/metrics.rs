@@ -69,6 +69,8 @@ pub struct Metrics {
     pub tainted_reminted: Counter,
     /// Entries (entry revisions) left out of Workload API responses.
     pub entries_dropped: Family<DropLabels, Counter>,
+    /// SDS responses Envoy refused (NACKs).
+    pub sds_nacks: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -161,7 +163,14 @@ impl Metrics {
             "Entry revisions the Workload API cannot serve and leaves out, by reason",
             entries_dropped.clone(),
         );
+        let sds_nacks = Counter::default();
+        r.register(
+            "sds_nacks",
+            "SDS responses the client refused (NACK with error_detail)",
+            sds_nacks.clone(),
+        );
         Arc::new(Self {
+            sds_nacks,
             bundle_refused,
             bundle_updates,
             tainted_reminted,

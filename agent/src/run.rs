@@ -98,12 +98,15 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> anyhow::Result
         attestors.push(Arc::new(a));
     }
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let workload_api = Arc::new(WorkloadApi::with_attestor(
+        agent.clone(),
+        Arc::new(Attestors(attestors)),
+    ));
     let api = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::with_attestor(
-                agent.clone(),
-                Arc::new(Attestors(attestors)),
-            )))
+            .add_service(SpiffeWorkloadApiServer::from_arc(workload_api.clone()))
+            // Envoy SDS on the same socket, same attestation.
+            .add_service(crate::sds::server(workload_api))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::ReceiverStream::new(rx),
                 async move {

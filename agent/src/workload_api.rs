@@ -65,7 +65,7 @@ impl Peer {
 
     /// As [`Peer::check`], and the pinned process still exists and runs
     /// the pinned executable (re-checked before each stream message).
-    fn verify(&self) -> Result<(), AttestError> {
+    pub(crate) fn verify(&self) -> Result<(), AttestError> {
         let c = self.check()?;
         match &c.pinned {
             Some(p) => p.verify(Path::new("/proc")),
@@ -235,6 +235,11 @@ fn td_key(td: &str) -> String {
 }
 
 impl WorkloadApi {
+    /// The agent whose snapshots this service serves.
+    pub(crate) fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+
     /// A service over the agent's snapshots, attesting with the unix attestor.
     pub fn new(agent: Arc<Agent>) -> Self {
         Self::with_attestor(agent, Arc::new(UnixAttestor::default()))
@@ -254,7 +259,7 @@ impl WorkloadApi {
         }
     }
 
-    fn count(&self, rpc: &'static str, r: &Result<(), Status>) {
+    pub(crate) fn count(&self, rpc: &'static str, r: &Result<(), Status>) {
         let code = match r {
             Ok(()) => "ok".to_string(),
             Err(s) => format!("{:?}", s.code()).to_lowercase(),
@@ -279,12 +284,18 @@ impl WorkloadApi {
                 "security header missing from request",
             ));
         }
-        let peer = req
-            .extensions()
-            .get::<Option<Peer>>()
-            .cloned()
-            .flatten()
-            .ok_or_else(|| Status::permission_denied("no peer credentials for caller"))?;
+        self.attest_peer(req.extensions().get::<Option<Peer>>().cloned().flatten())
+            .await
+    }
+
+    /// Attestation of the caller from its kernel credentials alone (no
+    /// security header): its selectors, and the peer for streams to re-check.
+    pub(crate) async fn attest_peer(
+        &self,
+        peer: Option<Peer>,
+    ) -> Result<(Vec<Selector>, Peer), Status> {
+        let peer =
+            peer.ok_or_else(|| Status::permission_denied("no peer credentials for caller"))?;
         let res = match peer.check() {
             Ok(caller) => {
                 let attestor = self.attestor.clone();
@@ -310,7 +321,11 @@ impl WorkloadApi {
         }
     }
 
-    fn entitled<'a>(&self, snap: &'a Snapshot, selectors: &[Selector]) -> Vec<&'a Entry> {
+    pub(crate) fn entitled<'a>(
+        &self,
+        snap: &'a Snapshot,
+        selectors: &[Selector],
+    ) -> Vec<&'a Entry> {
         self.drops.servable(snap, selectors)
     }
 
@@ -364,7 +379,7 @@ impl WorkloadApi {
         })
     }
 
-    fn bundles_for<'a>(snap: &'a Snapshot, entries: &[&Entry]) -> Vec<&'a Bundle> {
+    pub(crate) fn bundles_for<'a>(snap: &'a Snapshot, entries: &[&Entry]) -> Vec<&'a Bundle> {
         let mut out: Vec<&Bundle> = snap.bundle.iter().collect();
         let mut seen = HashSet::new();
         for e in entries {
