@@ -16,8 +16,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsConnector;
 
-use crate::Shared;
 use crate::identity::PROBE_SNI;
+use crate::shared::Shared;
 
 /// Serves the admin endpoints until shutdown.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<()> {

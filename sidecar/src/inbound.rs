@@ -23,10 +23,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::COPY_BUFFER;
 use crate::config::{Inbound, Mode};
+use crate::failure::classify_io;
 use crate::identity::PROBE_SNI;
 use crate::metrics::{ByteLabels, DirLabels, Direction};
-use crate::{Admission, COPY_BUFFER, Shared, classify_io};
+use crate::shared::{Admission, Shared};
 
 /// The header carrying the peer's SPIFFE ID to the application.
 pub const SPIFFE_ID_HEADER: &str = "x-spiffe-id";

@@ -9,9 +9,11 @@ use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
+use crate::COPY_BUFFER;
 use crate::config::{Outbound, split_host_port};
+use crate::failure::classify_io;
 use crate::metrics::{ByteLabels, DirLabels, Direction};
-use crate::{Admission, COPY_BUFFER, Shared, classify_io};
+use crate::shared::{Admission, Shared};
 
 /// One outbound listener's settings.
 #[derive(Debug)]
