@@ -421,6 +421,21 @@ pub fn verify(
         }
         while seal_idx < checked_seals.len() && checked_seals[seal_idx].0 == c.seq {
             if checked_seals[seal_idx].1 != c.hash {
+                // The sealed record itself may follow: then this one, which
+                // claims its place and links the same way, was inserted.
+                if let Some(n) = peek.filter(|n| {
+                    n.seq == c.seq && n.prev == c.prev && n.hash == checked_seals[seal_idx].1
+                }) {
+                    return Err(at(
+                        files,
+                        &c,
+                        DamageKind::Inserted,
+                        format!(
+                            "this record claims seq {}, which was sealed for the record at line {}",
+                            c.seq, n.line
+                        ),
+                    ));
+                }
                 return Err(at(
                     files,
                     &c,
