@@ -756,3 +756,36 @@ fn command_is_started_once_and_signalled_on_renewal() {
     let status = h.wait(Duration::from_secs(30));
     assert!(status.success(), "{status}: {}", h.log());
 }
+
+/// The README's helper configuration is valid as written (only the
+/// directory moved into a temp dir): it gets as far as waiting for the agent.
+#[test]
+fn readme_helper_config_is_valid() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let start = readme
+        .find("```hcl\n# helper.conf\n")
+        .expect("README helper quick start");
+    let body = &readme[start + "```hcl\n".len()..];
+    let hcl = &body[..body.find("```").expect("end of block")];
+    let dir = tempfile::tempdir().expect("tmp");
+    let hcl = hcl
+        .replace("/etc/nginx/spiffe", &dir.path().display().to_string())
+        .replace(
+            "/tmp/meshid/agent/api.sock",
+            &dir.path().join("none.sock").display().to_string(),
+        );
+    let cfg = dir.path().join("helper.conf");
+    std::fs::write(&cfg, hcl).expect("config");
+    let out = meshid()
+        .args(["helper", "run", "--once", "--timeout", "1s", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("helper");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("timed out after 1s waiting for X.509 files, payments.jwt"),
+        "{err}"
+    );
+}
