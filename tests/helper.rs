@@ -369,7 +369,8 @@ fn crash_mid_write_leaves_previous_pair_intact() {
     drop(h);
 }
 
-/// `--once` writes every file and exits 0; the key, combined and PKCS#12
+/// `--once` writes every file and exits 0; as root, files get the
+/// configured owner and group; the key, combined and PKCS#12
 /// files are 0600, certificates 0644; openssl reads the PKCS#12 with its
 /// password and finds the same certificate.
 #[test]
@@ -378,13 +379,21 @@ fn once_writes_files_and_exits_zero_with_key_0600() {
     let work = mesh.server.dir.path().join("once");
     let certs = work.join("certs");
     std::fs::create_dir_all(&certs).expect("mkdir");
+    // As root (CI), the files are handed to another user.
+    let root = nix::unistd::geteuid().is_root();
+    let owner = if root {
+        "file_owner = \"nobody\"\nfile_group = \"65534\"\n"
+    } else {
+        eprintln!("not root: file_owner is not exercised");
+        ""
+    };
     let cfg = work.join("helper.toml");
     std::fs::write(
         &cfg,
         base_config(
             &mesh,
             &certs,
-            "pkcs12_file_name = \"svid.p12\"\npkcs12_password = \"changeit\"\n",
+            &format!("pkcs12_file_name = \"svid.p12\"\npkcs12_password = \"changeit\"\n{owner}"),
         ),
     )
     .expect("config");
@@ -409,6 +418,15 @@ fn once_writes_files_and_exits_zero_with_key_0600() {
     assert_eq!(mode(&certs.join("svid.p12")), 0o600);
     assert_eq!(mode(&certs.join("svid.pem")), 0o644);
     assert_eq!(mode(&certs.join("svid_bundle.pem")), 0o644);
+    if root {
+        let nobody = nix::unistd::User::from_name("nobody")
+            .expect("passwd")
+            .expect("nobody");
+        for f in ["svid_key.pem", "svid.pem", "svid.p12"] {
+            let m = std::fs::metadata(certs.join(f)).expect("metadata");
+            assert_eq!((m.uid(), m.gid()), (nobody.uid.as_raw(), 65534), "{f}");
+        }
+    }
     assert_eq!(
         meshid_identity::pem::parse_certs(&read(&certs.join("svid_bundle.pem")))
             .expect("bundle")
