@@ -36,6 +36,8 @@ enum Command {
     Sidecar(meshid_sidecar::cli::SidecarCli),
     /// Kubernetes sidecar injection: a mutating admission webhook.
     Injector(meshid_injector::cli::InjectorCli),
+    /// SVIDs, keys and bundles as files for applications that only read files.
+    Helper(meshid_helper::cli::HelperCli),
     /// Run the whole system locally as separate processes and narrate it.
     Demo(demo::DemoCli),
     /// Print the CLI reference as Markdown (docs/cli.md is this output).
@@ -66,6 +68,7 @@ async fn main() -> std::process::ExitCode {
         Command::Agent(c) => c.run().await,
         Command::Sidecar(c) => c.run().await,
         Command::Injector(c) => c.run().await,
+        Command::Helper(c) => c.run().await,
         Command::Demo(c) => c.run().await,
         Command::HelpMarkdown => {
             print!("{}", clap_markdown::help_markdown::<Cli>());

@@ -1,0 +1,14 @@
+//! `meshid helper`: SVIDs, keys, bundles and JWT-SVIDs as files, for
+//! applications that only read files, kept fresh from the SPIFFE Workload
+//! API; the application is signalled (or started) after each renewal.
+//!
+//! - [`config`]: TOML, or spiffe-helper's HCL with the same keys.
+//! - [`render`]: what goes into each file (PEM, combined PEM, PKCS#12).
+//! - [`publish`]: the whole set switched with one rename.
+//! - [`run`]: the Workload API loops and the notification of the application.
+
+pub mod cli;
+pub mod config;
+pub mod publish;
+pub mod render;
+pub mod run;
