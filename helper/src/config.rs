@@ -515,9 +515,16 @@ impl RawConfig {
         };
         let key_mode = mode(self.key_file_mode.as_ref(), "key_file_mode", 0o600, format)?;
         if key_mode & 0o007 != 0 {
+            // A private key every local user can read is no identity at all.
+            return Err(ConfigError::Invalid(format!(
+                "key_file_mode: {key_mode:#o} lets every local user read the private key; \
+                 use 0600 (the default), or 0640 with file_group for an app in that group"
+            )));
+        }
+        if key_mode & 0o070 != 0 {
             tracing::warn!(
                 mode = format!("{key_mode:#o}"),
-                "key_file_mode lets every user read the private key"
+                "key_file_mode lets the file's group read the private key"
             );
         }
         Ok(HelperConfig {
@@ -644,6 +651,15 @@ jwt_svid_file_mode = 0444
         assert!(e.contains("cert_file_mode"), "{e}");
         let c = hcl("cert_dir = \"c\"\nsvid_bundle_file_name = \"b\"\n").unwrap();
         assert_eq!((c.cert_mode, c.key_mode), (0o644, 0o600));
+    }
+
+    #[test]
+    fn a_key_every_user_can_read_is_refused() {
+        let base = "agent_address = \"/a.sock\"\ncert_dir = \"c\"\nsvid_file_name = \"s.pem\"\nsvid_key_file_name = \"k.pem\"\n";
+        let e = hcl(&format!("{base}key_file_mode = 0444\n")).unwrap_err();
+        assert!(e.to_string().contains("every local user"), "{e}");
+        let ok = hcl(&format!("{base}key_file_mode = 0640\n")).unwrap();
+        assert_eq!(ok.key_mode, 0o640);
     }
 
     #[test]

@@ -33,7 +33,7 @@ const TEMP_LINK_PREFIX: &str = "..meshid_tmp";
 
 /// Environment variable that makes the process abort at a chosen point of a
 /// chosen update (`partial-write@N` or `before-swap@N`), to prove that a
-/// crash there leaves the previous files intact.
+/// crash there leaves the previous files intact. Read by debug builds only.
 pub const FAULT_ENV: &str = "MESHID_HELPER_FAULT";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +98,13 @@ impl Publisher {
     /// A publisher for `dir` (which must exist), giving written files the
     /// owner and group when set. Reads [`FAULT_ENV`].
     pub fn new(dir: PathBuf, owner: Option<u32>, group: Option<u32>) -> Self {
-        let fault = std::env::var(FAULT_ENV).ok().and_then(|v| parse_fault(&v));
+        // Only debug builds (the test suite's) read the fault hook; a
+        // release binary never aborts on an environment variable.
+        let fault = if cfg!(debug_assertions) {
+            std::env::var(FAULT_ENV).ok().and_then(|v| parse_fault(&v))
+        } else {
+            None
+        };
         Self {
             dir,
             owner,
