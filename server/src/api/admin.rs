@@ -567,8 +567,13 @@ impl AdminService {
             .collect::<Vec<_>>();
         if !r.dry_run {
             if ban {
-                agent.banned = true;
-                st.store.upsert_agent(&agent).await.map_err(store_status)?;
+                // Sets the flag alone: a renewal racing the ban neither
+                // undoes it nor is undone by it.
+                agent = st
+                    .store
+                    .ban_agent(&agent.spiffe_id)
+                    .await
+                    .map_err(store_status)?;
             } else {
                 st.store
                     .delete_agent(&agent.spiffe_id)
