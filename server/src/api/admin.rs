@@ -54,7 +54,7 @@ fn store_status(e: StoreError) -> Status {
         StoreError::NotFound(m) => Status::not_found(m),
         StoreError::AlreadyExists(m) => Status::already_exists(m),
         StoreError::Conflict(m) => Status::aborted(m),
-        other => Status::internal(other.to_string()),
+        other => Status::from(other),
     }
 }
 

@@ -131,7 +131,7 @@ impl NodeService {
             .store
             .get_entries(&ids)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_unavailable)?
             .into_iter()
             .map(|e| (e.id.clone(), e))
             .collect())
@@ -171,7 +171,7 @@ impl NodeService {
 /// `Unavailable` (retry later), anything else `Internal`.
 fn store_unavailable(e: StoreError) -> Status {
     if e.is_unavailable() {
-        Status::unavailable(format!("store unavailable: {e}"))
+        Status::from(e)
     } else {
         Status::internal(e.to_string())
     }
@@ -234,7 +234,7 @@ impl Node for NodeService {
                 .store
                 .get_agent(&agent_id)
                 .await
-                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(store_unavailable)?
             && prev.banned
         {
             let reason = format!("agent {agent_id} is banned; `agent evict` lets it attest again");
@@ -297,10 +297,7 @@ impl Node for NodeService {
         st.refresh_gauges().await;
         st.notify_change();
         tracing::info!(agent = %agent_id, "agent attested");
-        let bundle = st
-            .own_bundle()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let bundle = st.own_bundle().await.map_err(store_unavailable)?;
         Ok(Response::new(AttestResponse {
             svid: Some(svid_to_proto(&svid)),
             bundle: Some(bundle),
@@ -359,10 +356,7 @@ impl Node for NodeService {
                 .map_err(|e| Status::internal(e.to_string()))?;
             return Err(status);
         }
-        let bundle = st
-            .own_bundle()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let bundle = st.own_bundle().await.map_err(store_unavailable)?;
         Ok(Response::new(RenewAgentResponse {
             svid: Some(svid_to_proto(&svid)),
             bundle: Some(bundle),
@@ -402,7 +396,7 @@ impl Node for NodeService {
                     })
                 }
                 .await
-                .map_err(|e| Status::internal(e.to_string()));
+                .map_err(store_unavailable);
                 if tx.send(msg).await.is_err() {
                     break;
                 }
@@ -525,7 +519,7 @@ impl Node for NodeService {
             .journal
             .commit(records, events)
             .await
-            .map_err(Status::internal);
+            .map_err(Status::from);
         let m = &st.metrics;
         if let Err(e) = outcome {
             m.issued("x509", "error", ok);
@@ -633,7 +627,7 @@ impl Node for NodeService {
         st.audit
             .record(events)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Status::from(crate::journal::JournalError::Audit(e.to_string())))?;
         Ok(Response::new(SignJwtSvidsResponse { results }))
     }
 }

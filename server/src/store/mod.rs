@@ -67,6 +67,22 @@ impl StoreError {
     }
 }
 
+impl From<StoreError> for tonic::Status {
+    /// `NotFound`, `AlreadyExists`, `Conflict` (aborted: retry),
+    /// `Banned` (permission denied), an unreachable database `Unavailable`
+    /// (retry later), anything else `Internal`.
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => Self::not_found(m),
+            StoreError::AlreadyExists(m) => Self::already_exists(m),
+            StoreError::Conflict(m) => Self::aborted(m),
+            StoreError::Banned(m) => Self::permission_denied(format!("{m} is banned")),
+            e if e.is_unavailable() => Self::unavailable(format!("store unavailable: {e}")),
+            e => Self::internal(e.to_string()),
+        }
+    }
+}
+
 /// A join token as stored (its hash, never the token).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinTokenRecord {
