@@ -620,3 +620,131 @@ async fn store_outage_is_unavailable_and_recovers() {
         agent.log()
     );
 }
+
+fn readyz_serial(addr: &str) -> Option<String> {
+    let mut c = TcpStream::connect(addr).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    c.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut s = String::new();
+    c.read_to_string(&mut s).ok()?;
+    if !s.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    s.lines()
+        .find_map(|l| l.strip_prefix("serial: "))
+        .map(str::to_string)
+}
+
+/// `kill -9` of the agent while a workload streams from its Workload API and
+/// a sidecar pair carries a long-lived stream and fresh requests: during the
+/// outage the sidecars keep serving with the SVIDs they hold (ready, no
+/// failed request, the stream never reset); after the restart the agent
+/// resumes from its persisted identity, the sidecars and the streaming
+/// workload receive new SVIDs, and traffic never notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_workloads_stream() {
+    use common::apps::{Traffic, echo_app, http_app};
+    let server = Server::start("");
+    let alias = format!("spiffe://{TD}/node/restart");
+    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
+    for n in ["frontend", "payments"] {
+        server.ok(&[
+            "entry",
+            "create",
+            "--parent-id",
+            &alias,
+            "--spiffe-id",
+            &format!("spiffe://{TD}/{n}"),
+            "--selector",
+            &format!("unix:uid:{}", uid()),
+            "--ttl",
+            "30s",
+            "--hint",
+            n,
+        ]);
+    }
+    let dir = server.dir.path().to_path_buf();
+    let mut agent = AgentProc::start(&dir.join("agent"), &server, Some(&token));
+    let ep = agent.endpoint();
+    let http = http_app(Arc::new(Mutex::new(Vec::new())));
+    let echo = echo_app();
+    let [b_http, b_tcp, b_adm, a_http, a_tcp, a_adm] = [(); 6].map(|()| common::free_port());
+    let _b = common::sidecar(
+        &dir,
+        "payments",
+        &format!(
+            "workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{b_adm}\"\nspiffe_id = \"spiffe://{TD}/payments\"\n\
+         [[inbound]]\nlisten = \"127.0.0.1:{b_http}\"\nforward_to = \"127.0.0.1:{http}\"\nmode = \"http\"\nallow = [\"spiffe://{TD}/frontend\"]\n\
+         [[inbound]]\nlisten = \"127.0.0.1:{b_tcp}\"\nforward_to = \"127.0.0.1:{echo}\"\nmode = \"tcp\"\nallow = [\"spiffe://{TD}/frontend\"]\n"
+        ),
+    );
+    let _a = common::sidecar(
+        &dir,
+        "frontend",
+        &format!(
+            "workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{a_adm}\"\nspiffe_id = \"spiffe://{TD}/frontend\"\n\
+         [[outbound]]\nlisten = \"127.0.0.1:{a_http}\"\nupstream = \"127.0.0.1:{b_http}\"\nserver_id = \"spiffe://{TD}/payments\"\n\
+         [[outbound]]\nlisten = \"127.0.0.1:{a_tcp}\"\nupstream = \"127.0.0.1:{b_tcp}\"\nserver_id = \"spiffe://{TD}/payments\"\n"
+        ),
+    );
+    let (b_admin, a_admin) = (format!("127.0.0.1:{b_adm}"), format!("127.0.0.1:{a_adm}"));
+    wait_for("sidecars ready", Duration::from_secs(30), || {
+        readyz_serial(&b_admin).and(readyz_serial(&a_admin))
+    });
+    wait_for("path through the sidecars", Duration::from_secs(30), || {
+        common::apps::get(a_http).ok()
+    });
+    // A workload streaming X509-SVID updates.
+    let source = spiffe::X509Source::builder()
+        .endpoint(agent.endpoint())
+        .build()
+        .await
+        .expect("X509Source");
+    let leaf_serial = |s: &spiffe::X509Svid| {
+        meshid_identity::SvidInfo::from_der(s.leaf().as_ref())
+            .expect("leaf")
+            .serial
+    };
+    let traffic = Traffic::start(a_tcp, a_http);
+
+    agent.kill9();
+    let killed = Instant::now();
+    let b_serial = readyz_serial(&b_admin).expect("payments ready while the agent is down");
+    let src_serial = leaf_serial(&source.svid().expect("svid"));
+    // Three seconds of outage: the sidecars keep serving.
+    while killed.elapsed() < Duration::from_secs(3) {
+        assert!(
+            readyz_serial(&b_admin).is_some() && readyz_serial(&a_admin).is_some(),
+            "sidecars stay ready while the agent is down"
+        );
+        assert_eq!(traffic.failures(), 0, "no request fails during the outage");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    agent.start_again();
+
+    // The next SVIDs reach the sidecars and the streaming workload.
+    wait_for("payments sidecar rotates", Duration::from_secs(60), || {
+        readyz_serial(&b_admin).filter(|s| *s != b_serial)
+    });
+    let mut updates = source.updated();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if leaf_serial(&source.svid().expect("svid")) != src_serial {
+                break;
+            }
+            updates.changed().await.expect("update");
+        }
+    })
+    .await
+    .expect("the streaming workload receives a new SVID after the restart");
+    std::thread::sleep(Duration::from_secs(1));
+    let report = traffic.stop();
+    eprintln!("traffic across the agent restart: {report:?}");
+    assert!(report.stream_error.is_none(), "{report:?}");
+    assert!(report.requests_failed.is_empty(), "{report:?}");
+    assert!(
+        report.requests_ok > 10 && report.stream_lines > 10,
+        "{report:?}"
+    );
+}
