@@ -748,3 +748,147 @@ async fn agent_killed_while_workloads_stream() {
         "{report:?}"
     );
 }
+
+/// The `faketime` wrapper (Debian package `faketime`), or `None` with a
+/// printed reason outside CI.
+fn faketime() -> Option<&'static str> {
+    let found = Command::new("faketime")
+        .args(["-f", "+0", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return Some("faketime");
+    }
+    assert!(
+        !std::env::var("CI").is_ok_and(|v| v == "true"),
+        "faketime is required in CI (.ci/run installs it)"
+    );
+    eprintln!("SKIPPED: faketime is not installed");
+    None
+}
+
+/// Agents whose clocks are a few minutes ahead of and behind the server's
+/// (libfaketime, monotonic clock left alone): both attest, serve X509-SVIDs
+/// that are valid at the server's time, and rotate them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_with_clock_skew_still_serve_and_rotate() {
+    let Some(faketime) = faketime() else {
+        return;
+    };
+    let server = Server::start("");
+    let bundle = server.bundle_pem();
+    let mut agents = Vec::new();
+    for (name, offset) in [("ahead", "+150s"), ("behind", "-150s")] {
+        let alias = format!("spiffe://{TD}/node/{name}");
+        let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
+        server.ok(&[
+            "entry",
+            "create",
+            "--parent-id",
+            &alias,
+            "--spiffe-id",
+            &format!("spiffe://{TD}/skew/{name}"),
+            "--selector",
+            &format!("unix:uid:{}", uid()),
+            "--ttl",
+            "5m",
+        ]);
+        let dir = server.dir.path().join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("bootstrap.pem"), &bundle).expect("bundle");
+        let socket = dir.join("api.sock");
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "trust_domain = \"{TD}\"\nserver_address = \"{}\"\ntrust_bundle_path = \"{d}/bootstrap.pem\"\n\
+                 data_dir = \"{d}/data\"\nsocket_path = \"{}\"\nmax_backoff = \"1s\"\nrotation_fraction = 0.1\n",
+                server.node_addr,
+                socket.display(),
+                d = dir.display()
+            ),
+        )
+        .expect("config");
+        let child = Killed(
+            Command::new(faketime)
+                .args(["-f", offset])
+                .arg(env!("CARGO_BIN_EXE_meshid"))
+                .args(["agent", "run", "--config"])
+                .arg(&config)
+                .args(["--join-token", &token])
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("agent.log")).expect("log"))
+                .spawn()
+                .expect("faketime agent"),
+        );
+        agents.push((name, dir, socket, child));
+    }
+    let roots: Vec<_> = meshid_identity::pem::parse_certs(bundle.as_bytes()).expect("bundle");
+    let mut first = Vec::new();
+    for (name, dir, socket, _) in &agents {
+        let ep = format!("unix://{}", socket.display());
+        let serial = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if let Ok(c) = spiffe::WorkloadApiClient::connect_to(ep.clone()).await
+                    && let Ok(svids) = c.fetch_all_x509_svids().await
+                    && let Some(s) = svids.first()
+                {
+                    return check_valid_now(s, &roots);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "agent {name} serves an SVID: {}",
+                std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+            )
+        });
+        first.push(serial);
+    }
+    // Rotation: 5 min SVIDs renewed at a tenth of their lifetime.
+    for ((name, dir, socket, _), serial) in agents.iter().zip(&first) {
+        let ep = format!("unix://{}", socket.display());
+        tokio::time::timeout(Duration::from_secs(90), async {
+            loop {
+                if let Ok(c) = spiffe::WorkloadApiClient::connect_to(ep.clone()).await
+                    && let Ok(svids) = c.fetch_all_x509_svids().await
+                    && let Some(s) = svids.first()
+                    && check_valid_now(s, &roots) != *serial
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "agent {name} rotates: {}",
+                std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+            )
+        });
+    }
+}
+
+/// Checks the SVID is within its validity window at the server's (this
+/// process's) time and chains to the bundle; returns its serial.
+fn check_valid_now(
+    s: &spiffe::X509Svid,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> String {
+    let info = meshid_identity::SvidInfo::from_der(s.leaf().as_ref()).expect("leaf");
+    let now = std::time::SystemTime::now();
+    let (_, leaf) = x509_parser::parse_x509_certificate(s.leaf().as_ref()).expect("leaf parses");
+    let nb = std::time::UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(leaf.validity().not_before.timestamp()).expect("nb"));
+    assert!(nb <= now && now < info.not_after, "valid now");
+    let issuer_ok = roots.iter().any(|r| {
+        x509_parser::parse_x509_certificate(r.as_ref())
+            .is_ok_and(|(_, root)| leaf.verify_signature(Some(root.public_key())).is_ok())
+    }) || s.cert_chain().len() > 1;
+    assert!(issuer_ok, "signed by a bundle authority");
+    info.serial
+}
