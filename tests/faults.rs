@@ -387,6 +387,9 @@ async fn unwritable_audit_log_refuses_issuance() {
     let audit_path = dir.path().join("data/audit.log");
     let size = std::fs::metadata(&audit_path).expect("audit").len();
     prlimit_fsize(child.0.id(), &size.to_string());
+    // A record written just before the limit took effect is fine; from now
+    // on the file cannot grow.
+    let size = std::fs::metadata(&audit_path).expect("audit").len();
     let err = node
         .sign_x509_svids(sign(key_and_csr().1))
         .await
