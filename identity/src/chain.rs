@@ -34,21 +34,35 @@ pub fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], now: SystemTime) -> Re
         .collect();
     let secs = now.duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?;
     let provider = crate::crypto::provider();
-    ee.verify_for_usage(
-        provider.signature_verification_algorithms.all,
-        &anchors,
-        &intermediates,
-        UnixTime::since_unix_epoch(secs),
-        KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map(|_| ())
-    .map_err(|e| format!("{e:?}"))
+    // As in the TLS verifiers: a chain that starts being valid within the
+    // clock-skew tolerance is verified at that time (notAfter never relaxed).
+    let limit = secs.as_secs() + crate::verify::CLOCK_SKEW_TOLERANCE.as_secs();
+    let mut at = UnixTime::since_unix_epoch(secs);
+    loop {
+        match ee.verify_for_usage(
+            provider.signature_verification_algorithms.all,
+            &anchors,
+            &intermediates,
+            at,
+            KeyUsage::client_auth(),
+            None,
+            None,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(webpki::Error::CertNotValidYet { not_before, .. })
+                if not_before.as_secs() > at.as_secs() && not_before.as_secs() <= limit =>
+            {
+                at = not_before;
+            }
+            Err(e) => return Err(format!("{e:?}")),
+        }
+    }
 }
 
 /// Splits roots into those still valid at `now` and a description of each
-/// one left out (expired, not yet valid, or unparsable). An expired CA is
+/// one left out (expired, not yet valid even allowing for
+/// [`CLOCK_SKEW_TOLERANCE`](crate::verify::CLOCK_SKEW_TOLERANCE), or
+/// unparsable). An expired CA is
 /// never served: some TLS stacks refuse a whole bundle that holds one.
 pub fn prune_roots(roots: &[Vec<u8>], now: SystemTime) -> (Vec<Vec<u8>>, Vec<String>) {
     let mut keep = Vec::new();
@@ -60,7 +74,7 @@ pub fn prune_roots(roots: &[Vec<u8>], now: SystemTime) -> (Vec<Vec<u8>>, Vec<Str
                 let nb = to_system_time(c.validity().not_before);
                 if na <= now {
                     dropped.push(format!("{} (expired)", c.subject()));
-                } else if nb > now {
+                } else if nb > now + crate::verify::CLOCK_SKEW_TOLERANCE {
                     dropped.push(format!("{} (not yet valid)", c.subject()));
                 } else {
                     keep.push(r.clone());

@@ -360,10 +360,29 @@ fn verify_chain(
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
     )?;
     let ee = EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
-    ee.verify_for_usage(algs.all, &anchors, intermediates, now, usage, None, None)
-        .map_err(webpki_error)?;
-    Ok(())
+    // A certificate of the chain that starts being valid within
+    // CLOCK_SKEW_TOLERANCE of `now` was issued by a clock that is ahead of
+    // ours: the chain is verified again at that certificate's notBefore
+    // (notAfter is then checked at that later time, never relaxed).
+    let mut at = now;
+    loop {
+        match ee.verify_for_usage(algs.all, &anchors, intermediates, at, usage, None, None) {
+            Ok(_) => return Ok(()),
+            Err(webpki::Error::CertNotValidYet { not_before, .. })
+                if not_before.as_secs() > at.as_secs()
+                    && not_before.as_secs() <= now.as_secs() + CLOCK_SKEW_TOLERANCE.as_secs() =>
+            {
+                at = not_before;
+            }
+            Err(e) => return Err(webpki_error(e)),
+        }
+    }
 }
+
+/// How far ahead of this host's clock the clock of a certificate's issuer
+/// may be: a certificate whose notBefore is at most this far in the future
+/// is accepted (verified at its notBefore). Its notAfter is never relaxed.
+pub const CLOCK_SKEW_TOLERANCE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Checks that `chain` (leaf first) is an X509-SVID that `bundles` verifies at
 /// `now` for both TLS client and server use, as a workload's own SVID must

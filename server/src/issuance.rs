@@ -24,6 +24,7 @@ use meshid_proto::types::Entry;
 use crate::audit::Event;
 use crate::ca::jwt::SignedJwt;
 use crate::ca::{IssueError, IssuedSvid};
+use crate::journal::JournalError;
 use crate::metrics::OutcomeLabels;
 use crate::state::ServerState;
 use crate::store::{AgentRecord, IssuedRecord, StoreError};
@@ -48,7 +49,7 @@ pub enum IssuanceError {
     /// The journal or the audit log could not record the issuance, so
     /// nothing was handed out.
     #[error("not recorded, so not issued: {0}")]
-    NotRecorded(String),
+    NotRecorded(#[from] JournalError),
 }
 
 /// Why one request of a batch was not served (the others still are).

@@ -14,7 +14,39 @@ use crate::store::{IssuedRecord, Store};
 struct Pending {
     records: Vec<IssuedRecord>,
     events: Vec<Event>,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), JournalError>>,
+}
+
+/// Why issued certificates could not be put on record (and so must not be
+/// handed out).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum JournalError {
+    /// The store did not take the records.
+    #[error("journal: {message}")]
+    Store {
+        /// The store's error.
+        message: String,
+        /// Whether the database was unreachable (retry later).
+        unavailable: bool,
+    },
+    /// The audit log could not be written: nothing is issued unaudited.
+    #[error("audit log not writable, refusing to issue unaudited: {0}")]
+    Audit(String),
+    /// The writer task is gone (shutting down).
+    #[error("journal writer stopped")]
+    Stopped,
+}
+
+impl From<JournalError> for tonic::Status {
+    fn from(e: JournalError) -> Self {
+        match &e {
+            JournalError::Store {
+                unavailable: false, ..
+            } => Self::internal(e.to_string()),
+            _ => Self::unavailable(e.to_string()),
+        }
+    }
 }
 
 /// Handle to the issuance journal writer.
@@ -48,8 +80,14 @@ impl Journal {
                     waiters.push(p.done);
                 }
                 let result = match store.record_issued(&records).await {
-                    Err(e) => Err(format!("journal: {e}")),
-                    Ok(()) => audit.record(events).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(JournalError::Store {
+                        unavailable: e.is_unavailable(),
+                        message: e.to_string(),
+                    }),
+                    Ok(()) => audit
+                        .record(events)
+                        .await
+                        .map_err(|e| JournalError::Audit(e.to_string())),
                 };
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "issuance journal write failed");
@@ -67,7 +105,7 @@ impl Journal {
         &self,
         records: Vec<IssuedRecord>,
         events: Vec<Event>,
-    ) -> Result<(), String> {
+    ) -> Result<(), JournalError> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Pending {
@@ -76,8 +114,7 @@ impl Journal {
                 done,
             })
             .await
-            .map_err(|_| "journal writer stopped".to_string())?;
-        wait.await
-            .map_err(|_| "journal writer stopped".to_string())?
+            .map_err(|_| JournalError::Stopped)?;
+        wait.await.map_err(|_| JournalError::Stopped)?
     }
 }

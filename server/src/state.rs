@@ -229,7 +229,7 @@ impl ServerState {
             .store
             .get_agent(&id)
             .await
-            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .map_err(tonic::Status::from)?
             .ok_or_else(|| {
                 tonic::Status::permission_denied(format!(
                     "unknown agent {id}: never attested, or evicted"

@@ -82,6 +82,9 @@ suite!(
     racing_entry_updates_never_lose_a_write,
     racing_identical_creates_make_one_entry,
     racing_authority_transitions_apply_once,
+    racing_ban_and_renewal_ban_always_holds,
+    racing_evict_and_renewal_stays_evicted,
+    racing_ban_and_reattestation_ban_always_holds,
 );
 
 fn sel(t: &str, v: &str) -> Selector {
@@ -311,23 +314,54 @@ async fn join_tokens_are_single_use(db: Db) {
 async fn agents_round_trip(db: Db) {
     let s = db.open().await;
     let mut a = agent("spiffe://td/meshid/agent/join_token/1", "01");
-    s.upsert_agent(&a).await.expect("insert");
+    s.attest_agent(&a).await.expect("insert");
     let mut b = agent("spiffe://td/meshid/agent/join_token/2", "02");
     b.aliases.clear();
     b.attested_at += 10;
-    s.upsert_agent(&b).await.expect("insert");
+    s.attest_agent(&b).await.expect("insert");
     assert_eq!(
         s.get_agent(&a.spiffe_id).await.expect("get"),
         Some(a.clone())
     );
     a.prev_serial = "01".into();
     a.serial = "03".into();
+    a.expires_at += 60;
+    assert_eq!(
+        s.renew_agent(&a.spiffe_id, "01", "03", a.expires_at)
+            .await
+            .expect("renew"),
+        a
+    );
+    // A renewal from a serial that is no longer current changes nothing.
+    assert!(matches!(
+        s.renew_agent(&a.spiffe_id, "01", "04", 1).await,
+        Err(StoreError::Conflict(_))
+    ));
     a.banned = true;
-    s.upsert_agent(&a).await.expect("update");
+    assert_eq!(s.ban_agent(&a.spiffe_id).await.expect("ban"), a);
     assert_eq!(
         s.get_agent(&a.spiffe_id).await.expect("get"),
         Some(a.clone())
     );
+    // A banned agent neither renews nor attests again.
+    assert!(matches!(
+        s.renew_agent(&a.spiffe_id, "03", "05", 1).await,
+        Err(StoreError::Banned(_))
+    ));
+    let mut again = agent(&a.spiffe_id, "06");
+    again.aliases.clear();
+    assert!(matches!(
+        s.attest_agent(&again).await,
+        Err(StoreError::Banned(_))
+    ));
+    assert_eq!(
+        s.get_agent(&a.spiffe_id).await.expect("get"),
+        Some(a.clone())
+    );
+    assert!(matches!(
+        s.ban_agent("spiffe://td/none").await,
+        Err(StoreError::NotFound(_))
+    ));
     assert_eq!(
         s.list_agents().await.expect("list"),
         vec![a.clone(), b.clone()]
@@ -573,8 +607,8 @@ async fn changes_are_published(db: Db) {
     e2.revision = 2;
     s.update_entry(&e2, 1).await.expect("update");
     rev = next_change(&mut rx, rev).await;
-    let mut a = agent("spiffe://td/meshid/agent/1", "01");
-    s.upsert_agent(&a).await.expect("new agent");
+    let a = agent("spiffe://td/meshid/agent/1", "01");
+    s.attest_agent(&a).await.expect("new agent");
     rev = next_change(&mut rx, rev).await;
     s.put_bundle(&bundle("fed.org", 1), true).await.expect("b");
     rev = next_change(&mut rx, rev).await;
@@ -588,9 +622,9 @@ async fn changes_are_published(db: Db) {
 
     // Not changes agents see: a renewal, the same bundle again, tokens, the
     // journal, a refused update.
-    a.prev_serial = a.serial.clone();
-    a.serial = "02".into();
-    s.upsert_agent(&a).await.expect("renewal");
+    s.renew_agent(&a.spiffe_id, "01", "02", a.expires_at + 60)
+        .await
+        .expect("renewal");
     s.put_bundle(&bundle("fed.org", 1), true)
         .await
         .expect("same");
@@ -600,8 +634,7 @@ async fn changes_are_published(db: Db) {
     assert!(s.update_entry(&e2, 1).await.is_err());
     assert!(s.update_authority(&ca, 1).await.is_err());
     // A visible change after them: exactly one step if nothing above counted.
-    a.banned = true;
-    s.upsert_agent(&a).await.expect("ban");
+    s.ban_agent(&a.spiffe_id).await.expect("ban");
     let after_ban = next_change(&mut rx, rev).await;
     assert_eq!(
         after_ban,
@@ -994,4 +1027,137 @@ async fn postgres_tls_modes() {
         .await
         .expect("require");
     assert_eq!(s.count_entries().await.expect("count"), 0);
+}
+
+/// What the node API does on RenewAgent, through `s`: read the agent (as
+/// authentication does), refuse a banned or unknown one, then record the
+/// renewal conditionally. Renews until refused; returns the refusal and the
+/// number of renewals recorded.
+async fn renew_until_refused(s: Arc<dyn Store>, id: String) -> (StoreError, u32) {
+    let mut n = 0u32;
+    loop {
+        let Some(a) = s.get_agent(&id).await.expect("get") else {
+            return (StoreError::NotFound(id), n);
+        };
+        if a.banned {
+            return (StoreError::Banned(id), n);
+        }
+        n += 1;
+        let serial = format!("{n:04x}");
+        match s
+            .renew_agent(&id, &a.serial, &serial, a.expires_at + 1)
+            .await
+        {
+            Ok(after) => {
+                assert_eq!((after.serial, after.prev_serial), (serial, a.serial));
+                assert!(!after.banned);
+            }
+            Err(e @ (StoreError::Banned(_) | StoreError::NotFound(_))) => return (e, n),
+            Err(e) => panic!("unexpected {e}"),
+        }
+        if n > 5_000 {
+            panic!("never refused");
+        }
+    }
+}
+
+/// `agent ban` racing RenewAgent, many times, through two store instances
+/// (two servers on PostgreSQL): the ban always holds, the renewer is refused
+/// with `Banned`, and the banned agent can neither renew nor attest again.
+/// (With a renewal that wrote back the whole row it had read, the ban was
+/// undone in about half of the trials.)
+async fn racing_ban_and_renewal_ban_always_holds(db: Db) {
+    let a = db.open().await;
+    let b = db.open().await;
+    for trial in 0..40u64 {
+        let id = format!("spiffe://td/meshid/agent/k8s_psat/c/node-{trial}");
+        a.attest_agent(&agent(&id, "00")).await.expect("attest");
+        let renewer = tokio::spawn(renew_until_refused(a.clone(), id.clone()));
+        // Let a few renewals through first, varying with the trial.
+        for _ in 0..(trial % 7) {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_micros(200 * (trial % 5))).await;
+        let banned = b.ban_agent(&id).await.expect("ban");
+        assert!(banned.banned);
+        let (refusal, renewals) = renewer.await.expect("renewer");
+        assert!(
+            matches!(refusal, StoreError::Banned(_)),
+            "trial {trial}: {refusal} after {renewals} renewals"
+        );
+        let stored = a.get_agent(&id).await.expect("get").expect("agent");
+        assert!(stored.banned, "trial {trial}: the ban was undone");
+        assert!(matches!(
+            b.renew_agent(&id, &stored.serial, "ffff", 1).await,
+            Err(StoreError::Banned(_))
+        ));
+        assert!(matches!(
+            a.attest_agent(&agent(&id, "fffe")).await,
+            Err(StoreError::Banned(_))
+        ));
+        assert_eq!(
+            b.get_agent(&id).await.expect("get"),
+            Some(stored),
+            "trial {trial}: refused calls changed nothing"
+        );
+    }
+}
+
+/// `agent evict` racing RenewAgent: the renewal never re-inserts the agent.
+async fn racing_evict_and_renewal_stays_evicted(db: Db) {
+    let a = db.open().await;
+    let b = db.open().await;
+    for trial in 0..40u64 {
+        let id = format!("spiffe://td/meshid/agent/join_token/t{trial}");
+        a.attest_agent(&agent(&id, "00")).await.expect("attest");
+        let renewer = tokio::spawn(renew_until_refused(a.clone(), id.clone()));
+        for _ in 0..(trial % 7) {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_micros(200 * (trial % 5))).await;
+        b.delete_agent(&id).await.expect("evict");
+        let (refusal, renewals) = renewer.await.expect("renewer");
+        assert!(
+            matches!(refusal, StoreError::NotFound(_)),
+            "trial {trial}: {refusal} after {renewals} renewals"
+        );
+        assert_eq!(a.get_agent(&id).await.expect("get"), None, "trial {trial}");
+        assert!(matches!(
+            b.renew_agent(&id, "00", "ffff", 1).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(b.get_agent(&id).await.expect("get"), None);
+    }
+}
+
+/// A PSAT node re-attesting in a loop while it is banned: the conditional
+/// upsert never clears the ban, whichever commits first.
+async fn racing_ban_and_reattestation_ban_always_holds(db: Db) {
+    let a = db.open().await;
+    let b = db.open().await;
+    for trial in 0..40u64 {
+        let id = format!("spiffe://td/meshid/agent/k8s_psat/c/re-{trial}");
+        a.attest_agent(&agent(&id, "00")).await.expect("attest");
+        let attester = {
+            let (s, id) = (a.clone(), id.clone());
+            tokio::spawn(async move {
+                for n in 1..5_000u32 {
+                    match s.attest_agent(&agent(&id, &format!("{n:04x}"))).await {
+                        Ok(()) => {}
+                        Err(StoreError::Banned(_)) => return n,
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+                panic!("never refused");
+            })
+        };
+        for _ in 0..(trial % 7) {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_micros(200 * (trial % 5))).await;
+        b.ban_agent(&id).await.expect("ban");
+        attester.await.expect("attester");
+        let stored = a.get_agent(&id).await.expect("get").expect("agent");
+        assert!(stored.banned, "trial {trial}: the ban was undone");
+    }
 }

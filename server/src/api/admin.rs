@@ -54,7 +54,7 @@ fn store_status(e: StoreError) -> Status {
         StoreError::NotFound(m) => Status::not_found(m),
         StoreError::AlreadyExists(m) => Status::already_exists(m),
         StoreError::Conflict(m) => Status::aborted(m),
-        other => Status::internal(other.to_string()),
+        other => Status::from(other),
     }
 }
 
@@ -567,8 +567,13 @@ impl AdminService {
             .collect::<Vec<_>>();
         if !r.dry_run {
             if ban {
-                agent.banned = true;
-                st.store.upsert_agent(&agent).await.map_err(store_status)?;
+                // Sets the flag alone: a renewal racing the ban neither
+                // undoes it nor is undone by it.
+                agent = st
+                    .store
+                    .ban_agent(&agent.spiffe_id)
+                    .await
+                    .map_err(store_status)?;
             } else {
                 st.store
                     .delete_agent(&agent.spiffe_id)

@@ -21,7 +21,7 @@ use crate::attest::k8s_psat::{self, PsatAttestor};
 use crate::audit::Event;
 use crate::issuance::{self, JwtRequest, X509Request};
 use crate::state::{ServerState, svid_to_proto};
-use crate::store::AgentRecord;
+use crate::store::{AgentRecord, StoreError};
 use meshid_identity::svid::unix;
 
 /// The node API service.
@@ -142,6 +142,16 @@ impl NodeService {
     }
 }
 
+/// A store failure as the caller sees it: the database being unreachable is
+/// `Unavailable` (retry later), anything else `Internal`.
+fn store_unavailable(e: StoreError) -> Status {
+    if e.is_unavailable() {
+        Status::from(e)
+    } else {
+        Status::internal(e.to_string())
+    }
+}
+
 fn item_status(code: Code, message: impl Into<String>) -> Option<ItemStatus> {
     Some(ItemStatus {
         code: code as i32,
@@ -169,7 +179,7 @@ impl Node for NodeService {
                 .store
                 .get_agent(&agent_id)
                 .await
-                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(store_unavailable)?
             && prev.banned
         {
             let reason = format!("agent {agent_id} is banned; `agent evict` lets it attest again");
@@ -196,10 +206,25 @@ impl Node for NodeService {
             aliases: aliases.clone(),
             attested_at: unix(SystemTime::now()),
         };
-        st.store
-            .upsert_agent(&record)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        // The check above spares a banned node a signature; this conditional
+        // write is what holds: a ban committed since the check refuses here,
+        // and the SVID just signed is never handed out.
+        match st.store.attest_agent(&record).await {
+            Ok(()) => {}
+            Err(StoreError::Banned(_)) => {
+                let reason =
+                    format!("agent {agent_id} is banned; `agent evict` lets it attest again");
+                self.attest_failed(&r.attestor, "banned", &reason);
+                st.audit.submit(
+                    Event::new("agent_svid_withheld")
+                        .with("agent", agent_id.clone())
+                        .with("serial", svid.serial.clone())
+                        .with("reason", reason.clone()),
+                );
+                return Err(Status::permission_denied(reason));
+            }
+            Err(e) => return Err(store_unavailable(e)),
+        }
         st.metrics.attestation(&r.attestor, "ok");
         let event = node.details.into_iter().fold(
             Event::new("attestation_succeeded")
@@ -216,10 +241,7 @@ impl Node for NodeService {
         st.refresh_gauges().await;
         st.notify_change();
         tracing::info!(agent = %agent_id, "agent attested");
-        let bundle = st
-            .own_bundle()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let bundle = st.own_bundle().await.map_err(store_unavailable)?;
         Ok(Response::new(AttestResponse {
             svid: Some(svid_to_proto(&svid)),
             bundle: Some(bundle),
@@ -230,7 +252,7 @@ impl Node for NodeService {
         &self,
         req: Request<RenewAgentRequest>,
     ) -> Result<Response<RenewAgentResponse>, Status> {
-        let mut agent = self.agent(&req).await?;
+        let agent = self.agent(&req).await?;
         let st = &self.state;
         let r = req.into_inner();
         let svid = issuance::sign_identity(
@@ -242,16 +264,42 @@ impl Node for NodeService {
             SystemTime::now(),
         )
         .await?;
-        agent.prev_serial = std::mem::replace(&mut agent.serial, svid.serial.clone());
-        agent.expires_at = unix(svid.not_after);
-        st.store
-            .upsert_agent(&agent)
+        // Only serial and expiry are written, and only while the agent is
+        // still the one authenticated above: a ban or eviction committed
+        // meanwhile wins, and the new SVID is never handed out.
+        if let Err(e) = st
+            .store
+            .renew_agent(
+                &agent.spiffe_id,
+                &agent.serial,
+                &svid.serial,
+                unix(svid.not_after),
+            )
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let bundle = st
-            .own_bundle()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        {
+            let id = &agent.spiffe_id;
+            let status = match e {
+                StoreError::Banned(_) => Status::permission_denied(format!("agent {id} is banned")),
+                StoreError::NotFound(_) => Status::permission_denied(format!(
+                    "unknown agent {id}: never attested, or evicted"
+                )),
+                StoreError::Conflict(m) => Status::aborted(m),
+                e => store_unavailable(e),
+            };
+            tracing::warn!(agent = %id, code = ?status.code(), reason = %status.message(), "agent SVID renewal refused");
+            // The SVID is on record as issued; say that it was withheld.
+            st.audit
+                .record(vec![
+                    Event::new("agent_svid_withheld")
+                        .with("agent", id.clone())
+                        .with("serial", svid.serial.clone())
+                        .with("reason", status.message().to_string()),
+                ])
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            return Err(status);
+        }
+        let bundle = st.own_bundle().await.map_err(store_unavailable)?;
         Ok(Response::new(RenewAgentResponse {
             svid: Some(svid_to_proto(&svid)),
             bundle: Some(bundle),
@@ -291,7 +339,7 @@ impl Node for NodeService {
                     })
                 }
                 .await
-                .map_err(|e| Status::internal(e.to_string()));
+                .map_err(store_unavailable);
                 if tx.send(msg).await.is_err() {
                     break;
                 }

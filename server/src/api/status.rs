@@ -5,7 +5,6 @@ use tonic::{Code, Status};
 
 use crate::ca::IssueError;
 use crate::issuance::{IssuanceError, Refusal};
-use crate::store::StoreError;
 
 /// The code for a certificate that could not be signed.
 pub fn issue_code(e: &IssueError) -> Code {
@@ -33,14 +32,13 @@ pub fn refusal_code(r: &Refusal) -> Code {
 
 impl From<IssuanceError> for Status {
     fn from(e: IssuanceError) -> Self {
-        let code = match &e {
-            IssuanceError::BatchSize { .. } => Code::InvalidArgument,
-            IssuanceError::Invalid(i) => issue_code(i),
-            IssuanceError::Store(StoreError::Db(_)) | IssuanceError::NotRecorded(_) => {
-                Code::Unavailable
-            }
-            IssuanceError::Store(_) => Code::Internal,
-        };
-        Status::new(code, e.to_string())
+        match e {
+            // The store and the journal choose their own codes (an
+            // unreachable database or audit log is Unavailable: retry).
+            IssuanceError::Store(s) => Status::from(s),
+            IssuanceError::NotRecorded(j) => Status::from(j),
+            IssuanceError::BatchSize { .. } => Status::invalid_argument(e.to_string()),
+            IssuanceError::Invalid(ref i) => Status::new(issue_code(i), e.to_string()),
+        }
     }
 }

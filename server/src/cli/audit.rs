@@ -115,7 +115,15 @@ async fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
             )?))
         }
         StoreConfig::Postgres { .. } => {
-            anyhow::bail!("store kind \"postgres\" is not available in this build")
+            let opts = cfg
+                .store
+                .postgres_options()
+                .context("[store] kind = \"postgres\" needs its url")?;
+            Ok(Arc::new(
+                crate::store::PostgresStore::connect(&opts)
+                    .await
+                    .context("connecting to the PostgreSQL store")?,
+            ))
         }
     }
 }

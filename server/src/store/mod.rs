@@ -35,6 +35,9 @@ pub enum StoreError {
     /// An optimistic-concurrency check failed.
     #[error("changed concurrently: {0}")]
     Conflict(String),
+    /// The agent is banned: it may not attest again or renew.
+    #[error("banned: {0}")]
+    Banned(String),
     /// The database failed.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
@@ -44,6 +47,40 @@ pub enum StoreError {
     /// Stored data does not decode.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (connection refused or
+    /// lost, no connection within the pool's timeout): the operation may
+    /// succeed later, unlike a refused or failed statement.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Db(
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            )
+        )
+    }
+}
+
+impl From<StoreError> for tonic::Status {
+    /// `NotFound`, `AlreadyExists`, `Conflict` (aborted: retry),
+    /// `Banned` (permission denied), an unreachable database `Unavailable`
+    /// (retry later), anything else `Internal`.
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => Self::not_found(m),
+            StoreError::AlreadyExists(m) => Self::already_exists(m),
+            StoreError::Conflict(m) => Self::aborted(m),
+            StoreError::Banned(m) => Self::permission_denied(format!("{m} is banned")),
+            e if e.is_unavailable() => Self::unavailable(format!("store unavailable: {e}")),
+            e => Self::internal(e.to_string()),
+        }
+    }
 }
 
 /// A join token as stored (its hash, never the token).
@@ -88,6 +125,23 @@ impl AgentRecord {
         let mut v = vec![self.spiffe_id.clone()];
         v.extend(self.aliases.iter().cloned());
         v
+    }
+}
+
+/// Why a conditional renewal of `spiffe_id` (expecting `expected_serial`)
+/// matched no row, given the row as it is now.
+pub(crate) fn renew_refusal(
+    spiffe_id: &str,
+    expected_serial: &str,
+    now: Option<AgentRecord>,
+) -> StoreError {
+    match now {
+        None => StoreError::NotFound(format!("agent {spiffe_id}: evicted")),
+        Some(a) if a.banned => StoreError::Banned(format!("agent {spiffe_id}")),
+        Some(a) => StoreError::Conflict(format!(
+            "agent {spiffe_id}: SVID serial {expected_serial} was superseded by {} meanwhile",
+            a.serial
+        )),
     }
 }
 
@@ -171,8 +225,29 @@ pub trait Store: Send + Sync + 'static {
         token_hash: &str,
     ) -> Result<Option<JoinTokenRecord>, StoreError>;
 
-    /// Inserts or replaces an agent.
-    async fn upsert_agent(&self, agent: &AgentRecord) -> Result<(), StoreError>;
+    /// Records an attested agent: inserts it, or replaces an earlier
+    /// attestation of the same ID (a re-attesting node), in one conditional
+    /// statement that never replaces a banned agent: that is `Banned`, and
+    /// nothing changes. `agent.banned` is not written (a new attestation is
+    /// never banned); a ban is only ever set by [`Store::ban_agent`].
+    async fn attest_agent(&self, agent: &AgentRecord) -> Result<(), StoreError>;
+    /// Records a renewed agent SVID: the current serial becomes the previous
+    /// one, `serial` and `expires_at` become current. One conditional update
+    /// of those three columns only, applied if the agent still exists
+    /// (`NotFound`: evicted meanwhile, and it is not re-inserted), is not
+    /// banned (`Banned`) and its current serial is still `expected_serial`
+    /// (`Conflict`: renewed or re-attested meanwhile). Returns the agent as
+    /// stored after the update.
+    async fn renew_agent(
+        &self,
+        spiffe_id: &str,
+        expected_serial: &str,
+        serial: &str,
+        expires_at: i64,
+    ) -> Result<AgentRecord, StoreError>;
+    /// Bans an agent: sets `banned` and nothing else, so it cannot undo a
+    /// concurrent renewal, nor be undone by one. Returns the agent as stored.
+    async fn ban_agent(&self, spiffe_id: &str) -> Result<AgentRecord, StoreError>;
     /// One agent.
     async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError>;
     /// All agents.

@@ -21,7 +21,7 @@ use meshid_proto::types::{Authority, Bundle, Entry};
 
 use super::{
     AgentRecord, AuditSeal, EntryFilter, IssuedRecord, IssuedSummary, JoinTokenRecord, Store,
-    StoreError,
+    StoreError, renew_refusal,
 };
 
 /// SQLite-backed [`Store`].
@@ -293,45 +293,105 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    async fn upsert_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
+    async fn attest_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
         let aliases =
             serde_json::to_string(&a.aliases).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        // BEGIN IMMEDIATE takes the write lock first: no ban can commit
+        // between the read below and the write.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        // Agents see a change only when the agent is new or its aliases or
-        // ban change; a renewal (new serial) is not one.
-        let before = sqlx::query("SELECT aliases, banned FROM agents WHERE spiffe_id = ?")
+        // Agents see a change only when the agent is new or its aliases
+        // change; a re-attestation (new serial) is not one.
+        let before = sqlx::query("SELECT aliases FROM agents WHERE spiffe_id = ?")
             .bind(&a.spiffe_id)
             .fetch_optional(&mut *tx)
             .await?;
-        let visible = match before {
+        let visible = match &before {
             None => true,
-            Some(r) => {
-                r.try_get::<String, _>("aliases")? != aliases
-                    || (r.try_get::<i64, _>("banned")? != 0) != a.banned
-            }
+            Some(r) => r.try_get::<String, _>("aliases")? != aliases,
         };
-        sqlx::query(
+        // The WHERE of the upsert is what refuses a banned agent: the row is
+        // left as it is and nothing is returned.
+        let written = sqlx::query(
             "INSERT INTO agents (spiffe_id, attestor, serial, prev_serial, expires_at, banned, aliases, attested_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             VALUES (?, ?, ?, ?, ?, 0, ?, ?)
              ON CONFLICT(spiffe_id) DO UPDATE SET attestor = excluded.attestor, serial = excluded.serial,
-               prev_serial = excluded.prev_serial, expires_at = excluded.expires_at, banned = excluded.banned,
-               aliases = excluded.aliases, attested_at = excluded.attested_at",
+               prev_serial = excluded.prev_serial, expires_at = excluded.expires_at,
+               aliases = excluded.aliases, attested_at = excluded.attested_at
+             WHERE agents.banned = 0
+             RETURNING spiffe_id",
         )
         .bind(&a.spiffe_id)
         .bind(&a.attestor)
         .bind(&a.serial)
         .bind(&a.prev_serial)
         .bind(a.expires_at)
-        .bind(i64::from(a.banned))
         .bind(aliases)
         .bind(a.attested_at)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
+        if written.is_none() {
+            return Err(StoreError::Banned(format!("agent {}", a.spiffe_id)));
+        }
         tx.commit().await?;
         if visible {
             self.changed();
         }
         Ok(())
+    }
+
+    async fn renew_agent(
+        &self,
+        spiffe_id: &str,
+        expected_serial: &str,
+        serial: &str,
+        expires_at: i64,
+    ) -> Result<AgentRecord, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query(
+            "UPDATE agents SET prev_serial = serial, serial = ?, expires_at = ?
+             WHERE spiffe_id = ? AND serial = ? AND banned = 0 RETURNING *",
+        )
+        .bind(serial)
+        .bind(expires_at)
+        .bind(spiffe_id)
+        .bind(expected_serial)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(r) = row {
+            let agent = agent_from_row(&r)?;
+            tx.commit().await?;
+            return Ok(agent);
+        }
+        // Nothing matched: say why, from the same transaction.
+        let now = sqlx::query("SELECT * FROM agents WHERE spiffe_id = ?")
+            .bind(spiffe_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(agent_from_row)
+            .transpose()?;
+        Err(renew_refusal(spiffe_id, expected_serial, now))
+    }
+
+    async fn ban_agent(&self, spiffe_id: &str) -> Result<AgentRecord, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let was = sqlx::query("SELECT banned FROM agents WHERE spiffe_id = ?")
+            .bind(spiffe_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("agent {spiffe_id}")))?
+            .try_get::<i64, _>("banned")?
+            != 0;
+        let row = sqlx::query("UPDATE agents SET banned = 1 WHERE spiffe_id = ? RETURNING *")
+            .bind(spiffe_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let agent = agent_from_row(&row)?;
+        tx.commit().await?;
+        if !was {
+            self.changed();
+        }
+        Ok(agent)
     }
 
     async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError> {

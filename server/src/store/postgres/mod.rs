@@ -372,39 +372,43 @@ impl Store for PostgresStore {
         .transpose()
     }
 
-    async fn upsert_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
+    async fn attest_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
         let mut tx = self.pool_ref().begin().await?;
-        // Agents see a change only when the agent is new or its aliases or
-        // ban change; a renewal (new serial) is not one.
-        let before =
-            sqlx::query("SELECT aliases, banned FROM agents WHERE spiffe_id = $1 FOR UPDATE")
-                .bind(&a.spiffe_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let visible = match before {
+        // Agents see a change only when the agent is new or its aliases
+        // change; a re-attestation (new serial) is not one. FOR UPDATE holds
+        // the row against a concurrent ban until this transaction ends.
+        let before = sqlx::query("SELECT aliases FROM agents WHERE spiffe_id = $1 FOR UPDATE")
+            .bind(&a.spiffe_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let visible = match &before {
             None => true,
-            Some(r) => {
-                r.try_get::<Vec<String>, _>("aliases")? != a.aliases
-                    || r.try_get::<bool, _>("banned")? != a.banned
-            }
+            Some(r) => r.try_get::<Vec<String>, _>("aliases")? != a.aliases,
         };
-        sqlx::query(
+        // The WHERE of the upsert refuses a banned agent, also one banned by
+        // another server after the read above: the row is left as it is and
+        // nothing is returned.
+        let written = sqlx::query(
             "INSERT INTO agents (spiffe_id, attestor, serial, prev_serial, expires_at, banned, aliases, attested_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             VALUES ($1, $2, $3, $4, $5, false, $6, $7)
              ON CONFLICT (spiffe_id) DO UPDATE SET attestor = excluded.attestor, serial = excluded.serial,
-               prev_serial = excluded.prev_serial, expires_at = excluded.expires_at, banned = excluded.banned,
-               aliases = excluded.aliases, attested_at = excluded.attested_at",
+               prev_serial = excluded.prev_serial, expires_at = excluded.expires_at,
+               aliases = excluded.aliases, attested_at = excluded.attested_at
+             WHERE NOT agents.banned
+             RETURNING spiffe_id",
         )
         .bind(&a.spiffe_id)
         .bind(&a.attestor)
         .bind(&a.serial)
         .bind(&a.prev_serial)
         .bind(a.expires_at)
-        .bind(a.banned)
         .bind(&a.aliases)
         .bind(a.attested_at)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
+        if written.is_none() {
+            return Err(StoreError::Banned(format!("agent {}", a.spiffe_id)));
+        }
         let rev = if visible {
             Some(note_change(&mut tx, "agent", &a.spiffe_id).await?)
         } else {
@@ -415,6 +419,57 @@ impl Store for PostgresStore {
             self.committed(rev);
         }
         Ok(())
+    }
+
+    async fn renew_agent(
+        &self,
+        spiffe_id: &str,
+        expected_serial: &str,
+        serial: &str,
+        expires_at: i64,
+    ) -> Result<AgentRecord, StoreError> {
+        // A concurrent ban, eviction or renewal of the row makes this wait
+        // for it to commit, then re-check the condition on the new row.
+        let row = sqlx::query(
+            "UPDATE agents SET prev_serial = serial, serial = $1, expires_at = $2
+             WHERE spiffe_id = $3 AND serial = $4 AND NOT banned RETURNING *",
+        )
+        .bind(serial)
+        .bind(expires_at)
+        .bind(spiffe_id)
+        .bind(expected_serial)
+        .fetch_optional(self.pool_ref())
+        .await?;
+        if let Some(r) = row {
+            return agent_from_row(&r);
+        }
+        let now = self.get_agent(spiffe_id).await?;
+        Err(super::renew_refusal(spiffe_id, expected_serial, now))
+    }
+
+    async fn ban_agent(&self, spiffe_id: &str) -> Result<AgentRecord, StoreError> {
+        let mut tx = self.pool_ref().begin().await?;
+        let was: bool =
+            sqlx::query_scalar("SELECT banned FROM agents WHERE spiffe_id = $1 FOR UPDATE")
+                .bind(spiffe_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("agent {spiffe_id}")))?;
+        let row = sqlx::query("UPDATE agents SET banned = true WHERE spiffe_id = $1 RETURNING *")
+            .bind(spiffe_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let agent = agent_from_row(&row)?;
+        let rev = if was {
+            None
+        } else {
+            Some(note_change(&mut tx, "agent_banned", spiffe_id).await?)
+        };
+        tx.commit().await?;
+        if let Some(rev) = rev {
+            self.committed(rev);
+        }
+        Ok(agent)
     }
 
     async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError> {
