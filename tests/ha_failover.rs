@@ -348,3 +348,116 @@ async fn agent_fails_over_when_its_server_is_killed() {
     );
     victim.stop();
 }
+
+/// The two-replica Kubernetes manifest: typed Kubernetes objects, two
+/// replicas on PostgreSQL spread over nodes, a headless Service agents
+/// resolve to every ready replica, a disruption budget, and a server config
+/// that passes `meshid server run --check`.
+#[test]
+fn two_replica_kubernetes_manifest_is_consistent() {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use serde::Deserialize as _;
+
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/kubernetes/ha/server-postgres.yaml"
+    );
+    let text = std::fs::read_to_string(path).expect("manifest");
+    let (mut sts, mut cms, mut svcs, mut pdbs, mut secrets) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v = serde_json::Value::deserialize(doc).expect("YAML document");
+        match v["kind"].as_str().expect("kind") {
+            "StatefulSet" => {
+                sts.push(serde_json::from_value::<StatefulSet>(v).expect("StatefulSet"))
+            }
+            "ConfigMap" => cms.push(serde_json::from_value::<ConfigMap>(v).expect("ConfigMap")),
+            "Service" => svcs.push(serde_json::from_value::<Service>(v).expect("Service")),
+            "PodDisruptionBudget" => {
+                pdbs.push(serde_json::from_value::<PodDisruptionBudget>(v).expect("PDB"))
+            }
+            "Secret" => secrets.push(serde_json::from_value::<Secret>(v).expect("Secret")),
+            k => panic!("unexpected kind {k}"),
+        }
+    }
+    let [st] = sts.as_slice() else {
+        panic!("one StatefulSet")
+    };
+    let spec = &st.spec;
+    assert_eq!(spec.replicas, Some(2));
+    let headless = svcs
+        .iter()
+        .find(|s| s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None"))
+        .expect("a headless Service");
+    assert_eq!(
+        spec.service_name.as_deref(),
+        headless.metadata.name.as_deref()
+    );
+    let labels = spec.selector.match_labels.clone().expect("labels");
+    assert_eq!(
+        headless.spec.as_ref().and_then(|s| s.selector.clone()),
+        Some(labels.clone())
+    );
+    let pod = spec.template.spec.as_ref().expect("pod");
+    assert!(
+        pod.affinity
+            .as_ref()
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .is_some(),
+        "replicas spread over nodes"
+    );
+    let c = &pod.containers[0];
+    let env = c.env.clone().unwrap_or_default();
+    let pw = env
+        .iter()
+        .find(|e| e.name == "PGPASSWORD")
+        .expect("PGPASSWORD");
+    let secret_ref = pw
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("from a Secret");
+    assert!(
+        secrets
+            .iter()
+            .any(|s| s.metadata.name.as_deref() == Some(secret_ref.name.as_str()))
+    );
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.as_deref()),
+        Some("/readyz")
+    );
+    let [pdb] = pdbs.as_slice() else {
+        panic!("one PodDisruptionBudget")
+    };
+    assert_eq!(
+        pdb.spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .and_then(|s| s.match_labels),
+        Some(labels)
+    );
+    // The embedded server config is valid and on PostgreSQL.
+    let cfg = cms
+        .iter()
+        .find_map(|c| c.data.as_ref()?.get("server.toml").cloned())
+        .expect("server.toml");
+    assert!(cfg.contains("kind = \"postgres\""), "{cfg}");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = tmp.path().join("server.toml");
+    std::fs::write(&p, &cfg).expect("write");
+    let out = common::meshid()
+        .args(["server", "run", "--check", "--config"])
+        .arg(&p)
+        .output()
+        .expect("meshid");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
