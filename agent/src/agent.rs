@@ -12,7 +12,8 @@ use crate::cache::{CachedSvid, Snapshot, renew_at};
 use crate::config::{AgentConfig, NodeAttestorConfig};
 use crate::metrics::Metrics;
 use crate::server_client::{
-    AgentIdentity, ClientError, IdentityStore, ServerClient, load_roots, new_key_and_csr,
+    AgentIdentity, ClientError, IdentityStore, RetrySchedule, ServerClient, bound_by_expiry,
+    is_server_failure, load_roots, new_key_and_csr,
 };
 
 /// Shared agent state.
@@ -179,7 +180,7 @@ impl Agent {
     }
 
     async fn renew_agent_loop(self: Arc<Self>, mut id: AgentIdentity) {
-        let mut attempt = 0u32;
+        let mut schedule = RetrySchedule::new(self.config.max_backoff);
         let mut at = renew_at(
             SystemTime::now(),
             id.info.not_after,
@@ -203,11 +204,10 @@ impl Agent {
             if tainted(&id) {
                 tracing::warn!(spiffe_id = %id.info.spiffe_id, "agent SVID was signed by a tainted authority; renewing now");
             }
+            let (generation, mut node) = self.client.node_at();
             let res: Result<_, ClientError> = async {
                 let (key, csr) = new_key_and_csr()?;
-                let r = self
-                    .client
-                    .node()
+                let r = node
                     .renew_agent(RenewAgentRequest { csr })
                     .await?
                     .into_inner();
@@ -223,7 +223,7 @@ impl Agent {
             .await;
             match res {
                 Ok(new) => {
-                    attempt = 0;
+                    schedule.succeeded();
                     self.client.set_identity(&new).ok();
                     self.identity.store(Arc::new(new.clone()));
                     id = new;
@@ -247,20 +247,48 @@ impl Agent {
                     } else {
                         tracing::warn!(error = %e, "agent SVID renewal failed; retrying");
                     }
-                    attempt += 1;
-                    at = SystemTime::now() + backoff(attempt, self.config.max_backoff);
+                    if let ClientError::Status(s) = &e
+                        && is_server_failure(s)
+                    {
+                        self.client.fail_over(generation);
+                    }
+                    let left = id.info.not_after.duration_since(SystemTime::now()).ok();
+                    at = SystemTime::now() + schedule.next_delay(self.client.server_count(), left);
                 }
             }
         }
     }
 
+    /// Time left on the soonest-expiring credential still valid: the agent
+    /// SVID or a workload SVID. Retries never wait longer than a fraction of
+    /// it (see [`RetrySchedule`]).
+    fn time_left(&self) -> Option<Duration> {
+        let now = SystemTime::now();
+        let snap = self.snapshot.borrow().clone();
+        std::iter::once(self.identity.load().info.not_after)
+            .chain(snap.svids.values().map(|s| s.not_after))
+            .filter_map(|t| t.duration_since(now).ok())
+            .filter(|d| !d.is_zero())
+            .min()
+    }
+
+    /// Keeps one sync stream open, to one server at a time: when it fails
+    /// or ends, the next server is tried (see [`RetrySchedule`]).
     async fn sync_loop(self: Arc<Self>) {
-        let mut attempt = 0u32;
+        let mut schedule = RetrySchedule::new(self.config.max_backoff);
         loop {
+            let (generation, mut node) = self.client.node_at();
             let res: Result<(), ClientError> = async {
-                let mut stream = self.client.node().sync(SyncRequest {}).await?.into_inner();
+                let mut stream = node.sync(SyncRequest {}).await?.into_inner();
+                let mut first = true;
                 while let Some(msg) = stream.message().await? {
-                    attempt = 0;
+                    if first {
+                        first = false;
+                        if let Some(a) = self.client.current_server() {
+                            tracing::info!(server = %a, "sync stream open");
+                        }
+                    }
+                    schedule.succeeded();
                     let entries = msg.entries;
                     let bundle = msg.bundle;
                     let federated: HashMap<String, _> = msg
@@ -291,8 +319,8 @@ impl Agent {
             }
             .await;
             self.metrics.sync_reconnects.inc();
-            attempt += 1;
-            let wait = backoff(attempt, self.config.max_backoff);
+            self.client.fail_over(generation);
+            let wait = schedule.next_delay(self.client.server_count(), self.time_left());
             match res {
                 Ok(()) => tracing::warn!(retry_in = ?wait, "sync stream ended; reconnecting"),
                 Err(e) => {
@@ -351,6 +379,8 @@ impl Agent {
 
     async fn mint_loop(self: Arc<Self>) {
         let mut retry_at: HashMap<String, (SystemTime, u32)> = HashMap::new();
+        // Failed signing calls (the server, not an entry, is at fault).
+        let mut calls = RetrySchedule::new(self.config.max_backoff);
         loop {
             let now = SystemTime::now();
             let snap = self.snapshot.borrow().clone();
@@ -376,13 +406,10 @@ impl Agent {
                         Err(err) => tracing::error!(error = %err, "cannot make a key"),
                     }
                 }
-                match self
-                    .client
-                    .node()
-                    .sign_x509_svids(SignX509SvidsRequest { params })
-                    .await
-                {
+                let (generation, mut node) = self.client.node_at();
+                match node.sign_x509_svids(SignX509SvidsRequest { params }).await {
                     Ok(r) => {
+                        calls.succeeded();
                         let received = SystemTime::now();
                         let mut minted = Vec::new();
                         for ((e, key), res) in chunk.iter().zip(keys).zip(r.into_inner().results) {
@@ -424,9 +451,20 @@ impl Agent {
                                 None => {
                                     let st = res.status.unwrap_or_default();
                                     let n = retry_at.get(&e.id).map_or(0, |(_, n)| n + 1);
+                                    let left = snap
+                                        .svids
+                                        .get(&e.id)
+                                        .and_then(|c| c.not_after.duration_since(received).ok());
                                     retry_at.insert(
                                         e.id.clone(),
-                                        (received + backoff(n, self.config.max_backoff), n),
+                                        (
+                                            received
+                                                + bound_by_expiry(
+                                                    backoff(n, self.config.max_backoff),
+                                                    left,
+                                                ),
+                                            n,
+                                        ),
                                     );
                                     tracing::warn!(entry = %e.id, code = st.code, message = %st.message, "SVID not issued; keeping the current one and retrying");
                                 }
@@ -447,14 +485,24 @@ impl Agent {
                     }
                     Err(status) => {
                         self.metrics.sign_failures.inc();
-                        tracing::warn!(error = %status, "signing call failed; keeping current SVIDs and retrying");
-                        for e in chunk {
-                            let n = retry_at.get(&e.id).map_or(0, |(_, n)| n + 1);
-                            retry_at.insert(
-                                e.id.clone(),
-                                (SystemTime::now() + backoff(n, self.config.max_backoff), n),
-                            );
+                        // The server went away (perhaps mid-batch): the whole
+                        // batch is asked again, of the next server first.
+                        if is_server_failure(&status) {
+                            self.client.fail_over(generation);
                         }
+                        let now = SystemTime::now();
+                        let left = chunk
+                            .iter()
+                            .filter_map(|e| snap.svids.get(&e.id))
+                            .filter_map(|c| c.not_after.duration_since(now).ok())
+                            .chain(self.time_left())
+                            .min();
+                        let wait = calls.next_delay(self.client.server_count(), left);
+                        for e in chunk {
+                            let n = retry_at.get(&e.id).map_or(0, |(_, n)| *n);
+                            retry_at.insert(e.id.clone(), (now + wait, n));
+                        }
+                        tracing::warn!(error = %status, "signing call failed; keeping current SVIDs and retrying");
                     }
                 }
             }

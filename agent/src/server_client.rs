@@ -2,9 +2,11 @@
 //! certificate is swapped in place on renewal, attestation with a join token,
 //! and the persisted agent identity (SVID, key 0600, bundle).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper_util::rt::TokioIo;
@@ -125,14 +127,223 @@ pub fn new_key_and_csr() -> Result<(Vec<u8>, Vec<u8>), ClientError> {
     Ok((key.serialize_der(), csr.der().to_vec()))
 }
 
-/// Connection to the server's node API.
+/// Longest a single server may take to accept a TCP connection and finish
+/// the TLS handshake before the next one is tried.
+pub const PER_SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The servers an agent may talk to and where it is connected.
+///
+/// Every connection attempt resolves each configured address (a DNS name may
+/// stand for several servers) and tries the candidates in turn, starting at
+/// the cursor: the server that last accepted a connection, or, after
+/// [`ServerClient::fail_over`], the one after it. The first cursor is random,
+/// so that agents configured alike spread over the servers.
+#[derive(Debug)]
+struct Servers {
+    configured: Vec<String>,
+    cursor: AtomicUsize,
+    /// Candidates found by the last resolution.
+    count: AtomicUsize,
+    /// The server of the last successful connection.
+    current: Mutex<Option<SocketAddr>>,
+}
+
+impl Servers {
+    fn new(configured: Vec<String>) -> Self {
+        let n = configured.len().max(1);
+        Self {
+            configured,
+            cursor: AtomicUsize::new(rand::random_range(0..n)),
+            count: AtomicUsize::new(n),
+            current: Mutex::new(None),
+        }
+    }
+
+    /// Every address the configured names resolve to, in configuration
+    /// order, without repeats. Names that do not resolve are logged and left
+    /// out.
+    async fn resolve(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for name in &self.configured {
+            match tokio::net::lookup_host(name.as_str()).await {
+                Ok(addrs) => {
+                    for a in addrs {
+                        if !out.contains(&a) {
+                            out.push(a);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(server = %name, error = %e, "cannot resolve server address")
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.count.store(out.len(), Ordering::Relaxed);
+        }
+        out
+    }
+
+    fn current(&self) -> Option<SocketAddr> {
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_current(&self, a: Option<SocketAddr>) {
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = a;
+    }
+
+    /// Connects to the first candidate, from the cursor on, that accepts TCP
+    /// and completes the TLS handshake (which verifies its node API
+    /// certificate) within [`PER_SERVER_CONNECT_TIMEOUT`].
+    async fn connect(
+        &self,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let candidates = self.resolve().await;
+        if candidates.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "no server address resolves: {}",
+                self.configured.join(", ")
+            )));
+        }
+        let start = self.cursor.load(Ordering::Relaxed) % candidates.len();
+        let mut errors = Vec::new();
+        for i in 0..candidates.len() {
+            let idx = (start + i) % candidates.len();
+            let addr = candidates[idx];
+            let attempt = async {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let name = ServerName::try_from("meshid-server").map_err(std::io::Error::other)?;
+                connector.connect(name, tcp).await
+            };
+            match tokio::time::timeout(PER_SERVER_CONNECT_TIMEOUT, attempt).await {
+                Ok(Ok(tls)) => {
+                    self.cursor.store(idx, Ordering::Relaxed);
+                    if self.current() != Some(addr) {
+                        tracing::info!(server = %addr, "connected to server");
+                    }
+                    self.set_current(Some(addr));
+                    return Ok(tls);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(server = %addr, error = %e, "server unreachable; trying the next");
+                    errors.push(format!("{addr}: {e}"));
+                }
+                Err(_) => {
+                    tracing::warn!(server = %addr, timeout = ?PER_SERVER_CONNECT_TIMEOUT, "server did not answer in time; trying the next");
+                    errors.push(format!("{addr}: timed out"));
+                }
+            }
+        }
+        Err(std::io::Error::other(errors.join("; ")))
+    }
+
+    /// The server of the last connection failed: start the next attempt at
+    /// the one after it.
+    fn advance(&self) {
+        let n = self.count.load(Ordering::Relaxed).max(1);
+        let at = self.cursor.load(Ordering::Relaxed);
+        self.cursor.store((at + 1) % n, Ordering::Relaxed);
+        self.set_current(None);
+    }
+}
+
+/// When to try the node API again after a failure.
+///
+/// The first failure moves on to the next server almost at once (a jitter
+/// of up to [`FAILOVER_JITTER`] spreads agents leaving a dead server); once
+/// every known server has failed in a round, the wait grows exponentially
+/// from 200 ms up to `max`, with jitter (each wait is drawn from the upper
+/// half of its step). No wait is longer than a quarter of the time left on
+/// the soonest-expiring credential the agent holds (never shorter than
+/// [`MIN_RETRY`]), so attempts come ever more often as it nears expiry: a
+/// credential does not expire while some server is reachable again in time.
+#[derive(Debug, Clone)]
+pub struct RetrySchedule {
+    failures: u32,
+    max: Duration,
+}
+
+/// Most jitter before moving to the next server after a failure.
+pub const FAILOVER_JITTER: Duration = Duration::from_millis(250);
+
+/// Shortest wait between attempts, however close an expiry is.
+pub const MIN_RETRY: Duration = Duration::from_millis(50);
+
+impl RetrySchedule {
+    /// A schedule whose waits never exceed `max`.
+    pub fn new(max: Duration) -> Self {
+        Self { failures: 0, max }
+    }
+
+    /// A call succeeded: the next failure starts a fresh round.
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Failures since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Records a failure and returns how long to wait before the next
+    /// attempt, given `servers` known servers and the time `left` on the
+    /// soonest-expiring credential still valid (`None`: nothing valid).
+    pub fn next_delay(&mut self, servers: usize, left: Option<Duration>) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let servers = u32::try_from(servers.max(1)).unwrap_or(u32::MAX);
+        let wait = if !self.failures.is_multiple_of(servers) {
+            FAILOVER_JITTER.mul_f64(rand::random::<f64>())
+        } else {
+            let round = (self.failures / servers).saturating_sub(1).min(16);
+            Duration::from_millis(200)
+                .saturating_mul(1u32 << round)
+                .min(self.max)
+                .mul_f64(0.5 + rand::random::<f64>() / 2.0)
+        };
+        bound_by_expiry(wait.min(self.max), left)
+    }
+}
+
+/// `wait`, shortened to a quarter of `left` (at least [`MIN_RETRY`]).
+pub fn bound_by_expiry(wait: Duration, left: Option<Duration>) -> Duration {
+    match left {
+        Some(l) if !l.is_zero() => wait.min((l / 4).max(MIN_RETRY)),
+        _ => wait,
+    }
+}
+
+/// Whether a failed call says more about the server (or the way to it) than
+/// about the request: worth trying another server.
+pub fn is_server_failure(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Internal
+            | tonic::Code::ResourceExhausted
+    )
+}
+
+/// Connection to the servers' node API.
 #[derive(Clone)]
 pub struct ServerClient {
-    channel: Arc<ArcSwap<Channel>>,
+    /// The current channel and its generation (bumped on each new channel).
+    channel: Arc<ArcSwap<(u64, Channel)>>,
     cert: Arc<ClientCert>,
     /// Rebuilt when the trust domain's bundle changes; read at each connect.
     connector: Arc<ArcSwap<tokio_rustls::TlsConnector>>,
-    addrs: Arc<Vec<String>>,
+    servers: Arc<Servers>,
+    generation: Arc<AtomicU64>,
     td: String,
     kx: meshid_identity::crypto::KeyExchange,
 }
@@ -142,29 +353,17 @@ pub struct ServerClient {
 /// connection (and certificate) it already has.
 fn make_channel(
     connector: Arc<ArcSwap<tokio_rustls::TlsConnector>>,
-    addrs: Arc<Vec<String>>,
+    servers: Arc<Servers>,
 ) -> Channel {
     Endpoint::from_static("http://meshid-server")
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
         .connect_with_connector_lazy(tower::service_fn(move |_| {
-            let (connector, addrs) = (connector.clone(), addrs.clone());
+            let (connector, servers) = (connector.clone(), servers.clone());
             async move {
-                let mut last = std::io::Error::other("no server address");
-                for a in addrs.iter() {
-                    match tokio::net::TcpStream::connect(a).await {
-                        Ok(tcp) => {
-                            tcp.set_nodelay(true)?;
-                            let name = ServerName::try_from("meshid-server")
-                                .map_err(std::io::Error::other)?;
-                            let tls = connector.load_full().connect(name, tcp).await?;
-                            return Ok::<_, std::io::Error>(TokioIo::new(tls));
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                Err(last)
+                let tls = servers.connect(&connector.load_full()).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         }))
 }
@@ -176,8 +375,9 @@ impl std::fmt::Debug for ServerClient {
 }
 
 impl ServerClient {
-    /// A lazily connecting client trusting `roots` (DER) for `td`, with the
-    /// key exchange groups of `kx`.
+    /// A lazily connecting client for the servers at `addrs` (`host:port`
+    /// each; a name may resolve to several servers), trusting `roots` (DER)
+    /// for `td`, with the key exchange groups of `kx`.
     pub fn new(
         addrs: Vec<String>,
         td: &str,
@@ -188,16 +388,51 @@ impl ServerClient {
         let connector = Arc::new(ArcSwap::from_pointee(Self::connector(
             td, roots, &cert, kx,
         )?));
-        let addrs = Arc::new(addrs);
-        let channel = ArcSwap::from_pointee(make_channel(connector.clone(), addrs.clone()));
+        let servers = Arc::new(Servers::new(addrs));
+        let channel = ArcSwap::from_pointee((0, make_channel(connector.clone(), servers.clone())));
         Ok(Self {
             channel: Arc::new(channel),
             cert,
             connector,
-            addrs,
+            servers,
+            generation: Arc::new(AtomicU64::new(0)),
             td: td.to_string(),
             kx,
         })
+    }
+
+    fn new_channel(&self) {
+        let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.channel.store(Arc::new((
+            g,
+            make_channel(self.connector.clone(), self.servers.clone()),
+        )));
+    }
+
+    /// Servers known (from the last resolution of the configured addresses).
+    pub fn server_count(&self) -> usize {
+        self.servers.count.load(Ordering::Relaxed)
+    }
+
+    /// The server of the last successful connection, if any.
+    pub fn current_server(&self) -> Option<SocketAddr> {
+        self.servers.current()
+    }
+
+    /// A call made with the client of `node_at` returning `generation`
+    /// failed in a way that blames the server: later calls go to a new
+    /// connection, to the next server first. Calls already under way keep
+    /// their connection. A failure seen through an older channel than the
+    /// current one (another loop already failed over) changes nothing.
+    pub fn fail_over(&self, generation: u64) {
+        if self.channel.load().0 != generation {
+            return;
+        }
+        if let Some(a) = self.servers.current() {
+            tracing::warn!(server = %a, "failing over to the next server");
+        }
+        self.servers.advance();
+        self.new_channel();
     }
 
     /// Trusts `roots` for every later connection to the server (the bundle
@@ -242,16 +477,20 @@ impl ServerClient {
     /// Presents `id` on every new connection.
     pub fn set_identity(&self, id: &AgentIdentity) -> Result<(), ClientError> {
         self.cert.0.store(Some(Arc::new(id.certified_key()?)));
-        self.channel.store(Arc::new(make_channel(
-            self.connector.clone(),
-            self.addrs.clone(),
-        )));
+        self.new_channel();
         Ok(())
     }
 
     /// The gRPC client.
     pub fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new((**self.channel.load()).clone())
+        self.node_at().1
+    }
+
+    /// The gRPC client and the generation of its channel, for
+    /// [`ServerClient::fail_over`].
+    pub fn node_at(&self) -> (u64, NodeClient<Channel>) {
+        let c = self.channel.load();
+        (c.0, NodeClient::new(c.1.clone()))
     }
 
     /// Attests with the named node attestor and its payload.
@@ -443,4 +682,161 @@ pub fn load_roots(path: &Path) -> Result<Vec<Vec<u8>>, ClientError> {
         .into_iter()
         .map(|c| c.to_vec())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    /// Drives `schedule` through an outage of `outage` (every attempt fails),
+    /// sleeping in (paused) tokio time; `expires` is when the soonest
+    /// credential expires, as an offset from the start. Returns the offsets
+    /// of the attempts.
+    async fn outage(
+        schedule: &mut RetrySchedule,
+        servers: usize,
+        outage: Duration,
+        expires: Option<Duration>,
+    ) -> Vec<Duration> {
+        let t0 = Instant::now();
+        let mut attempts = vec![Duration::ZERO];
+        while t0.elapsed() < outage {
+            let left = expires.and_then(|e| e.checked_sub(t0.elapsed()));
+            let wait = schedule.next_delay(servers, left);
+            tokio::time::sleep(wait).await;
+            attempts.push(t0.elapsed());
+        }
+        attempts
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fails_over_at_once_then_backs_off_with_jitter() {
+        let max = Duration::from_secs(4);
+        let mut s = RetrySchedule::new(max);
+        let at = outage(&mut s, 2, Duration::from_secs(120), None).await;
+        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        for (i, g) in gaps.iter().enumerate() {
+            let failure = u32::try_from(i).expect("small") + 1;
+            if failure % 2 == 1 {
+                // The other server is tried at once (jitter only).
+                assert!(
+                    *g <= FAILOVER_JITTER + Duration::from_millis(1),
+                    "hop {failure} waited {g:?}"
+                );
+            } else {
+                // Both failed: back off, 200 ms doubling up to `max`, upper half jittered.
+                let round = failure / 2 - 1;
+                let step = Duration::from_millis(200)
+                    .saturating_mul(1 << round.min(16))
+                    .min(max);
+                assert!(
+                    *g >= step / 2 && *g <= step + Duration::from_millis(1),
+                    "round {round}: waited {g:?}, step {step:?}"
+                );
+            }
+        }
+        // The wait reached `max` and stayed there: about 2 attempts per 4 s.
+        assert!(gaps.iter().any(|g| *g > max / 2), "{gaps:?}");
+        assert!(at.len() < 120, "too many attempts: {}", at.len());
+        // Jitter: the long waits are not all the same.
+        let long: std::collections::BTreeSet<_> = gaps.iter().filter(|g| **g > max / 2).collect();
+        assert!(long.len() > 1, "no jitter in {gaps:?}");
+        assert_eq!(s.failures(), u32::try_from(gaps.len()).expect("small"));
+        s.succeeded();
+        assert_eq!(s.failures(), 0);
+        assert!(
+            s.next_delay(2, None) <= FAILOVER_JITTER,
+            "a success starts a new round"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_come_faster_as_a_credential_nears_expiry() {
+        // A 30 s maximum backoff would let an 8 s SVID expire between two
+        // attempts; bounded by the time left, the attempts come ever more
+        // often until the very end.
+        let mut s = RetrySchedule::new(Duration::from_secs(30));
+        let expires = Duration::from_secs(8);
+        let at = outage(&mut s, 2, Duration::from_secs(40), Some(expires)).await;
+        for w in at.windows(2) {
+            if w[0] < expires {
+                let left = expires - w[0];
+                // (+1 ms: tokio's timer rounds up to whole milliseconds)
+                assert!(
+                    w[1] - w[0] <= (left / 4).max(MIN_RETRY) + Duration::from_millis(1),
+                    "at {:?} ({left:?} left) waited {:?}",
+                    w[0],
+                    w[1] - w[0]
+                );
+            }
+        }
+        let before: Vec<&Duration> = at.iter().filter(|t| **t < expires).collect();
+        let last = **before.last().expect("attempts before expiry");
+        assert!(
+            expires - last <= MIN_RETRY + Duration::from_millis(1),
+            "last attempt {last:?}, expiry {expires:?}"
+        );
+        assert!(
+            before.len() < 200,
+            "bounded, not spinning: {} attempts",
+            before.len()
+        );
+        // Once nothing is left to save, the wait grows back to the maximum.
+        let after: Vec<Duration> = at
+            .windows(2)
+            .filter(|w| w[0] >= expires)
+            .map(|w| w[1] - w[0])
+            .collect();
+        assert!(
+            after.iter().any(|g| *g > Duration::from_secs(5)),
+            "{after:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_server_backs_off_from_the_first_failure() {
+        let mut s = RetrySchedule::new(Duration::from_secs(30));
+        let at = outage(&mut s, 1, Duration::from_secs(10), None).await;
+        let first = at[1] - at[0];
+        assert!(
+            first >= Duration::from_millis(100) && first <= Duration::from_millis(201),
+            "{first:?}"
+        );
+        assert!(at[2] - at[1] >= Duration::from_millis(200), "{at:?}");
+    }
+
+    #[test]
+    fn server_failures_are_told_from_refusals() {
+        assert!(is_server_failure(&tonic::Status::unavailable("down")));
+        assert!(is_server_failure(&tonic::Status::unknown("reset")));
+        assert!(!is_server_failure(&tonic::Status::permission_denied("no")));
+        assert!(!is_server_failure(&tonic::Status::invalid_argument("csr")));
+    }
+
+    #[tokio::test]
+    async fn a_name_resolving_to_several_addresses_gives_every_server() {
+        let s = Servers::new(vec![
+            "localhost:7001".into(),
+            "127.0.0.1:7002".into(),
+            "127.0.0.1:7002".into(),
+        ]);
+        let got = s.resolve().await;
+        assert!(
+            got.contains(&"127.0.0.1:7001".parse().expect("addr")),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(&"127.0.0.1:7002".parse().expect("addr")),
+            "{got:?}"
+        );
+        assert_eq!(
+            got.len(),
+            s.count.load(Ordering::Relaxed),
+            "repeats are dropped and the count follows the resolution"
+        );
+        let start = s.cursor.load(Ordering::Relaxed);
+        s.advance();
+        assert_eq!(s.cursor.load(Ordering::Relaxed), (start + 1) % got.len());
+    }
 }

@@ -110,6 +110,23 @@ pub struct Metrics {
     pub upstream_not_after: Gauge,
     /// Bundle publications refused by the chain gate.
     pub bundle_refused: Counter,
+    /// The store: reachable, pool use, notification lag.
+    pub store: StoreMetrics,
+}
+
+/// `meshid_server_store_*`.
+#[derive(Debug, Clone, Default)]
+pub struct StoreMetrics {
+    /// 1 while the last store probe succeeded.
+    pub up: Gauge,
+    /// Open connections in the pool (PostgreSQL).
+    pub pool_connections: Gauge,
+    /// Idle connections in the pool (PostgreSQL).
+    pub pool_idle: Gauge,
+    /// Most connections the pool may open (PostgreSQL).
+    pub pool_max: Gauge,
+    /// Notification lag and listener reconnects (PostgreSQL).
+    pub stats: crate::store::StoreStats,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -229,7 +246,39 @@ impl Metrics {
             "Bundle publications refused by the chain gate",
             bundle_refused.clone(),
         );
+        let store = StoreMetrics::default();
+        registry.register(
+            "store_up",
+            "1 while the store answers its health probe",
+            store.up.clone(),
+        );
+        registry.register(
+            "store_pool_connections",
+            "Connections open in the store's pool",
+            store.pool_connections.clone(),
+        );
+        registry.register(
+            "store_pool_idle_connections",
+            "Idle connections in the store's pool",
+            store.pool_idle.clone(),
+        );
+        registry.register(
+            "store_pool_max_connections",
+            "Most connections the store's pool may open (pool_size)",
+            store.pool_max.clone(),
+        );
+        registry.register(
+            "store_notification_lag_seconds",
+            "Delay from a NOTIFY through the store to its delivery on the change listener",
+            store.stats.notification_lag.clone(),
+        );
+        registry.register(
+            "store_listener_reconnects",
+            "Times the store's change listener lost its connection or could not listen",
+            store.stats.listener_reconnects.clone(),
+        );
         Arc::new(Self {
+            store,
             ca_transitions,
             jwt_key_not_after,
             ca_next_not_after,

@@ -30,7 +30,61 @@ use meshid_identity::svid::unix;
 /// Server SVID lifetime; renewed at half-life.
 const SERVER_SVID_TTL: Duration = Duration::from_secs(3600);
 
-async fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
+/// How often each server probes its store, and how long a probe may take.
+const STORE_PROBE_EVERY: Duration = Duration::from_secs(2);
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The store's health as last probed: `None` while it answers, else why not.
+type StoreHealth = arc_swap::ArcSwapOption<String>;
+
+/// Probes the store every [`STORE_PROBE_EVERY`]; updates `health`, the
+/// `store_*` gauges, and logs each change of state.
+fn spawn_store_probe(
+    store: Arc<dyn Store>,
+    pool: Option<sqlx::PgPool>,
+    metrics: Arc<Metrics>,
+    health: Arc<StoreHealth>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let res = match tokio::time::timeout(STORE_PROBE_TIMEOUT, store.count_entries()).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(format!("store unreachable: {e}")),
+                Err(_) => Some(format!(
+                    "store unreachable: no answer within {STORE_PROBE_TIMEOUT:?}"
+                )),
+            };
+            let was = health.load().as_deref().cloned();
+            match (&was, &res) {
+                (None, Some(why)) => tracing::error!(
+                    reason = %why,
+                    "store unreachable: not ready; refusing new node API calls, keeping open streams"
+                ),
+                (Some(_), None) => tracing::info!("store reachable again; ready"),
+                _ => {}
+            }
+            metrics.store.up.set(i64::from(res.is_none()));
+            if let Some(p) = &pool {
+                metrics.store.pool_connections.set(i64::from(p.size()));
+                metrics
+                    .store
+                    .pool_idle
+                    .set(i64::try_from(p.num_idle()).unwrap_or(i64::MAX));
+                metrics
+                    .store
+                    .pool_max
+                    .set(i64::from(p.options().get_max_connections()));
+            }
+            health.store(res.map(Arc::new));
+            tokio::time::sleep(STORE_PROBE_EVERY).await;
+        }
+    });
+}
+
+async fn open_store(
+    cfg: &ServerConfig,
+    metrics: &Metrics,
+) -> anyhow::Result<(Arc<dyn Store>, Option<sqlx::PgPool>)> {
     match &cfg.store {
         StoreConfig::Sqlite { path } => {
             let p = path
@@ -39,14 +93,15 @@ async fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
             let s = SqliteStore::open(&p)
                 .await
                 .with_context(|| format!("opening SQLite store {}", p.display()))?;
-            Ok(Arc::new(s))
+            Ok((Arc::new(s), None))
         }
         StoreConfig::Postgres { .. } => {
             let opts = cfg.store.postgres_options().context("postgres options")?;
-            let s = PostgresStore::connect(&opts)
+            let s = PostgresStore::connect_with_stats(&opts, metrics.store.stats.clone())
                 .await
                 .context("opening PostgreSQL store")?;
-            Ok(Arc::new(s))
+            let pool = s.pool().clone();
+            Ok((Arc::new(s), Some(pool)))
         }
     }
 }
@@ -174,9 +229,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("securing data_dir {}", cfg.data_dir.display()))?;
     let audit = AuditLog::open_with(&cfg.audit_log_path(), &cfg.audit)
         .with_context(|| format!("opening audit log {}", cfg.audit_log_path().display()))?;
-    let store = open_store(&cfg).await?;
-    let sealer = start_sealer(&cfg, store.clone(), audit.clone()).await?;
     let metrics = Metrics::with_audit(audit.counters());
+    let (store, pool) = open_store(&cfg, &metrics).await?;
+    let store_health: Arc<StoreHealth> = Arc::default();
+    spawn_store_probe(store.clone(), pool, metrics.clone(), store_health.clone());
+    let sealer = start_sealer(&cfg, store.clone(), audit.clone()).await?;
     let ca = CaManager::start(&cfg, store.clone(), audit.clone(), metrics.clone())
         .await
         .context("the signing CA cannot be used; refusing to start")?;
@@ -266,9 +323,23 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // While the store is unreachable, new calls are refused (Unavailable:
+    // an agent tries another server); open sync streams stay.
+    let gate = {
+        let health = store_health.clone();
+        move |req: tonic::Request<()>| match health.load().as_deref() {
+            None => Ok(req),
+            Some(why) => Err(tonic::Status::unavailable(format!(
+                "this server cannot reach its store; try another server ({why})"
+            ))),
+        }
+    };
     let node_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(NodeServer::new(NodeService::new(state.clone(), psat)))
+        .add_service(NodeServer::with_interceptor(
+            NodeService::new(state.clone(), psat),
+            gate,
+        ))
         .serve_with_incoming_shutdown(incoming, node_stop);
     let node_task = tokio::spawn(node_server);
 
@@ -376,43 +447,48 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         let app = axum::Router::new()
             .route(
                 "/metrics",
-                get(|State(s): State<Arc<ServerState>>| async move {
-                    s.refresh_gauges().await;
-                    (
-                        [(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        s.metrics.encode(),
-                    )
-                }),
+                get(
+                    |State((s, _)): State<(Arc<ServerState>, Arc<StoreHealth>)>| async move {
+                        s.refresh_gauges().await;
+                        (
+                            [(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            s.metrics.encode(),
+                        )
+                    },
+                ),
             )
             .route("/healthz", get(|| async { "ok\n" }))
             .route(
                 "/readyz",
-                get(|State(s): State<Arc<ServerState>>| async move {
-                    let r = s.ca.readiness(SystemTime::now()).await;
-                    let left = crate::api::admin_ca::active_remaining(&s);
-                    let mut body = format!("active CA {} expires in {left}s\n", s.ca.signer().id());
-                    for w in &r.warnings {
-                        body.push_str(&format!("warning: {w}\n"));
-                    }
-                    if !r.fatal.is_empty() {
-                        for f in &r.fatal {
-                            body.push_str(&format!("not ready: {f}\n"));
+                get(
+                    |State((s, health)): State<(Arc<ServerState>, Arc<StoreHealth>)>| async move {
+                        let r = s.ca.readiness(SystemTime::now()).await;
+                        let left = crate::api::admin_ca::active_remaining(&s);
+                        let mut body =
+                            format!("active CA {} expires in {left}s\n", s.ca.signer().id());
+                        for w in &r.warnings {
+                            body.push_str(&format!("warning: {w}\n"));
                         }
-                        return (StatusCode::SERVICE_UNAVAILABLE, body);
-                    }
-                    match s.store.count_entries().await {
-                        Ok(_) => (StatusCode::OK, format!("ready\n{body}")),
-                        Err(e) => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("store: {e}\n{body}"),
-                        ),
-                    }
-                }),
+                        let mut fatal = r.fatal.clone();
+                        if let Some(why) = health.load().as_deref() {
+                            fatal.push(format!(
+                                "{why} (open sync streams are kept; new node API calls are refused)"
+                            ));
+                        }
+                        if !fatal.is_empty() {
+                            for f in &fatal {
+                                body.push_str(&format!("not ready: {f}\n"));
+                            }
+                            return (StatusCode::SERVICE_UNAVAILABLE, body);
+                        }
+                        (StatusCode::OK, format!("ready\nstore: reachable\n{body}"))
+                    },
+                ),
             )
-            .with_state(state.clone());
+            .with_state((state.clone(), store_health.clone()));
         tokio::spawn(async move {
             if let Err(e) = axum::serve(l, app).await {
                 tracing::error!(error = %e, "metrics server failed");

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use meshid_proto::types::{Authority, Bundle, Entry, Selector};
 use tokio::sync::watch;
 
-pub use postgres::{PostgresOptions, PostgresStore, SslMode};
+pub use postgres::{PostgresOptions, PostgresStore, SslMode, StoreStats};
 pub use sqlite::SqliteStore;
 
 /// Storage failures.

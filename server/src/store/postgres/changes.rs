@@ -10,7 +10,11 @@
 //! not lost. A periodic check (every [`RECHECK`]) covers a connection that
 //! died silently.
 
+use std::collections::HashMap;
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
@@ -30,6 +34,29 @@ const CHANGE_LOG_KEEP_SECS: i64 = 3600;
 
 /// Largest wait between attempts to re-establish the listening connection.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How often the listener measures its notification lag.
+pub const PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// What the change listener measures (shared with the server's metrics).
+#[derive(Debug, Clone)]
+pub struct StoreStats {
+    /// Seconds from a `NOTIFY` sent through the store's pool to its delivery
+    /// on the listening connection: the delay every change pays before
+    /// servers sharing the database see it. Probed every [`PROBE_EVERY`].
+    pub notification_lag: Histogram,
+    /// Times the listening connection was lost or could not listen.
+    pub listener_reconnects: Counter,
+}
+
+impl Default for StoreStats {
+    fn default() -> Self {
+        Self {
+            notification_lag: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
+            listener_reconnects: Counter::default(),
+        }
+    }
+}
 
 /// Records a change agents must see; call last in the transaction. Returns the
 /// new revision (visible to others once the transaction commits).
@@ -70,7 +97,10 @@ pub(super) async fn listen_loop(
     pool: PgPool,
     connect: PgConnectOptions,
     changes: watch::Sender<u64>,
+    stats: StoreStats,
 ) {
+    // A channel of this listener's own for the lag probes.
+    let probe_channel = format!("meshid_probe_{}", uuid::Uuid::new_v4().simple());
     // The listener has a pool of one connection of its own: it never takes
     // a connection from the store's pool, and after a loss it must open a
     // new connection (and so LISTEN again) rather than reuse an idle one.
@@ -81,12 +111,14 @@ pub(super) async fn listen_loop(
         .connect_lazy_with(connect);
     let mut backoff = Duration::from_millis(50);
     loop {
-        match listen_once(&pool, &lpool, &changes).await {
+        match listen_once(&pool, &lpool, &changes, &stats, &probe_channel).await {
             Ok(()) => {
+                stats.listener_reconnects.inc();
                 tracing::warn!("store change listener lost its connection; reconnecting");
                 backoff = Duration::from_millis(50);
             }
             Err(e) => {
+                stats.listener_reconnects.inc();
                 tracing::warn!(error = %e, retry_in = ?backoff, "store change listener cannot listen");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -104,10 +136,16 @@ async fn listen_once(
     pool: &PgPool,
     lpool: &PgPool,
     changes: &watch::Sender<u64>,
+    stats: &StoreStats,
+    probe_channel: &str,
 ) -> Result<(), StoreError> {
     let mut listener = PgListener::connect_with(lpool).await?;
     listener.eager_reconnect(false);
-    listener.listen(CHANNEL).await?;
+    listener.listen_all([CHANNEL, probe_channel]).await?;
+    let mut probes: HashMap<u64, tokio::time::Instant> = HashMap::new();
+    let mut next_probe = 0u64;
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Anything committed before LISTEN took effect is in the revision row;
     // anything after is notified.
     publish(changes, current_revision(pool).await?);
@@ -117,12 +155,28 @@ async fn listen_once(
     loop {
         tokio::select! {
             n = listener.try_recv() => match n? {
+                Some(n) if n.channel() == probe_channel => {
+                    if let Some(sent) = n.payload().parse::<u64>().ok().and_then(|k| probes.remove(&k)) {
+                        stats.notification_lag.observe(sent.elapsed().as_secs_f64());
+                    }
+                }
                 Some(n) => match n.payload().parse::<u64>() {
                     Ok(rev) => publish(changes, rev),
                     Err(_) => publish(changes, current_revision(pool).await?),
                 },
                 None => return Ok(()),
             },
+            _ = probe.tick() => {
+                // Unanswered probes older than a few rounds are dropped.
+                probes.retain(|k, _| *k + 4 > next_probe);
+                probes.insert(next_probe, tokio::time::Instant::now());
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(probe_channel)
+                    .bind(next_probe.to_string())
+                    .execute(pool)
+                    .await?;
+                next_probe += 1;
+            }
             _ = recheck.tick() => {
                 publish(changes, current_revision(pool).await?);
                 sqlx::query("DELETE FROM change_log WHERE at < extract(epoch FROM now())::BIGINT - $1")

@@ -30,7 +30,7 @@ use super::{
     AgentRecord, AuditSeal, EntryFilter, IssuedRecord, IssuedSummary, JoinTokenRecord, Store,
     StoreError,
 };
-pub use changes::{CHANNEL, RECHECK};
+pub use changes::{CHANNEL, PROBE_EVERY, RECHECK, StoreStats};
 use changes::{current_revision, listen_loop, note_change, publish};
 pub use options::{PostgresOptions, SslMode};
 
@@ -47,6 +47,7 @@ struct Inner {
     connect: PgConnectOptions,
     changes: watch::Sender<u64>,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    stats: StoreStats,
 }
 
 impl Drop for Inner {
@@ -106,6 +107,15 @@ impl PostgresStore {
     /// Connects, runs the migrations (serialized between servers by sqlx's
     /// advisory lock) and reads the current change revision.
     pub async fn connect(opts: &PostgresOptions) -> Result<Self, StoreError> {
+        Self::connect_with_stats(opts, StoreStats::default()).await
+    }
+
+    /// [`PostgresStore::connect`], with the change listener recording into
+    /// `stats`.
+    pub async fn connect_with_stats(
+        opts: &PostgresOptions,
+        stats: StoreStats,
+    ) -> Result<Self, StoreError> {
         let connect = opts.connect_options()?;
         let pool = PgPoolOptions::new()
             .max_connections(opts.pool_size.max(1))
@@ -120,6 +130,7 @@ impl PostgresStore {
                 connect,
                 changes: watch::channel(rev).0,
                 listener: Mutex::new(None),
+                stats,
             }),
         })
     }
@@ -157,7 +168,8 @@ impl PostgresStore {
         // The task holds no reference to `Inner`: dropping the last store
         // clone aborts it.
         let changes = self.inner.changes.clone();
-        *slot = Some(tokio::spawn(listen_loop(pool, connect, changes)));
+        let stats = self.inner.stats.clone();
+        *slot = Some(tokio::spawn(listen_loop(pool, connect, changes, stats)));
     }
 }
 
