@@ -114,7 +114,7 @@ fn validate_entry(st: &ServerState, mut e: Entry) -> Result<Entry, Status> {
             "SPIFFE IDs under {td}{RESERVED_PATH} are reserved for meshid itself"
         )));
     }
-    meshid_identity::spiffe_id::any_id(&e.parent_id)
+    meshid_identity::spiffe_id::workload_id(&e.parent_id)
         .map_err(|err| Status::invalid_argument(format!("invalid --parent-id: {err}")))?;
     if e.selectors.is_empty() {
         return Err(Status::invalid_argument(
