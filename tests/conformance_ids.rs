@@ -367,3 +367,41 @@ fn duplicate_hints_for_one_workload_are_refused() {
     let distinct = create("db4", &["unix:uid:1000"], "external");
     assert!(distinct.status.success());
 }
+
+/// X509-SVID §4.1 ("Signing certificates MUST set the `cA` field to
+/// `true`"), §4.3 ("SVID signing certificates MUST set `keyCertSign`. They
+/// MAY set `cRLSign`"; digitalSignature is a leaf's, Appendix A) and §3.2
+/// ("the SPIFFE ID of a signing certificate MUST NOT have a path
+/// component"): the CA certificates the server publishes are signing
+/// certificates only, with a critical key usage.
+#[test]
+fn published_ca_certificates_are_signing_certificates_only() {
+    use x509_parser::prelude::*;
+    let server = Server::start("");
+    let pem = server.bundle_pem();
+    let certs = meshid_identity::pem::parse_certs(pem.as_bytes()).expect("bundle");
+    assert!(!certs.is_empty());
+    for der in &certs {
+        let (_, c) = X509Certificate::from_der(der.as_ref()).expect("cert");
+        assert!(c.basic_constraints().expect("bc").expect("bc").value.ca);
+        let ku = c.key_usage().expect("ku").expect("key usage set");
+        assert!(ku.critical, "key usage must be critical");
+        assert!(ku.value.key_cert_sign());
+        assert!(!ku.value.digital_signature(), "digitalSignature on a CA");
+        let uris: Vec<String> = c
+            .subject_alternative_name()
+            .expect("san")
+            .map(|s| {
+                s.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        GeneralName::URI(u) => Some((*u).to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(uris, [format!("spiffe://{TD}")]);
+    }
+}
