@@ -261,6 +261,20 @@ async fn spire_shaped_bundle_imports_and_an_empty_one_revokes_it() {
     })
     .await;
     assert!(left.is_empty());
+    // An independent client takes the empty bundle in its stride.
+    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .expect("spiffe client");
+    let set = client.fetch_x509_bundles().await.expect("x509 bundles");
+    let spire = set
+        .get(&spiffe::TrustDomain::new("spire.example").expect("td"))
+        .expect("spire.example bundle present");
+    assert!(spire.authorities().is_empty());
+    let jwt = client.fetch_jwt_bundles().await.expect("jwt bundles");
+    let spire = jwt
+        .get(&spiffe::TrustDomain::new("spire.example").expect("td"))
+        .expect("spire.example JWT bundle present");
+    assert!(spire.find_jwt_authority("spire-rsa").is_none());
 }
 
 /// Stable encoding: the agent sends a stream message only when it differs
