@@ -48,23 +48,20 @@ pub fn renew_at(now: SystemTime, not_after: SystemTime, fraction: f64) -> System
     now + life.mul_f64(fraction).saturating_sub(jitter)
 }
 
-/// SPIFFE-ID §2.3: URIs longer than 2048 bytes are not served.
-const MAX_SPIFFE_ID_BYTES: usize = 2048;
-
 /// Why `id` cannot be served as a workload's SPIFFE ID, if it cannot: it
 /// must be a valid SPIFFE ID already in canonical form (lowercase scheme and
 /// trust domain, SPIFFE-ID §2.1), name a workload rather than a trust domain
-/// (a path, X509-SVID §2) and be at most 2048 bytes (SPIFFE-ID §2.3).
-/// Clients such as py-spiffe refuse a whole response holding one that is not.
+/// (a path, X509-SVID §2) and be at most 2048 bytes (SPIFFE-ID §2.3); the
+/// rules are `meshid_identity::spiffe_id`'s. Clients such as py-spiffe
+/// refuse a whole response holding one that is not.
 pub fn spiffe_id_problem(id: &str) -> Option<&'static str> {
-    if id.len() > MAX_SPIFFE_ID_BYTES {
-        return Some("longer than 2048 bytes");
-    }
-    match spiffe::SpiffeId::new(id) {
-        Err(_) => Some("not a valid SPIFFE ID"),
-        Ok(s) if s.to_string() != id => Some("scheme or trust domain not in lowercase"),
-        Ok(s) if s.path().is_empty() => Some("a trust domain ID, not a workload ID"),
+    use meshid_identity::spiffe_id::IdError;
+    match meshid_identity::spiffe_id::workload_id(id) {
         Ok(_) => None,
+        Err(IdError::TooLong { .. }) => Some("longer than 2048 bytes"),
+        Err(IdError::NotCanonical { .. }) => Some("scheme or trust domain not in lowercase"),
+        Err(IdError::NoPath { .. }) => Some("a trust domain ID, not a workload ID"),
+        Err(_) => Some("not a valid SPIFFE ID"),
     }
 }
 

@@ -155,9 +155,8 @@ impl AgentConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        spiffe::TrustDomain::new(&self.trust_domain).map_err(|e| {
-            ConfigError::Invalid(format!("trust_domain {:?}: {e}", self.trust_domain))
-        })?;
+        meshid_identity::spiffe_id::trust_domain(&self.trust_domain)
+            .map_err(|e| ConfigError::Invalid(format!("trust_domain: {e}")))?;
         if self.server_address.to_vec().is_empty() {
             return Err(ConfigError::Invalid("server_address is empty".into()));
         }

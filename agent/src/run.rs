@@ -107,6 +107,8 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> anyhow::Result
             .add_service(SpiffeWorkloadApiServer::from_arc(workload_api.clone()))
             // Envoy SDS on the same socket, same attestation.
             .add_service(crate::sds::server(workload_api))
+            .add_service(reflection_v1()?)
+            .add_service(reflection_v1alpha()?)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::ReceiverStream::new(rx),
                 async move {
@@ -148,4 +150,31 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> anyhow::Result
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), api).await;
     let _ = std::fs::remove_file(&sock);
     Ok(())
+}
+
+/// gRPC server reflection (Workload Endpoint §7 SHOULD), in the `v1` and
+/// the older `v1alpha` protocol that many tools still speak. It describes
+/// the Workload API only; it needs no `workload.spiffe.io` header and no
+/// attestation, since it reveals nothing but the public schema.
+fn reflection_v1() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meshid_proto::WORKLOAD_FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the gRPC reflection service")
+}
+
+/// See [`reflection_v1`].
+fn reflection_v1alpha() -> anyhow::Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meshid_proto::WORKLOAD_FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the gRPC reflection service")
 }

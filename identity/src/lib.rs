@@ -1,6 +1,8 @@
 //! SPIFFE identity helpers shared by meshid's server, agent and sidecar.
 //!
 //! - [`crypto`]: the one place that picks the TLS crypto provider and versions.
+//! - [`spiffe_id`]: the canonical-form checks every SPIFFE ID and trust
+//!   domain passes where it enters meshid.
 //! - [`svid`]: reading SPIFFE IDs and validity out of X.509 certificates.
 //! - [`verify`]: rustls verifiers that check the chain against the bundle of
 //!   the peer's trust domain, then authorize the peer's SPIFFE ID.
@@ -14,6 +16,7 @@ pub mod files;
 pub mod h2_authority;
 pub mod kube;
 pub mod pem;
+pub mod spiffe_id;
 pub mod svid;
 pub mod verify;
 

@@ -38,6 +38,11 @@ pub mod meshid {
     }
 }
 
+/// The encoded `FileDescriptorSet` of the Workload API (with its imports),
+/// for gRPC reflection on the agent's socket (Workload Endpoint §7).
+pub const WORKLOAD_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/workload_descriptor_set.bin"));
+
 pub use meshid::admin::v1 as admin;
 pub use meshid::node::v1 as node;
 pub use meshid::types::v1 as types;

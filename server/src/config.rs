@@ -432,12 +432,8 @@ impl ServerConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        spiffe::TrustDomain::new(&self.trust_domain).map_err(|e| {
-            ConfigError::Invalid(format!(
-                "trust_domain {:?} is not a valid trust domain name: {e}",
-                self.trust_domain
-            ))
-        })?;
+        meshid_identity::spiffe_id::trust_domain(&self.trust_domain)
+            .map_err(|e| ConfigError::Invalid(format!("trust_domain: {e}")))?;
         if self.trust_domain.starts_with("spiffe://") {
             return Err(ConfigError::Invalid(
                 "trust_domain is a name like \"example.org\", without spiffe://".into(),

@@ -90,24 +90,20 @@ fn agent_to_proto(a: &AgentRecord) -> Agent {
     }
 }
 
-/// Normalizes a trust domain given as `td` or `spiffe://td` to `td`.
+/// A trust domain given as `td` or `spiffe://td`, as its name. It must be
+/// in canonical form already (lowercase, no path): refused, not normalised.
 pub fn normalize_td(td: &str) -> Result<String, Status> {
-    let name = td
-        .strip_prefix("spiffe://")
-        .unwrap_or(td)
-        .trim_end_matches('/');
-    spiffe::TrustDomain::new(name)
-        .map_err(|e| Status::invalid_argument(format!("invalid trust domain {td:?}: {e}")))?;
-    Ok(name.to_string())
+    meshid_identity::spiffe_id::trust_domain(td)
+        .map(|t| t.to_string())
+        .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// Checks an entry before it is stored; returns it normalized.
 fn validate_entry(st: &ServerState, mut e: Entry) -> Result<Entry, Status> {
     let td = st.td_id();
-    let id = spiffe::SpiffeId::new(&e.spiffe_id).map_err(|err| {
-        Status::invalid_argument(format!("invalid --spiffe-id {:?}: {err}", e.spiffe_id))
-    })?;
-    if id.trust_domain().to_string() != td && format!("spiffe://{}", id.trust_domain()) != td {
+    let id = meshid_identity::spiffe_id::workload_id(&e.spiffe_id)
+        .map_err(|err| Status::invalid_argument(format!("invalid --spiffe-id: {err}")))?;
+    if id.trust_domain().id_string() != td {
         return Err(Status::invalid_argument(format!(
             "SPIFFE ID {} is not in this server's trust domain {td}",
             e.spiffe_id
@@ -118,9 +114,8 @@ fn validate_entry(st: &ServerState, mut e: Entry) -> Result<Entry, Status> {
             "SPIFFE IDs under {td}{RESERVED_PATH} are reserved for meshid itself"
         )));
     }
-    spiffe::SpiffeId::new(&e.parent_id).map_err(|err| {
-        Status::invalid_argument(format!("invalid --parent-id {:?}: {err}", e.parent_id))
-    })?;
+    meshid_identity::spiffe_id::workload_id(&e.parent_id)
+        .map_err(|err| Status::invalid_argument(format!("invalid --parent-id: {err}")))?;
     if e.selectors.is_empty() {
         return Err(Status::invalid_argument(
             "an entry needs at least one selector (type:key:value)",
@@ -252,11 +247,9 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let st = &self.state;
         if !r.spiffe_id.is_empty() {
-            let id = spiffe::SpiffeId::new(&r.spiffe_id)
+            let id = meshid_identity::spiffe_id::workload_id(&r.spiffe_id)
                 .map_err(|e| Status::invalid_argument(format!("invalid --spiffe-id: {e}")))?;
-            if format!("spiffe://{}", id.trust_domain()) != st.td_id()
-                && id.trust_domain().to_string() != st.td_id()
-            {
+            if id.trust_domain().id_string() != st.td_id() {
                 return Err(Status::invalid_argument(
                     "alias SPIFFE ID must be in this trust domain",
                 ));
@@ -295,6 +288,7 @@ impl Admin for AdminService {
             .ok_or_else(|| Status::invalid_argument("entry is required"))?;
         let mut e = validate_entry(st, e)?;
         e.id = uuid::Uuid::new_v4().to_string();
+        self.refuse_shared_hint(&e).await?;
         e.revision = 1;
         e.created_at = unix(SystemTime::now());
         st.store.create_entry(&e).await.map_err(store_status)?;
@@ -346,6 +340,7 @@ impl Admin for AdminService {
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("entry {} does not exist", new.id)))?;
         let mut after = validate_entry(st, new)?;
+        self.refuse_shared_hint(&after).await?;
         after.created_at = before.created_at;
         after.revision = before.revision + 1;
         if !r.dry_run {
@@ -453,10 +448,14 @@ impl Admin for AdminService {
                 "cannot set this server's own trust domain as a federated bundle",
             ));
         }
-        crate::ca::validate::validate_bundle_roots(&b.x509_authorities, SystemTime::now())
-            .map_err(|e| {
-                Status::invalid_argument(format!("bundle for {} refused: {e}", b.trust_domain))
-            })?;
+        // An empty set of X.509 authorities is valid (Trust Domain and
+        // Bundle §4.1.3): the domain vouches for no X509-SVID any more.
+        if !b.x509_authorities.is_empty() {
+            crate::ca::validate::validate_bundle_roots(&b.x509_authorities, SystemTime::now())
+                .map_err(|e| {
+                    Status::invalid_argument(format!("bundle for {} refused: {e}", b.trust_domain))
+                })?;
+        }
         let old = st
             .store
             .get_bundle(&b.trust_domain)
@@ -545,6 +544,45 @@ impl Admin for AdminService {
 }
 
 impl AdminService {
+    /// Workload API §5.2.1 and §6.2.1: the hints of the SVIDs in one
+    /// response must be unique. Refuses `e` when another entry under the same
+    /// parent carries the same hint and a caller matching one of the two
+    /// necessarily matches the other (its selectors are a subset of the
+    /// other's), since that caller would receive both.
+    async fn refuse_shared_hint(&self, e: &Entry) -> Result<(), Status> {
+        if e.hint.is_empty() {
+            return Ok(());
+        }
+        let siblings = self
+            .state
+            .store
+            .list_entries(&EntryFilter {
+                parent_id: Some(e.parent_id.clone()),
+                ..EntryFilter::default()
+            })
+            .await
+            .map_err(store_status)?;
+        let set = |x: &Entry| {
+            x.selectors
+                .iter()
+                .map(|s| (s.r#type.clone(), s.value.clone()))
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        let mine = set(e);
+        if let Some(o) = siblings.iter().find(|o| {
+            o.id != e.id && o.hint == e.hint && {
+                let theirs = set(o);
+                mine.is_subset(&theirs) || theirs.is_subset(&mine)
+            }
+        }) {
+            return Err(Status::invalid_argument(format!(
+                "hint {:?} is already used by entry {} ({}) under the same parent, and a                  workload matching one of the two entries matches both: hints must be unique                  among the SVIDs one workload receives (Workload API §5.2.1, §6.2.1); choose                  another hint",
+                e.hint, o.id, o.spiffe_id
+            )));
+        }
+        Ok(())
+    }
+
     async fn agent_action(
         &self,
         r: AgentActionRequest,

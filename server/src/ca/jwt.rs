@@ -84,6 +84,10 @@ impl JwtSigner {
         now: SystemTime,
         max_not_after: SystemTime,
     ) -> Result<SignedJwt, CaError> {
+        // Defence in depth: never a `sub` that is not a canonical workload
+        // SPIFFE ID (JWT-SVID §3: `sub` is the workload's SPIFFE ID).
+        meshid_identity::spiffe_id::workload_id(sub)
+            .map_err(|e| CaError::Invalid(format!("refusing to sign a JWT-SVID: {e}")))?;
         let iat = unix(now);
         let exp = unix((now + ttl).min(max_not_after).min(self.not_after));
         let header = serde_json::json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});

@@ -104,11 +104,14 @@ impl SigningCa {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<IssuedSvid, IssueError> {
-        let id = spiffe::SpiffeId::new(spiffe_id)
-            .map_err(|_| IssueError::InvalidSpiffeId(spiffe_id.into()))?;
-        if id.trust_domain().to_string() != format!("spiffe://{}", self.trust_domain())
-            && id.trust_domain().to_string() != self.trust_domain()
-        {
+        // Defence in depth: whatever the store holds, nothing that is not a
+        // canonical workload SPIFFE ID of this trust domain is ever signed
+        // (SPIFFE-ID §2.1, §2.3; X509-SVID §2, §3.1).
+        let id = meshid_identity::spiffe_id::workload_id(spiffe_id).map_err(|e| {
+            tracing::warn!(reason = %e, "refusing to sign an X509-SVID for a non-canonical SPIFFE ID");
+            IssueError::InvalidSpiffeId(spiffe_id.into())
+        })?;
+        if id.trust_domain().as_str() != self.trust_domain() {
             return Err(IssueError::InvalidSpiffeId(spiffe_id.into()));
         }
         if now >= self.not_after() {

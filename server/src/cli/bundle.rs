@@ -73,7 +73,7 @@ pub(super) async fn bundle(cmd: BundleCmd) -> anyhow::Result<()> {
                 BundleFormat::Pem => print!("{}", bundle_format::to_pem(&b)),
                 BundleFormat::Spiffe => println!(
                     "{}",
-                    serde_json::to_string_pretty(&bundle_format::to_spiffe_json(&b))?
+                    serde_json::to_string_pretty(&bundle_format::to_spiffe_json(&b)?)?
                 ),
             }
         }
@@ -85,8 +85,12 @@ pub(super) async fn bundle(cmd: BundleCmd) -> anyhow::Result<()> {
             let data =
                 std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             let td = trust_domain.trim_start_matches("spiffe://").to_string();
-            let b =
-                bundle_format::parse(&td, &data).with_context(|| format!("{}", path.display()))?;
+            let parsed = bundle_format::parse_with_notes(&td, &data)
+                .with_context(|| format!("{}", path.display()))?;
+            for why in &parsed.ignored {
+                eprintln!("ignored (Trust Domain and Bundle §4.2): {why}");
+            }
+            let b = parsed.bundle;
             let mut c = admin_client(&admin.admin_socket).await?;
             let b = c
                 .set_federated_bundle(SetFederatedBundleRequest { bundle: Some(b) })
@@ -124,7 +128,7 @@ pub(super) async fn bundle(cmd: BundleCmd) -> anyhow::Result<()> {
                     BundleFormat::Spiffe => println!(
                         "spiffe://{}\n{}",
                         b.trust_domain,
-                        serde_json::to_string_pretty(&bundle_format::to_spiffe_json(b))?
+                        serde_json::to_string_pretty(&bundle_format::to_spiffe_json(b)?)?
                     ),
                 }
             }
