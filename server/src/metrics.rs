@@ -110,6 +110,8 @@ pub struct Metrics {
     pub upstream_not_after: Gauge,
     /// Bundle publications refused by the chain gate.
     pub bundle_refused: Counter,
+    /// Node API connections held now (handshaking or established).
+    pub node_connections: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -229,7 +231,14 @@ impl Metrics {
             "Bundle publications refused by the chain gate",
             bundle_refused.clone(),
         );
+        let node_connections = Gauge::default();
+        registry.register(
+            "node_connections",
+            "Node API connections held now, handshaking or established",
+            node_connections.clone(),
+        );
         Arc::new(Self {
+            node_connections,
             ca_transitions,
             jwt_key_not_after,
             ca_next_not_after,
