@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{AgentProc, Server, TD, meshid, wait_for};
+use common::{AgentProc, Server, TD, meshid};
 use meshid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use meshid_proto::workload::{JwtsvidRequest, X509svidRequest};
 use prost::bytes::{Buf, BufMut};
