@@ -185,7 +185,7 @@ pub fn parse(td: &str, data: &[u8]) -> Result<Bundle, BundleFormatError> {
 fn check_x509_authorities(b: &Bundle) -> Result<(), BundleFormatError> {
     for (i, der) in b.x509_authorities.iter().enumerate() {
         match X509Certificate::from_der(der) {
-            Ok((rest, _)) if rest.is_empty() => {}
+            Ok(([], _)) => {}
             Ok(_) => {
                 return Err(BundleFormatError::UnsupportedKey(format!(
                     "X.509 authority {} has trailing bytes after the certificate",
