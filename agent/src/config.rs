@@ -146,7 +146,16 @@ impl AgentConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Self::parse_at(&text, path)
+    }
+
+    /// Parses and validates TOML text (errors name the file as `<inline>`).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_at(text, Path::new("<inline>"))
+    }
+
+    fn parse_at(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;

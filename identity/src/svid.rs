@@ -61,7 +61,19 @@ impl SvidInfo {
     }
 }
 
-/// The SPIFFE ID carried by a parsed certificate: exactly one URI SAN.
+/// Parses a SPIFFE ID exactly as written. The `spiffe` crate also accepts
+/// an upper-case scheme or trust domain and lower-cases it; the SPIFFE ID
+/// specification allows only lower case there, and an entry or certificate
+/// whose text differs from the ID it is read as would name one identity two
+/// ways (and other SPIFFE implementations refuse it). Anything that does not
+/// print back unchanged is refused.
+pub fn parse_spiffe_id(s: &str) -> Result<SpiffeId, String> {
+    // One rule for every boundary: [`crate::spiffe_id::any_id`].
+    crate::spiffe_id::any_id(s).map_err(|e| e.to_string())
+}
+
+/// The SPIFFE ID carried by a parsed certificate: exactly one URI SAN, in
+/// canonical form ([`parse_spiffe_id`]).
 pub fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
     let mut uris = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -73,9 +85,9 @@ pub fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
     }
     match uris.as_slice() {
         [] => Err(SvidError::NoSpiffeId),
-        [one] => SpiffeId::new(*one).map_err(|e| SvidError::InvalidSpiffeId {
+        [one] => parse_spiffe_id(one).map_err(|reason| SvidError::InvalidSpiffeId {
             uri: (*one).to_string(),
-            reason: e.to_string(),
+            reason,
         }),
         many => Err(SvidError::MultipleUris(many.len())),
     }
@@ -131,4 +143,37 @@ pub fn subject_key_id(der: &[u8]) -> Option<String> {
         let d = sha2::Sha256::digest(cert.public_key().subject_public_key.data.as_ref());
         Some(hex::encode(&d[..20]))
     })
+}
+
+#[cfg(test)]
+mod canonical_tests {
+    use super::*;
+
+    fn cert_with_uri(uri: &str) -> Vec<u8> {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().expect("uri"))];
+        let key = rcgen::KeyPair::generate().expect("key");
+        p.self_signed(&key).expect("cert").der().to_vec()
+    }
+
+    #[test]
+    fn only_canonical_spiffe_ids_are_read() {
+        assert!(parse_spiffe_id("spiffe://example.org/ns/web").is_ok());
+        for bad in [
+            "spiffe://Example.org/ns/web",
+            "SPIFFE://example.org/ns/web",
+            "spiffe://EXAMPLE.ORG",
+        ] {
+            let e = parse_spiffe_id(bad).expect_err(bad);
+            assert!(e.contains("canonical"), "{bad}: {e}");
+        }
+        // A certificate naming the upper-case form is not an X509-SVID for
+        // the lower-case one.
+        let ok = SvidInfo::from_der(&cert_with_uri("spiffe://example.org/web")).expect("svid");
+        assert_eq!(ok.spiffe_id.to_string(), "spiffe://example.org/web");
+        assert!(matches!(
+            SvidInfo::from_der(&cert_with_uri("spiffe://Example.org/web")),
+            Err(SvidError::InvalidSpiffeId { .. })
+        ));
+    }
 }

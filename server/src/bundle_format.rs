@@ -235,12 +235,14 @@ pub fn parse_with_notes(td: &str, data: &[u8]) -> Result<Parsed, BundleFormatErr
     if !text.trim_start().starts_with('{') {
         let certs = meshid_identity::pem::parse_certs(data)
             .map_err(|e| BundleFormatError::Unrecognized(e.to_string()))?;
+        let bundle = Bundle {
+            trust_domain: td.into(),
+            x509_authorities: certs.into_iter().map(|c| c.to_vec()).collect(),
+            ..Bundle::default()
+        };
+        check_x509_authorities(&bundle)?;
         return Ok(Parsed {
-            bundle: Bundle {
-                trust_domain: td.into(),
-                x509_authorities: certs.into_iter().map(|c| c.to_vec()).collect(),
-                ..Bundle::default()
-            },
+            bundle,
             ignored: Vec::new(),
         });
     }
@@ -298,12 +300,12 @@ pub fn parse_with_notes(td: &str, data: &[u8]) -> Result<Parsed, BundleFormatErr
                     continue;
                 };
                 match first.as_str().map(|s| STANDARD.decode(s)) {
-                    Some(Ok(der)) if X509Certificate::from_der(&der).is_ok() => {
+                    Some(Ok(der)) if matches!(X509Certificate::from_der(&der), Ok(([], _))) => {
                         out.bundle.x509_authorities.push(der);
                     }
                     _ => out
                         .ignored
-                        .push(format!("{name}: x5c[0] is not a base64 DER certificate")),
+                        .push(format!("{name}: x5c[0] is not one base64 DER certificate")),
                 }
             }
             Some("jwt-svid") => {
@@ -332,9 +334,43 @@ pub fn parse_with_notes(td: &str, data: &[u8]) -> Result<Parsed, BundleFormatErr
     Ok(out)
 }
 
+/// Every X.509 authority must be one whole certificate: a PEM block or an
+/// `x5c` entry holding anything else would be stored and handed to every
+/// agent and sidecar as a root.
+fn check_x509_authorities(b: &Bundle) -> Result<(), BundleFormatError> {
+    for (i, der) in b.x509_authorities.iter().enumerate() {
+        match X509Certificate::from_der(der) {
+            Ok(([], _)) => {}
+            Ok(_) => {
+                return Err(BundleFormatError::UnsupportedKey(format!(
+                    "X.509 authority {} has trailing bytes after the certificate",
+                    i + 1
+                )));
+            }
+            Err(e) => {
+                return Err(BundleFormatError::UnsupportedKey(format!(
+                    "X.509 authority {} is not an X.509 certificate: {e}",
+                    i + 1
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authorities_that_are_not_certificates_are_refused() {
+        let pem = meshid_identity::pem::encode("CERTIFICATE", b"not a certificate");
+        let e = parse("other.org", pem.as_bytes()).expect_err("garbage PEM accepted");
+        assert!(e.to_string().contains("not an X.509 certificate"), "{e}");
+        let json = json!({"keys": [{"use": "x509-svid", "x5c": [STANDARD.encode(b"junk")]}]});
+        let e = parse("other.org", json.to_string().as_bytes()).expect_err("garbage x5c accepted");
+        assert!(e.to_string().contains("not an X.509 certificate"), "{e}");
+    }
 
     #[test]
     fn spiffe_json_round_trips() {

@@ -110,6 +110,8 @@ pub struct Metrics {
     pub upstream_not_after: Gauge,
     /// Bundle publications refused by the chain gate.
     pub bundle_refused: Counter,
+    /// Node API connections held now (handshaking or established).
+    pub node_connections: Gauge,
     /// The store: reachable, pool use, notification lag.
     pub store: StoreMetrics,
 }
@@ -277,8 +279,15 @@ impl Metrics {
             "Times the store's change listener lost its connection or could not listen",
             store.stats.listener_reconnects.clone(),
         );
+        let node_connections = Gauge::default();
+        registry.register(
+            "node_connections",
+            "Node API connections held now, handshaking or established",
+            node_connections.clone(),
+        );
         Arc::new(Self {
             store,
+            node_connections,
             ca_transitions,
             jwt_key_not_after,
             ca_next_not_after,

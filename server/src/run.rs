@@ -306,7 +306,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding node API on {}", cfg.bind_address))?;
     let node_addr = listener.local_addr()?;
     let _ = state.node_address.set(node_addr.to_string());
-    let incoming = ReceiverStream::new(accept_loop(listener, tls, metrics.clone()));
+    let incoming = ReceiverStream::new(accept_loop(listener, tls, metrics.clone(), &cfg.node_api));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let node_stop = {
         let mut rx = stop_rx.clone();
@@ -336,8 +336,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     };
     let node_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(NodeServer::with_interceptor(
-            NodeService::new(state.clone(), psat),
+        .max_concurrent_streams(Some(cfg.node_api.max_concurrent_streams))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            NodeServer::new(NodeService::new(state.clone(), psat))
+                .max_decoding_message_size(cfg.node_api.max_message_size),
             gate,
         ))
         .serve_with_incoming_shutdown(incoming, node_stop);

@@ -10,6 +10,7 @@
 
 use std::fmt;
 
+use meshid_identity::svid::parse_spiffe_id;
 use meshid_identity::{SpiffeId, TrustDomain};
 
 /// Why a policy rule does not parse.
@@ -55,7 +56,7 @@ impl Rule {
         };
         if let Some(base) = rule.strip_suffix("/*") {
             // Validate the prefix as a SPIFFE ID with a path.
-            let id = SpiffeId::new(base).map_err(|e| invalid(e.to_string()))?;
+            let id = parse_spiffe_id(base).map_err(invalid)?;
             if id.path().is_empty() {
                 return Err(invalid(
                     "prefix pattern needs a path; use `spiffe://td` for a whole trust domain"
@@ -72,7 +73,7 @@ impl Rule {
                 "`*` is only allowed as a final `/*` path segment".into(),
             ));
         }
-        let id = SpiffeId::new(rule).map_err(|e| invalid(e.to_string()))?;
+        let id = parse_spiffe_id(rule).map_err(invalid)?;
         if id.path().is_empty() {
             Ok(Self::TrustDomain(id.trust_domain().clone()))
         } else {

@@ -20,6 +20,115 @@ pub enum ProxyHeaderError {
     /// The TLV value does not fit a 16-bit length.
     #[error("TLV value of {0} bytes is too long")]
     TooLong(usize),
+    /// Fewer bytes than the header announces (read more and try again).
+    #[error("incomplete PROXY header: {have} of {need} bytes")]
+    Incomplete {
+        /// Bytes available.
+        have: usize,
+        /// Bytes needed so far.
+        need: usize,
+    },
+    /// The first 12 bytes are not the v2 signature.
+    #[error("not a PROXY protocol v2 header")]
+    BadSignature,
+    /// A version, command or address family this encoder never sends.
+    #[error("unsupported PROXY header: {0}")]
+    Unsupported(&'static str),
+    /// The announced length does not hold the addresses, or a TLV is cut.
+    #[error("malformed PROXY header: {0}")]
+    Malformed(&'static str),
+}
+
+/// A v2 PROXY header as an application behind the sidecar reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyHeader {
+    /// The TLS peer's address.
+    pub src: SocketAddr,
+    /// The address the peer connected to.
+    pub dst: SocketAddr,
+    /// The SPIFFE ID TLV, if present.
+    pub spiffe_id: Option<String>,
+    /// Header length in bytes: application data starts here.
+    pub len: usize,
+}
+
+/// Decodes the v2 PROXY header at the start of `buf` (the inverse of
+/// [`encode_v2`]; also what an application written in Rust can use to read
+/// it). Only `PROXY` over TCP/IPv4 or TCP/IPv6 is accepted; unknown TLVs are
+/// skipped; a second SPIFFE ID TLV or one that is not UTF-8 is refused.
+pub fn decode_v2(buf: &[u8]) -> Result<ProxyHeader, ProxyHeaderError> {
+    use ProxyHeaderError::{BadSignature, Incomplete, Malformed, Unsupported};
+    let fixed = buf.get(..16).ok_or(Incomplete {
+        have: buf.len(),
+        need: 16,
+    })?;
+    if fixed[..12] != SIGNATURE {
+        return Err(BadSignature);
+    }
+    if fixed[12] != 0x21 {
+        return Err(Unsupported("only version 2 with the PROXY command"));
+    }
+    let family = fixed[13];
+    let body_len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+    let len = 16 + body_len;
+    let body = buf.get(16..len).ok_or(Incomplete {
+        have: buf.len(),
+        need: len,
+    })?;
+    let (src, dst, rest) = match family {
+        0x11 => {
+            let a = body
+                .get(..12)
+                .ok_or(Malformed("IPv4 addresses cut short"))?;
+            let ip = |o: usize| IpAddr::from([a[o], a[o + 1], a[o + 2], a[o + 3]]);
+            let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
+            (
+                SocketAddr::new(ip(0), port(8)),
+                SocketAddr::new(ip(4), port(10)),
+                &body[12..],
+            )
+        }
+        0x21 => {
+            let a = body
+                .get(..36)
+                .ok_or(Malformed("IPv6 addresses cut short"))?;
+            let ip = |o: usize| {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&a[o..o + 16]);
+                IpAddr::from(b)
+            };
+            let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
+            (
+                SocketAddr::new(ip(0), port(32)),
+                SocketAddr::new(ip(16), port(34)),
+                &body[36..],
+            )
+        }
+        _ => return Err(Unsupported("address family other than TCP over IPv4/IPv6")),
+    };
+    let mut spiffe_id = None;
+    let mut tlvs = rest;
+    while !tlvs.is_empty() {
+        let head = tlvs.get(..3).ok_or(Malformed("TLV header cut short"))?;
+        let vlen = usize::from(u16::from_be_bytes([head[1], head[2]]));
+        let value = tlvs
+            .get(3..3 + vlen)
+            .ok_or(Malformed("TLV value cut short"))?;
+        if head[0] == TLV_SPIFFE_ID {
+            if spiffe_id.is_some() {
+                return Err(Malformed("more than one SPIFFE ID TLV"));
+            }
+            let id = std::str::from_utf8(value).map_err(|_| Malformed("SPIFFE ID is not UTF-8"))?;
+            spiffe_id = Some(id.to_string());
+        }
+        tlvs = &tlvs[3 + vlen..];
+    }
+    Ok(ProxyHeader {
+        src,
+        dst,
+        spiffe_id,
+        len,
+    })
 }
 
 /// Encodes a v2 PROXY header for a TCP connection from `src` to `dst`
@@ -107,6 +216,26 @@ mod tests {
                 .unwrap()
                 .octets()
         );
+    }
+
+    #[test]
+    fn decode_inverts_encode() {
+        let src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "[2001:db8::2]:8443".parse().unwrap();
+        let mut h = encode_v2(src, dst, "spiffe://td/web").unwrap();
+        let n = h.len();
+        h.extend_from_slice(b"app data");
+        let d = decode_v2(&h).unwrap();
+        assert_eq!(d.src, SocketAddr::new(IpAddr::V6(to_v6(src.ip())), 40000));
+        assert_eq!(d.dst, dst);
+        assert_eq!(d.spiffe_id.as_deref(), Some("spiffe://td/web"));
+        assert_eq!(d.len, n);
+        assert!(matches!(
+            decode_v2(&h[..n - 1]),
+            Err(ProxyHeaderError::Incomplete { .. })
+        ));
+        h[0] = b'x';
+        assert_eq!(decode_v2(&h), Err(ProxyHeaderError::BadSignature));
     }
 
     #[test]

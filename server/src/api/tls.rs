@@ -16,15 +16,13 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
+use crate::config::NodeApiLimits;
 use crate::metrics::{Metrics, ReasonLabels};
-
-/// Handshake deadline.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The current server certificate; swapped on renewal.
 #[derive(Debug)]
@@ -65,6 +63,19 @@ pub struct PeerInfo {
 pub struct NodeConn {
     inner: TlsStream<TcpStream>,
     info: PeerInfo,
+    _slot: ConnectionSlot,
+}
+
+/// One of `max_connections`, held for the life of a connection.
+struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.metrics.node_connections.dec();
+    }
 }
 
 impl Connected for NodeConn {
@@ -112,13 +123,19 @@ impl AsyncWrite for NodeConn {
 
 /// Accepts TCP connections and completes TLS handshakes concurrently with the
 /// configuration current at accept time; yields
-/// established connections on the returned channel.
+/// established connections on the returned channel. A connection past
+/// `limits.max_connections`, or past `limits.max_pending_handshakes` while
+/// handshaking, is closed at once and counted; the others are unaffected.
 pub fn accept_loop(
     listener: TcpListener,
     config: Arc<ArcSwap<rustls::ServerConfig>>,
     metrics: Arc<Metrics>,
+    limits: &NodeApiLimits,
 ) -> mpsc::Receiver<Result<NodeConn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes));
+    let handshake_timeout = limits.handshake_timeout;
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = match listener.accept().await {
@@ -132,6 +149,26 @@ pub fn accept_loop(
             if tx.is_closed() {
                 break;
             }
+            let refuse = |reason: &'static str| {
+                metrics
+                    .tls_refused
+                    .get_or_create(&ReasonLabels { reason })
+                    .inc();
+                tracing::warn!(peer = %addr, reason, "node API connection refused: limit reached");
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                refuse("connection_limit");
+                continue;
+            };
+            let Ok(handshaking) = handshakes.clone().try_acquire_owned() else {
+                refuse("handshake_limit");
+                continue;
+            };
+            metrics.node_connections.inc();
+            let slot = ConnectionSlot {
+                _permit: permit,
+                metrics: metrics.clone(),
+            };
             let _ = tcp.set_nodelay(true);
             // The configuration as of now: a bundle change applies to every
             // later handshake.
@@ -139,7 +176,9 @@ pub fn accept_loop(
             let tx = tx.clone();
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let done = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                drop(handshaking);
+                match done {
                     Ok(Ok(tls)) => {
                         metrics
                             .key_exchanges
@@ -159,6 +198,7 @@ pub fn accept_loop(
                                 addr: Some(addr),
                                 certs,
                             },
+                            _slot: slot,
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }

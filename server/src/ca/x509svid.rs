@@ -72,13 +72,57 @@ pub fn parse_csr(der: &[u8]) -> Result<CsrKey, IssueError> {
     if !rest.is_empty() {
         return Err(IssueError::MalformedCsr("trailing bytes after CSR".into()));
     }
+    let spki_info = &csr.certification_request_info.subject_pki;
+    // The key type first: a key nobody should be issued for gets that
+    // answer, not a signature error from a verifier that cannot check it.
+    let rsa = supported_key(spki_info)?;
     csr.verify_signature()
         .map_err(|_| IssueError::BadCsrSignature)?;
-    let spki_info = &csr.certification_request_info.subject_pki;
-    let rsa = spki_info.algorithm.algorithm == x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION;
     let spki = SubjectPublicKeyInfo::from_der(spki_info.raw)
         .map_err(|e| IssueError::UnsupportedKey(e.to_string()))?;
     Ok(CsrKey { spki, rsa })
+}
+
+/// Keys an X509-SVID may carry: ECDSA P-256 or P-384, RSA of 2048 to 8192
+/// bits, Ed25519. Returns whether the key is RSA.
+fn supported_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<bool, IssueError> {
+    use x509_parser::oid_registry::{
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+        OID_SIG_ED25519,
+    };
+    let alg = &spki.algorithm.algorithm;
+    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        return match curve {
+            Some(c) if c == OID_EC_P256 || c == OID_NIST_EC_P384 => Ok(false),
+            Some(c) => Err(IssueError::UnsupportedKey(format!(
+                "EC curve {c} (P-256 and P-384 are accepted)"
+            ))),
+            None => Err(IssueError::UnsupportedKey(
+                "EC key without a named curve".into(),
+            )),
+        };
+    }
+    if *alg == OID_PKCS1_RSAENCRYPTION {
+        let bits = spki.parsed().map(|k| k.key_size()).unwrap_or(0);
+        return if (2048..=8192).contains(&bits) {
+            Ok(true)
+        } else {
+            Err(IssueError::UnsupportedKey(format!(
+                "RSA key of {bits} bits (2048 to 8192 are accepted)"
+            )))
+        };
+    }
+    if *alg == OID_SIG_ED25519 {
+        return Ok(false);
+    }
+    Err(IssueError::UnsupportedKey(format!(
+        "key algorithm {alg} (ECDSA P-256/P-384, RSA, Ed25519 are accepted)"
+    )))
 }
 
 impl SigningCa {

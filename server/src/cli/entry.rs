@@ -139,7 +139,9 @@ pub(super) enum EntryCmd {
     },
 }
 
-fn parse_selector(s: &str) -> Result<Selector, String> {
+/// Parses a `type:value` selector as the CLI takes it (`unix:uid:1000`:
+/// type `unix`, value `uid:1000`); the admin API checks it again.
+pub fn parse_selector(s: &str) -> Result<Selector, String> {
     match s.split_once(':') {
         Some((t, v)) if !t.is_empty() && !v.is_empty() => Ok(Selector {
             r#type: t.into(),

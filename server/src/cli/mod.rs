@@ -21,6 +21,7 @@ mod store;
 
 use agent::{AgentCmd, agent};
 use bundle::{BundleCmd, bundle};
+pub use entry::parse_selector;
 use entry::{EntryCmd, entry};
 
 /// Default admin socket, matching the default `data_dir`.
