@@ -613,12 +613,16 @@ impl IdentityStore {
     /// The chain (DER, leaf first) and PKCS#8 key, if present and matching.
     fn read_pair(&self) -> Result<Option<ChainAndKey>, ClientError> {
         let (cert_pem, key_pem) = if self.identity.exists() {
+            owner_only(&self.identity)?;
             let pem = std::fs::read(&self.identity).map_err(io(&self.identity))?;
             (pem.clone(), pem)
         } else if self.legacy_svid.exists() && self.legacy_key.exists() {
             (
                 std::fs::read(&self.legacy_svid).map_err(io(&self.legacy_svid))?,
-                std::fs::read(&self.legacy_key).map_err(io(&self.legacy_key))?,
+                {
+                    owner_only(&self.legacy_key)?;
+                    std::fs::read(&self.legacy_key).map_err(io(&self.legacy_key))?
+                },
             )
         } else {
             return Ok(None);
@@ -674,6 +678,26 @@ impl IdentityStore {
     }
 }
 
+/// Refuses a private key file that anyone but its owner may read or write:
+/// another local user could have read the agent's key (or planted one), so
+/// the identity in it proves nothing.
+fn owner_only(path: &Path) -> Result<(), ClientError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(io(path))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ClientError::Identity(format!(
+            "{} has mode {mode:o}; the agent's private key must be readable by its owner \
+             only (chmod 600), or removed so that the agent attests again",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Reads PEM roots.
 pub fn load_roots(path: &Path) -> Result<Vec<Vec<u8>>, ClientError> {
     let pem = std::fs::read(path).map_err(io(path))?;
@@ -686,6 +710,21 @@ pub fn load_roots(path: &Path) -> Result<Vec<Vec<u8>>, ClientError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_identity_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("dir");
+        let store = IdentityStore::new(dir.path());
+        let f = dir.path().join("agent_identity.pem");
+        std::fs::write(&f, b"not checked before the mode").expect("write");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = store.load().expect_err("refused");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let e = store.load().expect_err("still not a valid identity");
+        assert!(!e.to_string().contains("chmod 600"), "{e}");
+    }
     use super::*;
     use tokio::time::Instant;
 

@@ -367,9 +367,19 @@ mod tests {
         let pem = meshid_identity::pem::encode("CERTIFICATE", b"not a certificate");
         let e = parse("other.org", pem.as_bytes()).expect_err("garbage PEM accepted");
         assert!(e.to_string().contains("not an X.509 certificate"), "{e}");
-        let json = json!({"keys": [{"use": "x509-svid", "x5c": [STANDARD.encode(b"junk")]}]});
-        let e = parse("other.org", json.to_string().as_bytes()).expect_err("garbage x5c accepted");
-        assert!(e.to_string().contains("not an X.509 certificate"), "{e}");
+        // In SPIFFE JSON an unusable key is ignored and reported (Trust
+        // Domain and Bundle §4.2), never stored as a root.
+        let json =
+            json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": [STANDARD.encode(b"junk")]}]});
+        let p = parse_with_notes("other.org", json.to_string().as_bytes()).expect("parsed");
+        assert!(p.bundle.x509_authorities.is_empty());
+        assert!(
+            p.ignored
+                .iter()
+                .any(|w| w.contains("not one base64 DER certificate")),
+            "{:?}",
+            p.ignored
+        );
     }
 
     #[test]

@@ -231,10 +231,13 @@ mod tests {
     }
 
     #[test]
-    fn trust_domain_case_is_normalized() {
-        // The spiffe crate lowercases trust domains, in rules and peers alike.
-        let p = policy(&["spiffe://Example.ORG/a/*"]);
-        assert!(p.allows(&id("spiffe://example.org/a/b")));
+    fn non_canonical_rules_are_refused() {
+        // SPIFFE-ID §2.1: the scheme and trust domain are lower case. A rule
+        // written otherwise is refused with the form to use, not silently
+        // lowercased (one identity, one spelling).
+        let e = Policy::parse(&["spiffe://Example.ORG/a/*"]).unwrap_err();
+        assert!(e.to_string().contains("spiffe://example.org"), "{e}");
+        assert!(policy(&["spiffe://example.org/a/*"]).allows(&id("spiffe://example.org/a/b")));
     }
 
     #[test]
