@@ -135,6 +135,13 @@ fn crash_states_never_load_a_mismatched_pair() {
     .expect("w");
     let (other, _) = common::key_and_csr();
     std::fs::write(data.join("agent_svid.key"), other.serialize_pem()).expect("w");
+    // As the old layout wrote it: owner-only (a looser key file is refused
+    // before its contents are read).
+    std::fs::set_permissions(
+        data.join("agent_svid.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
     std::fs::remove_file(&id).expect("rm");
     let out = meshid()
         .args(["agent", "run", "--config"])
@@ -175,6 +182,11 @@ fn crash_states_never_load_a_mismatched_pair() {
         meshid_identity::pem::encode("PRIVATE KEY", key.secret_der()),
     )
     .expect("w");
+    std::fs::set_permissions(
+        data.join("agent_svid.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
     std::fs::remove_file(&id).expect("rm");
     let seen = recovered.log().len();
     recovered.restart();
