@@ -18,12 +18,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::raw_codec::Raw;
 use common::{Identity, Server, TD, key_and_csr, meshid, node_channel, wait_for};
 use meshid_proto::node::node_client::NodeClient;
 use meshid_proto::node::{AttestRequest, SignX509SvidsRequest, X509SvidParams};
-use prost::bytes::{Buf, BufMut};
 use tonic::Code;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 
 const MAX_CONNECTIONS: usize = 12;
@@ -52,41 +51,6 @@ fn sum(page: &str, prefix: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
         .sum()
-}
-
-/// Raw protobuf bytes in and out, for messages no typed client would send.
-#[derive(Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let n = src.remaining();
-        Ok(Some(src.copy_to_bytes(n).to_vec()))
-    }
 }
 
 struct Env {

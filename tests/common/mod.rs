@@ -2,6 +2,7 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod postgres;
+pub mod raw_codec;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
