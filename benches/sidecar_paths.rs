@@ -2,6 +2,8 @@
 //! (1 KiB responses) through three paths —
 //!   direct plaintext;
 //!   meshid outbound sidecar -> mTLS -> meshid inbound sidecar (tcp mode);
+//!   meshid sidecars with `tunnel = "h2"`: every connection is an HTTP/2
+//!   CONNECT stream on one pooled mTLS connection;
 //!   HAProxy -> mTLS -> HAProxy (mode tcp), with the same SVIDs and bundle.
 //! Reports wrk requests/s and p50/p99 (-t1 -c32), new connections/s
 //! (Connection: close), and bulk MB/s on one connection, as ratios.
@@ -205,13 +207,17 @@ async fn main() {
     std::fs::copy(certs.join("bundle.0.pem"), certs.join("bundle.pem")).expect("bundle");
 
     let [app_p, m_in, m_out, h_in, h_out, m_adm_in, m_adm_out] = [(); 7].map(|()| free_port());
+    let [t_in, t_out, t_adm_in, t_adm_out] = [(); 4].map(|()| free_port());
     tokio::spawn(app(app_p));
     let mut procs = Kill(Vec::new());
-    let sidecar = |name: &str, cfg: String| {
+    // BASELINE_MESHID=/path/to/an/older/meshid adds the same sidecar pair run
+    // by that binary, for before/after figures in one run.
+    let baseline = std::env::var_os("BASELINE_MESHID");
+    let sidecar_with = |bin: Option<&std::ffi::OsStr>, name: &str, cfg: String| {
         let p = d.join(format!("{name}.toml"));
         std::fs::write(&p, cfg).expect("cfg");
         let log = std::fs::File::create(d.join(format!("{name}.log"))).expect("log");
-        meshid()
+        bin.map_or_else(meshid, Command::new)
             .args(["--log", "warn", "sidecar", "run", "--config"])
             .arg(&p)
             .stdout(Stdio::null())
@@ -219,8 +225,16 @@ async fn main() {
             .spawn()
             .expect("sidecar")
     };
+    let sidecar = |name: &str, cfg: String| sidecar_with(None, name, cfg);
     procs.0.push(sidecar("in", format!("workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{m_adm_in}\"\nspiffe_id = \"spiffe://{TD}/payments\"\n[[inbound]]\nlisten = \"127.0.0.1:{m_in}\"\nforward_to = \"127.0.0.1:{app_p}\"\nmode = \"tcp\"\nallow = [\"spiffe://{TD}/frontend\"]\n")));
     procs.0.push(sidecar("out", format!("workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{m_adm_out}\"\nspiffe_id = \"spiffe://{TD}/frontend\"\n[[outbound]]\nlisten = \"127.0.0.1:{m_out}\"\nupstream = \"127.0.0.1:{m_in}\"\nserver_id = \"spiffe://{TD}/payments\"\n")));
+    procs.0.push(sidecar("tin", format!("workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{t_adm_in}\"\nspiffe_id = \"spiffe://{TD}/payments\"\n[[inbound]]\nlisten = \"127.0.0.1:{t_in}\"\nforward_to = \"127.0.0.1:{app_p}\"\nmode = \"tcp\"\ntunnel = \"h2\"\nallow = [\"spiffe://{TD}/frontend\"]\n")));
+    procs.0.push(sidecar("tout", format!("workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{t_adm_out}\"\nspiffe_id = \"spiffe://{TD}/frontend\"\n[[outbound]]\nlisten = \"127.0.0.1:{t_out}\"\nupstream = \"127.0.0.1:{t_in}\"\nserver_id = \"spiffe://{TD}/payments\"\ntunnel = \"h2\"\n")));
+    let [b_in, b_out, b_adm_in, b_adm_out] = [(); 4].map(|()| free_port());
+    if let Some(bin) = &baseline {
+        procs.0.push(sidecar_with(Some(bin.as_os_str()), "bin", format!("workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{b_adm_in}\"\nspiffe_id = \"spiffe://{TD}/payments\"\n[[inbound]]\nlisten = \"127.0.0.1:{b_in}\"\nforward_to = \"127.0.0.1:{app_p}\"\nmode = \"tcp\"\nallow = [\"spiffe://{TD}/frontend\"]\n")));
+        procs.0.push(sidecar_with(Some(bin.as_os_str()), "bout", format!("workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{b_adm_out}\"\nspiffe_id = \"spiffe://{TD}/frontend\"\n[[outbound]]\nlisten = \"127.0.0.1:{b_out}\"\nupstream = \"127.0.0.1:{b_in}\"\nserver_id = \"spiffe://{TD}/payments\"\n")));
+    }
     let c = certs.display();
     let hcfg = format!(
         "global\n  maxconn 4000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend out\n  bind 127.0.0.1:{h_out}\n  default_backend to_in\nbackend to_in\n  server in 127.0.0.1:{h_in} ssl crt {c}/frontend.pem ca-file {c}/bundle.pem verify required\nfrontend in\n  bind 127.0.0.1:{h_in} ssl crt {c}/payments.pem ca-file {c}/bundle.pem verify required\n  default_backend app\nbackend app\n  server app 127.0.0.1:{app_p}\n"
@@ -249,24 +263,38 @@ async fn main() {
             out.starts_with("HTTP/1.1 200").then_some(())
         });
     };
-    for p in [app_p, m_out, h_out] {
+    for p in [app_p, m_out, t_out, h_out] {
         probe(p);
+    }
+    if baseline.is_some() {
+        probe(b_out);
     }
 
     let paths = [
         ("plaintext direct", app_p),
         ("meshid sidecars (mTLS)", m_out),
+        ("meshid h2 tunnel (mTLS)", t_out),
         ("HAProxy pair (mTLS)", h_out),
     ];
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load_before = load();
     let mut rows = Vec::new();
-    for (name, port) in paths {
+    let baseline_path = baseline
+        .as_ref()
+        .map(|_| ("meshid sidecars, baseline", b_out));
+    for (name, port) in paths.into_iter().chain(baseline_path) {
         let (rps, p50, p99) = wrk(port, secs, false);
         let (cps, _, _) = wrk(port, secs, true);
         let mbs = bulk(port).await;
         rows.push((name, rps, p50, p99, cps, mbs));
     }
     println!(
-        "same traffic through three paths (wrk -t1 -c32 -d{secs}s, 1 KiB responses; bulk: 512 MiB on one connection)"
+        "load average before: {} after: {}",
+        load_before.trim(),
+        load().trim()
+    );
+    println!(
+        "same traffic through four paths (wrk -t1 -c32 -d{secs}s, 1 KiB responses; bulk: 512 MiB on one connection)"
     );
     println!(
         "{:<26} {:>10} {:>9} {:>9} {:>12} {:>10}",
@@ -275,7 +303,7 @@ async fn main() {
     for (name, rps, p50, p99, cps, mbs) in &rows {
         println!("{name:<26} {rps:>10.0} {p50:>9.2} {p99:>9.2} {cps:>12.0} {mbs:>10.0}");
     }
-    let (m, h, p) = (&rows[1], &rows[2], &rows[0]);
+    let (m, t, h, p) = (&rows[1], &rows[2], &rows[3], &rows[0]);
     println!(
         "meshid / HAProxy: req/s {:.2}x, p99 {:.2}x (lower is better), new conn/s {:.2}x, bulk {:.2}x",
         m.1 / h.1,
@@ -289,5 +317,27 @@ async fn main() {
         m.4 / p.4,
         m.5 / p.5
     );
+    println!(
+        "h2 tunnel / HAProxy: req/s {:.2}x, p99 {:.2}x, new conn/s {:.2}x, bulk {:.2}x",
+        t.1 / h.1,
+        t.3 / h.3,
+        t.4 / h.4,
+        t.5 / h.5
+    );
+    println!(
+        "h2 tunnel / plaintext: req/s {:.2}x, new conn/s {:.2}x, bulk {:.2}x",
+        t.1 / p.1,
+        t.4 / p.4,
+        t.5 / p.5
+    );
+    if let Some(b) = rows.get(4) {
+        println!(
+            "meshid / baseline build: req/s {:.2}x, new conn/s {:.2}x, bulk {:.2}x; baseline / plaintext bulk {:.2}x",
+            m.1 / b.1,
+            m.4 / b.4,
+            m.5 / b.5,
+            b.5 / p.5
+        );
+    }
     drop(procs);
 }

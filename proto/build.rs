@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/meshid/types.proto",
         "proto/meshid/node.proto",
         "proto/meshid/admin.proto",
+        "proto/meshid/admin_x509.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -5,17 +5,20 @@
 //! saved under `fuzz/artifacts/`.
 //!
 //! It builds a separately instrumented copy of the crates (in `fuzz/target`),
-//! which takes minutes: it runs under `CI=true` or `MESHID_FUZZ=1`, and
-//! otherwise prints that it did not run.
+//! which takes minutes: it runs with `MESHID_FUZZ=1`, and otherwise prints
+//! that it did not run. CI (`.ci/run`) runs `fuzz/run` itself, at the lowest
+//! CPU priority beside the test command, and fails on any crash.
 
 use std::process::Command;
 
 #[test]
 fn fuzz_targets_run_bounded_without_crashing() {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let asked = std::env::var("MESHID_FUZZ").is_ok_and(|v| v == "1");
-    if !ci && !asked {
-        eprintln!("SKIPPED: bounded fuzzing runs under CI=true or MESHID_FUZZ=1 (fuzz/run)");
+    if !asked {
+        eprintln!(
+            "SKIPPED: bounded fuzzing runs with MESHID_FUZZ=1 (or directly: fuzz/run); \
+             .ci/run runs it beside the test command"
+        );
         return;
     }
     let root = env!("CARGO_MANIFEST_DIR");

@@ -17,7 +17,7 @@ use meshid_proto::workload::X509svid;
 use meshid_sidecar::config::Config;
 use meshid_sidecar::identity::{Identity, run_workload_api};
 use meshid_sidecar::metrics::Metrics;
-use meshid_sidecar::{CancellationToken, Sidecar, policies};
+use meshid_sidecar::{CancellationToken, Sidecar, tls_settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -103,7 +103,7 @@ async fn bundle_that_orphans_our_svid_is_refused_and_rotation_is_taken() {
     .validate(None)
     .unwrap();
     let metrics = Arc::new(Metrics::new());
-    let identity = Identity::new(policies(&v), metrics.clone());
+    let identity = Identity::new(tls_settings(&v), metrics.clone());
     let shutdown = CancellationToken::new();
     let sidecar = Sidecar::bind(&v, identity.clone(), metrics.clone(), shutdown.clone())
         .await

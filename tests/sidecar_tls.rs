@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use meshid_identity::{SvidInfo, crypto};
 use meshid_sidecar::config::Config;
-use meshid_sidecar::identity::Identity;
+use meshid_sidecar::identity::{Identity, InboundTls};
 use meshid_sidecar::metrics::{ByteLabels, Direction, HandshakeLabels, Metrics, RefusedLabels};
-use meshid_sidecar::{CancellationToken, Sidecar, policies};
+use meshid_sidecar::{CancellationToken, Sidecar, tls_settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -122,6 +122,7 @@ struct Running {
     inbound: Vec<SocketAddr>,
     outbound: Vec<SocketAddr>,
     admin: Option<SocketAddr>,
+    inbound_tls: Vec<Arc<InboundTls>>,
     identity: Arc<Identity>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -139,7 +140,7 @@ impl Running {
 async fn start(toml: &str) -> Running {
     let v = Config::parse(toml).unwrap().validate(None).unwrap();
     let metrics = Arc::new(Metrics::new());
-    let identity = Identity::new(policies(&v), metrics.clone());
+    let identity = Identity::new(tls_settings(&v), metrics.clone());
     let shutdown = CancellationToken::new();
     let sidecar = Sidecar::bind(&v, identity.clone(), metrics.clone(), shutdown.clone())
         .await
@@ -147,12 +148,14 @@ async fn start(toml: &str) -> Running {
     let inbound = sidecar.inbound_addrs();
     let outbound = sidecar.outbound_addrs();
     let admin = sidecar.admin_addr();
+    let inbound_tls = sidecar.inbound_tls();
     let sidecar_task = tokio::spawn(async move { sidecar.run().await.unwrap() });
     Running {
         sidecar_task,
         inbound,
         outbound,
         admin,
+        inbound_tls,
         identity,
         metrics,
         shutdown,
@@ -414,6 +417,7 @@ async fn rotation_keeps_established_connection_and_new_handshake_sees_new_cert()
     let sc = start(&inbound_toml(echo, "tcp", "")).await;
     let first = sc.identity.update(ca.material(SIDECAR_ID, 0x1111)).unwrap();
     assert!(Arc::ptr_eq(&first, &sc.identity.current().unwrap()));
+    let first_listener = sc.inbound_tls[0].current().unwrap();
 
     let serial_of = |tls: &tokio_rustls::client::TlsStream<TcpStream>| {
         let leaf = &tls.get_ref().1.peer_certificates().unwrap()[0];
@@ -429,7 +433,8 @@ async fn rotation_keeps_established_connection_and_new_handshake_sees_new_cert()
     let now = sc.identity.current().unwrap();
     assert!(Arc::ptr_eq(&second, &now));
     assert!(!Arc::ptr_eq(&first, &now));
-    assert!(!Arc::ptr_eq(&first.inbound[0], &now.inbound[0]));
+    let now_listener = sc.inbound_tls[0].current().unwrap();
+    assert!(!Arc::ptr_eq(&first_listener.config, &now_listener.config));
     assert_eq!(now.generation, 2);
 
     // The established connection is untouched.

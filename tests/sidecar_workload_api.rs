@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshid_sidecar::CancellationToken;
-use meshid_sidecar::identity::{Identity, Policies, run_workload_api};
+use meshid_sidecar::identity::{Identity, TlsSettings, run_workload_api};
 use meshid_sidecar::metrics::Metrics;
 use tokio::sync::watch;
 
@@ -18,13 +18,15 @@ use sidecar_support::{Ca, response, serve, svid_msg};
 
 fn identity() -> (Arc<Identity>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
-    let policies = Policies {
-        inbound: vec![meshid_identity::Authorizer::Any],
-        outbound: vec![],
+    let settings = TlsSettings {
         allow_tls12: false,
         key_exchange: meshid_identity::crypto::KeyExchange::default(),
     };
-    (Identity::new(policies, metrics.clone()), metrics)
+    let identity = Identity::new(settings, metrics.clone());
+    identity
+        .inbound_listener(meshid_identity::Authorizer::Any, vec![])
+        .unwrap();
+    (identity, metrics)
 }
 
 #[tokio::test]

@@ -40,7 +40,7 @@ fn reported_rows(out: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 8] = [
     "entries",
     "agents",
     "bundles",
@@ -48,6 +48,7 @@ const TABLES: [&str; 7] = [
     "ca_journal",
     "issued_certs",
     "audit_seals",
+    "revoked_certs",
 ];
 
 fn target_rows(srv: &pg::PgServer, db: &str) -> BTreeMap<String, u64> {

@@ -11,6 +11,7 @@
 //! - [`files`]: atomic, durable writes of key and certificate files.
 
 pub mod chain;
+pub mod crl;
 pub mod crypto;
 pub mod files;
 pub mod h2_authority;

@@ -127,6 +127,14 @@ impl TrustBundles {
         }
     }
 
+    /// The roots of `td` that are valid at `now` (none if the trust domain
+    /// is unknown).
+    pub fn anchors_valid_at(&self, td: &str, now: UnixTime) -> Vec<TrustAnchor<'static>> {
+        self.anchors_at(td, now)
+            .map(|a| a.into_owned())
+            .unwrap_or_default()
+    }
+
     /// The roots of `td` that are valid at `now`, or `None` if there is none.
     fn anchors_at(&self, td: &str, now: UnixTime) -> Option<Cow<'_, [TrustAnchor<'static>]>> {
         let r = self.roots.get(td)?;
@@ -312,12 +320,51 @@ fn webpki_error(e: webpki::Error) -> rustls::Error {
     rustls::Error::InvalidCertificate(ce)
 }
 
-/// The shared core: chain to the peer's trust domain bundle, then policy.
+/// Marker text inside `CertificateError::Other` for a peer whose revocation
+/// status cannot be established (a required CRL is missing or stale).
+pub const REVOCATION_UNKNOWN: &str = "revocation status unknown";
+
+#[derive(Debug)]
+struct RevocationUnknown(String);
+impl fmt::Display for RevocationUnknown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{REVOCATION_UNKNOWN}: {}", self.0)
+    }
+}
+impl std::error::Error for RevocationUnknown {}
+
+/// What a [`RevocationCheck`] decides against a verified peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevocationError {
+    /// A certificate of the chain is listed as revoked.
+    Revoked,
+    /// Revocation status cannot be established and policy demands it
+    /// (e.g. the CRL is past its nextUpdate): refuse, fail secure.
+    Unknown(String),
+}
+
+/// A revocation check run on every peer chain after it verified and before
+/// the SPIFFE ID policy (see `crate::crl`). The check holds its own,
+/// changing state (the latest CRL); verifiers stay immutable.
+pub trait RevocationCheck: Send + Sync + fmt::Debug {
+    /// Decides on the verified chain of the peer `id` at `now`.
+    fn check(
+        &self,
+        id: &SpiffeId,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), RevocationError>;
+}
+
+/// The shared core: chain to the peer's trust domain bundle, then
+/// revocation, then policy.
 #[derive(Debug)]
 struct Core {
     bundles: TrustBundles,
     authorizer: Authorizer,
     algs: WebPkiSupportedAlgorithms,
+    revocation: Option<Arc<dyn RevocationCheck>>,
 }
 
 impl Core {
@@ -338,6 +385,15 @@ impl Core {
             usage,
             self.algs,
         )?;
+        if let Some(r) = &self.revocation {
+            match r.check(&id, end_entity, intermediates, now) {
+                Ok(()) => {}
+                Err(RevocationError::Revoked) => {
+                    return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+                }
+                Err(RevocationError::Unknown(why)) => return Err(other(RevocationUnknown(why))),
+            }
+        }
         if !self.authorizer.allows(&id) {
             return Err(other(Denied(id.to_string())));
         }
@@ -417,11 +473,23 @@ impl SpiffeServerVerifier {
         authorizer: Authorizer,
         provider: &CryptoProvider,
     ) -> Arc<Self> {
+        Self::with_revocation(bundles, authorizer, provider, None)
+    }
+
+    /// As [`SpiffeServerVerifier::new`], with a revocation check run after
+    /// the chain verified.
+    pub fn with_revocation(
+        bundles: TrustBundles,
+        authorizer: Authorizer,
+        provider: &CryptoProvider,
+        revocation: Option<Arc<dyn RevocationCheck>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             core: Core {
                 bundles,
                 authorizer,
                 algs: provider.signature_verification_algorithms,
+                revocation,
             },
         })
     }
@@ -481,11 +549,24 @@ impl SpiffeClientVerifier {
         provider: &CryptoProvider,
         mandatory: bool,
     ) -> Arc<Self> {
+        Self::with_revocation(bundles, authorizer, provider, mandatory, None)
+    }
+
+    /// As [`SpiffeClientVerifier::new`], with a revocation check run after
+    /// the chain verified.
+    pub fn with_revocation(
+        bundles: TrustBundles,
+        authorizer: Authorizer,
+        provider: &CryptoProvider,
+        mandatory: bool,
+        revocation: Option<Arc<dyn RevocationCheck>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             core: Core {
                 bundles,
                 authorizer,
                 algs: provider.signature_verification_algorithms,
+                revocation,
             },
             mandatory,
         })
@@ -554,6 +635,9 @@ pub fn describe(err: &rustls::Error) -> String {
             | CertificateError::InvalidPurposeContext { .. }),
         ) => ce.to_string(),
         rustls::Error::NoCertificatesPresented => "the peer presented no certificate".into(),
+        rustls::Error::InvalidCertificate(CertificateError::Revoked) => {
+            "certificate is revoked (listed on its trust domain's CRL)".into()
+        }
         rustls::Error::PeerIncompatible(rustls::PeerIncompatible::NoKxGroupsInCommon) => {
             "no TLS key exchange group in common: the peer offers none that tls_key_exchange \
              allows (\"hybrid-required\" accepts only X25519MLKEM768; OpenSSL before 3.5 and \
@@ -573,7 +657,7 @@ pub fn describe(err: &rustls::Error) -> String {
 
 /// Classifies a handshake error for metrics: `no_client_cert`, `unknown_ca`,
 /// `expired`, `not_yet_valid`, `bad_purpose`, `denied`, `not_svid`,
-/// `no_kx_group`, `other`.
+/// `revoked`, `revocation_unknown`, `no_kx_group`, `other`.
 pub fn classify(err: &rustls::Error) -> &'static str {
     match err {
         rustls::Error::NoCertificatesPresented => "no_client_cert",
@@ -589,9 +673,12 @@ pub fn classify(err: &rustls::Error) -> &'static str {
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 "bad_purpose"
             }
+            CertificateError::Revoked => "revoked",
             CertificateError::Other(o) => {
                 let s = o.to_string();
-                if s.starts_with(DENIED) {
+                if s.starts_with(REVOCATION_UNKNOWN) {
+                    "revocation_unknown"
+                } else if s.starts_with(DENIED) {
                     "denied"
                 } else if s.starts_with(NOT_SVID) {
                     "not_svid"
@@ -607,6 +694,7 @@ pub fn classify(err: &rustls::Error) -> &'static str {
         rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA) => "unknown_ca",
         rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired) => "expired",
         rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied) => "denied",
+        rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked) => "revoked",
         _ => "other",
     }
 }
@@ -1003,5 +1091,80 @@ mod tests {
         assert_eq!(classify(&e), "expired");
         let e = v.verify_client_cert(&l, &[], at(0)).unwrap_err();
         assert_eq!(classify(&e), "unknown_ca", "intermediate missing");
+    }
+
+    /// A revocation check with a fixed answer, counting its calls.
+    #[derive(Debug)]
+    struct Fixed(Result<(), RevocationError>, std::sync::atomic::AtomicUsize);
+    impl RevocationCheck for Fixed {
+        fn check(
+            &self,
+            _id: &SpiffeId,
+            _ee: &CertificateDer<'_>,
+            _im: &[CertificateDer<'_>],
+            _now: UnixTime,
+        ) -> Result<(), RevocationError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.clone()
+        }
+    }
+
+    #[test]
+    fn revocation_hook_runs_after_the_chain_and_before_policy() {
+        let a = ca("example.org");
+        let other = ca("example.org");
+        let good = leaf(&a, |_| {});
+        let foreign = leaf(&other, |_| {});
+        let p = crypto::provider();
+        let run = |answer: Result<(), RevocationError>,
+                   authorizer: Authorizer,
+                   l: &CertificateDer<'_>|
+         -> (&'static str, String, usize) {
+            let hook = Arc::new(Fixed(answer, std::sync::atomic::AtomicUsize::new(0)));
+            let v = SpiffeClientVerifier::with_revocation(
+                bundles(&[("example.org", &a)]),
+                authorizer,
+                &p,
+                true,
+                Some(hook.clone()),
+            );
+            let calls = || hook.1.load(std::sync::atomic::Ordering::Relaxed);
+            match v.verify_client_cert(l, &[], UnixTime::now()) {
+                Ok(_) => ("ok", String::new(), calls()),
+                Err(e) => (classify(&e), describe(&e), calls()),
+            }
+        };
+        assert_eq!(run(Ok(()), Authorizer::Any, &good).0, "ok");
+        let (label, msg, _) = run(Err(RevocationError::Revoked), Authorizer::Any, &good);
+        assert_eq!(label, "revoked");
+        assert!(msg.contains("revoked"), "{msg}");
+        let (label, msg, _) = run(
+            Err(RevocationError::Unknown("CRL stale".into())),
+            Authorizer::Any,
+            &good,
+        );
+        assert_eq!(label, "revocation_unknown");
+        assert!(msg.contains("CRL stale"), "{msg}");
+        // A revoked peer is refused as revoked even where policy would deny it.
+        let none = Authorizer::Func(Arc::new(|_| false));
+        assert_eq!(run(Err(RevocationError::Revoked), none, &good).0, "revoked");
+        // An unverified chain never reaches the hook.
+        let (label, _, calls) = run(Err(RevocationError::Revoked), Authorizer::Any, &foreign);
+        assert_eq!((label, calls), ("unknown_ca", 0));
+        // The server verifier runs it too.
+        let v = SpiffeServerVerifier::with_revocation(
+            bundles(&[("example.org", &a)]),
+            Authorizer::Any,
+            &p,
+            Some(Arc::new(Fixed(
+                Err(RevocationError::Revoked),
+                std::sync::atomic::AtomicUsize::new(0),
+            ))),
+        );
+        let name = ServerName::try_from("x.invalid").unwrap();
+        let e = v
+            .verify_server_cert(&good, &[], &name, &[], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(classify(&e), "revoked");
     }
 }

@@ -277,6 +277,9 @@ pub struct ServerConfig {
     /// `[node_api]`: connection, handshake, stream and message limits.
     #[serde(default)]
     pub node_api: NodeApiLimits,
+    /// `[admin_certs]`: `meshid server x509 mint` policy and the CRL.
+    #[serde(default)]
+    pub admin_certs: crate::admin_certs::AdminCertsConfig,
 }
 
 /// `[node_api]`: what one node API listener holds at most. A connection
@@ -500,6 +503,9 @@ impl ServerConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         meshid_identity::spiffe_id::trust_domain(&self.trust_domain)
             .map_err(|e| ConfigError::Invalid(format!("trust_domain: {e}")))?;
+        self.admin_certs
+            .validate(&self.trust_domain)
+            .map_err(ConfigError::Invalid)?;
         if self.trust_domain.starts_with("spiffe://") {
             return Err(ConfigError::Invalid(
                 "trust_domain is a name like \"example.org\", without spiffe://".into(),

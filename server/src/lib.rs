@@ -1,5 +1,6 @@
 //! meshid server: the trust domain's CA, registry, node API and admin API.
 
+pub mod admin_certs;
 pub mod api;
 pub mod attest;
 pub mod audit;

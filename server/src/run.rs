@@ -387,6 +387,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         });
     }
     spawn_ca_loop(state.clone(), renew);
+    let crl = crate::admin_certs::publisher::CrlPublisher::start(state.clone())
+        .await
+        .context("cannot sign the first CRL; refusing to start")?;
 
     // Admin API on a Unix socket, 0600, own uid or root only.
     let sock = cfg.admin_socket_path();
@@ -437,6 +440,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let admin_task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(AdminServer::new(AdminService::new(state.clone())))
+            .add_service(
+                meshid_proto::admin::admin_x509_server::AdminX509Server::new(
+                    crate::admin_certs::api::X509AdminService::new(state.clone(), crl.clone()),
+                ),
+            )
             .serve_with_incoming_shutdown(ReceiverStream::new(admin_rx), admin_stop),
     );
 
@@ -490,7 +498,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
                     },
                 ),
             )
-            .with_state((state.clone(), store_health.clone()));
+            .with_state((state.clone(), store_health.clone()))
+            .merge(crl.routes());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(l, app).await {
                 tracing::error!(error = %e, "metrics server failed");

@@ -85,6 +85,7 @@ suite!(
     racing_ban_and_renewal_ban_always_holds,
     racing_evict_and_renewal_stays_evicted,
     racing_ban_and_reattestation_ban_always_holds,
+    revocations_listed_until_not_after,
 );
 
 fn sel(t: &str, v: &str) -> Selector {
@@ -1160,4 +1161,34 @@ async fn racing_ban_and_reattestation_ban_always_holds(db: Db) {
         let stored = a.get_agent(&id).await.expect("get").expect("agent");
         assert!(stored.banned, "trial {trial}: the ban was undone");
     }
+}
+
+/// A revocation is recorded once, listed while the certificate is unexpired
+/// (oldest first), and a second revocation of the same serial changes nothing.
+async fn revocations_listed_until_not_after(db: Db) {
+    use meshid_server::store::RevokedCert;
+    let s = db.open().await;
+    let rc = |serial: &str, not_after: i64, revoked_at: i64| RevokedCert {
+        serial: serial.into(),
+        spiffe_id: format!("spiffe://td/admin/{serial}"),
+        not_after,
+        revoked_at,
+        reason: 1,
+    };
+    assert!(s.list_revoked(0).await.expect("list").is_empty());
+    assert!(s.revoke_cert(&rc("0b", 2_000, 20)).await.expect("revoke"));
+    assert!(s.revoke_cert(&rc("0a", 1_000, 10)).await.expect("revoke"));
+    let again = RevokedCert {
+        reason: 4,
+        ..rc("0a", 1_000, 99)
+    };
+    assert!(!s.revoke_cert(&again).await.expect("revoke again"));
+    let all = s.list_revoked(500).await.expect("list");
+    assert_eq!(all, vec![rc("0a", 1_000, 10), rc("0b", 2_000, 20)]);
+    // 0a's notAfter has passed: it no longer needs to be listed.
+    let later = s.list_revoked(1_001).await.expect("list");
+    assert_eq!(later, vec![rc("0b", 2_000, 20)]);
+    // Another store instance on the same database sees them.
+    let other = db.open().await;
+    assert_eq!(other.list_revoked(1_000).await.expect("list").len(), 2);
 }

@@ -16,7 +16,7 @@ use meshid_identity::{Authorizer, SpiffeId, TrustBundles, crypto};
 use meshid_sidecar::config::Config;
 use meshid_sidecar::identity::{Identity, SvidMaterial};
 use meshid_sidecar::metrics::Metrics;
-use meshid_sidecar::{CancellationToken, Sidecar, policies};
+use meshid_sidecar::{CancellationToken, Sidecar, tls_settings};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -93,7 +93,7 @@ async fn main() {
     .validate(None)
     .unwrap();
     let metrics = Arc::new(Metrics::new());
-    let identity = Identity::new(policies(&v), metrics.clone());
+    let identity = Identity::new(tls_settings(&v), metrics.clone());
     let (chain, key) = leaf(&issuer, "spiffe://example.org/web");
     identity
         .update(SvidMaterial {

@@ -24,7 +24,7 @@ use meshid_identity::{Authorizer, SpiffeId, TrustBundles};
 use meshid_sidecar::config::Config;
 use meshid_sidecar::identity::{Identity, SvidMaterial};
 use meshid_sidecar::metrics::Metrics;
-use meshid_sidecar::{CancellationToken, Sidecar, policies};
+use meshid_sidecar::{CancellationToken, Sidecar, tls_settings};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -252,7 +252,7 @@ async fn main() {
         .validate(None)
         .unwrap();
         let metrics = Arc::new(Metrics::new());
-        let identity = Identity::new(policies(&v), metrics.clone());
+        let identity = Identity::new(tls_settings(&v), metrics.clone());
         identity
             .update(SvidMaterial {
                 chain: schain.clone(),

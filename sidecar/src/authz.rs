@@ -104,11 +104,11 @@ impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Exact(id) => write!(f, "{id}"),
-            Self::TrustDomain(td) => write!(f, "spiffe://{}", td.as_str()),
+            Self::TrustDomain(td) => f.write_str(&td.id_string()),
             Self::Prefix {
                 trust_domain,
                 prefix,
-            } => write!(f, "spiffe://{}{prefix}/*", trust_domain.as_str()),
+            } => write!(f, "{}{prefix}/*", trust_domain.id_string()),
         }
     }
 }

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ENDPOINT_ENV};
 use crate::identity::{Identity, run_workload_api};
 use crate::metrics::Metrics;
-use crate::{Sidecar, policies};
+use crate::{Sidecar, tls_settings};
 
 /// `meshid sidecar`
 #[derive(Debug, clap::Args)]
@@ -62,8 +62,14 @@ async fn run(path: PathBuf, check: bool) -> anyhow::Result<()> {
         format!("no Workload API address: set workload_api_socket or ${ENDPOINT_ENV}")
     })?;
     let metrics = Arc::new(Metrics::new());
-    let identity = Identity::new(policies(&v), metrics.clone());
+    let identity = Identity::new(tls_settings(&v), metrics.clone());
     let shutdown = CancellationToken::new();
+    crate::crl::start(
+        crate::crl::settings(&v.config).map_err(anyhow::Error::msg)?,
+        &identity,
+        &metrics.crl,
+        shutdown.clone(),
+    );
     let sidecar = Sidecar::bind(&v, identity.clone(), metrics, shutdown.clone()).await?;
     tracing::info!(
         inbound = ?sidecar.inbound_addrs(),

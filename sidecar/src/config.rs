@@ -19,19 +19,21 @@
 //! allow = ["spiffe://example.org/ns/prod/*", "spiffe://partner.org"]
 //! mode = "http"            # or "tcp"
 //! proxy_protocol = false   # tcp mode: send a PROXY v2 header with the peer's SPIFFE ID
+//! tunnel = "h2"            # tcp mode: also accept HTTP/2 CONNECT tunnels (ALPN h2)
 //!
 //! [[outbound]]
 //! listen = "127.0.0.1:9000"
 //! upstream = "db.internal:8443"
 //! server_id = "spiffe://example.org/db"
 //! sni = "db.internal"      # optional
+//! tunnel = "h2"            # optional: one pooled HTTP/2 tunnel, a CONNECT stream per connection
 //! ```
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use meshid_identity::SpiffeId;
+use meshid_identity::{SpiffeId, spiffe_id};
 use serde::Deserialize;
 
 use crate::authz::{Policy, PolicyError};
@@ -78,6 +80,14 @@ pub enum Mode {
     Http,
 }
 
+/// A sidecar-to-sidecar tunnel protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tunnel {
+    /// HTTP/2 CONNECT streams on one pooled mTLS connection (ALPN `h2`).
+    H2,
+}
+
 /// An mTLS listener forwarding plaintext to a local application.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +105,11 @@ pub struct Inbound {
     /// and SPIFFE ID before any data.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// `"h2"`: also accept HTTP/2 CONNECT tunnels from other sidecars (ALPN
+    /// `h2`) on this port, each stream forwarded as its own connection
+    /// (tcp mode only).
+    #[serde(default)]
+    pub tunnel: Option<Tunnel>,
 }
 
 /// A localhost plaintext listener that dials an mTLS upstream.
@@ -110,6 +125,11 @@ pub struct Outbound {
     /// TLS server name to send; defaults to the upstream host.
     #[serde(default)]
     pub sni: Option<String>,
+    /// `"h2"`: carry every connection as an HTTP/2 CONNECT stream on one
+    /// pooled mTLS connection to the upstream (an inbound listener with
+    /// `tunnel = "h2"`), instead of one TLS connection per connection.
+    #[serde(default)]
+    pub tunnel: Option<Tunnel>,
 }
 
 /// The whole sidecar configuration.
@@ -133,6 +153,17 @@ pub struct Config {
     /// `hybrid-required` or `classical`.
     #[serde(default)]
     pub tls_key_exchange: meshid_identity::crypto::KeyExchange,
+    /// Check presented certificates against the trust domain's CRL:
+    /// `off` (default), `optional` or `required` (see [`crate::crl`]).
+    #[serde(default)]
+    pub crl: crate::crl::CrlMode,
+    /// Where the CRL comes from: the server's `http://host:port/crl`, or a
+    /// file path.
+    #[serde(default)]
+    pub crl_source: Option<String>,
+    /// How often the CRL is fetched.
+    #[serde(default = "crate::crl::default_refresh", with = "humantime_serde")]
+    pub crl_refresh: Duration,
     /// Time allowed for a TLS handshake.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -204,10 +235,28 @@ pub struct Validated {
     pub endpoint: Option<String>,
     /// Wanted SVID.
     pub spiffe_id: Option<SpiffeId>,
-    /// One policy per inbound, same order.
-    pub policies: Vec<Policy>,
-    /// One expected server ID per outbound, same order.
-    pub server_ids: Vec<SpiffeId>,
+    /// Inbound listeners, each with its parsed policy.
+    pub inbound: Vec<InboundListener>,
+    /// Outbound listeners, each with the upstream ID it requires.
+    pub outbound: Vec<OutboundListener>,
+}
+
+/// An inbound listener's settings with its parsed `allow` policy.
+#[derive(Debug, Clone)]
+pub struct InboundListener {
+    /// The settings as written.
+    pub settings: Inbound,
+    /// Who may connect.
+    pub policy: Policy,
+}
+
+/// An outbound listener's settings with its parsed `server_id`.
+#[derive(Debug, Clone)]
+pub struct OutboundListener {
+    /// The settings as written.
+    pub settings: Outbound,
+    /// The SPIFFE ID the upstream must present.
+    pub server_id: SpiffeId,
 }
 
 impl Config {
@@ -247,6 +296,7 @@ impl Config {
                 return Err(bad(format!("{key} must be at least 1")));
             }
         }
+        crate::crl::settings(&self).map_err(bad)?;
         if self.handshake_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err(bad("timeouts must be greater than zero".into()));
         }
@@ -266,13 +316,19 @@ impl Config {
         let spiffe_id = self
             .spiffe_id
             .as_deref()
-            .map(|s| SpiffeId::new(s).map_err(|e| bad(format!("spiffe_id {s:?}: {e}"))))
+            .map(|s| spiffe_id::any_id(s).map_err(|e| bad(format!("spiffe_id {s:?}: {e}"))))
             .transpose()?;
         let mut listens = std::collections::HashSet::new();
-        let mut policies = Vec::new();
+        let mut inbound = Vec::new();
         for ib in &self.inbound {
             if ib.listen.port() != 0 && !listens.insert(ib.listen) {
                 return Err(bad(format!("listen address {} used twice", ib.listen)));
+            }
+            if ib.tunnel.is_some() && ib.mode != Mode::Tcp {
+                return Err(bad(format!(
+                    "inbound {}: tunnel needs mode = \"tcp\"",
+                    ib.listen
+                )));
             }
             if ib.proxy_protocol && ib.mode != Mode::Tcp {
                 return Err(bad(format!(
@@ -282,14 +338,16 @@ impl Config {
             }
             check_host_port(&ib.forward_to)
                 .map_err(|m| bad(format!("inbound {}: forward_to: {m}", ib.listen)))?;
-            policies.push(
-                Policy::parse(&ib.allow).map_err(|source| ConfigError::Policy {
-                    listen: ib.listen,
-                    source,
-                })?,
-            );
+            let policy = Policy::parse(&ib.allow).map_err(|source| ConfigError::Policy {
+                listen: ib.listen,
+                source,
+            })?;
+            inbound.push(InboundListener {
+                settings: ib.clone(),
+                policy,
+            });
         }
-        let mut server_ids = Vec::new();
+        let mut outbound = Vec::new();
         for ob in &self.outbound {
             if ob.listen.port() != 0 && !listens.insert(ob.listen) {
                 return Err(bad(format!("listen address {} used twice", ob.listen)));
@@ -302,7 +360,7 @@ impl Config {
             }
             check_host_port(&ob.upstream)
                 .map_err(|m| bad(format!("outbound {}: upstream: {m}", ob.listen)))?;
-            let id = SpiffeId::new(&ob.server_id)
+            let id = spiffe_id::any_id(&ob.server_id)
                 .map_err(|e| bad(format!("outbound {}: server_id: {e}", ob.listen)))?;
             if id.path().is_empty() {
                 return Err(bad(format!(
@@ -314,15 +372,18 @@ impl Config {
                 rustls_pki_types::ServerName::try_from(sni.as_str())
                     .map_err(|e| bad(format!("outbound {}: sni {sni:?}: {e}", ob.listen)))?;
             }
-            server_ids.push(id);
+            outbound.push(OutboundListener {
+                settings: ob.clone(),
+                server_id: id,
+            });
         }
         Ok(Validated {
             limits,
             config: self,
             endpoint,
             spiffe_id,
-            policies,
-            server_ids,
+            inbound,
+            outbound,
         })
     }
 }
@@ -392,8 +453,8 @@ server_id = "spiffe://td/db"
         assert_eq!(v.config.drain_timeout, Duration::from_secs(30));
         assert_eq!(v.config.inbound[0].mode, Mode::Http);
         assert_eq!(v.config.inbound[1].mode, Mode::Tcp);
-        assert_eq!(v.policies.len(), 2);
-        assert_eq!(v.server_ids[0].to_string(), "spiffe://td/db");
+        assert_eq!(v.inbound.len(), 2);
+        assert_eq!(v.outbound[0].server_id.to_string(), "spiffe://td/db");
         assert_eq!(v.endpoint.as_deref(), Some("unix:///run/agent.sock"));
         assert!(!v.config.allow_tls12);
         assert_eq!(

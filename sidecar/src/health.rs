@@ -43,20 +43,40 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let crl_status = || {
+        shared
+            .identity
+            .crl()
+            .map(|c| c.readiness(rustls_pki_types::UnixTime::now()))
+            .unwrap_or_default()
+    };
+    let (crl, crl_problem) = crl_status();
+    if let Some(why) = crl_problem {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n{crl}"),
+        );
+    }
     match probe(&shared).await {
         Ok(svid) => (
             StatusCode::OK,
             format!(
-                "ready\nspiffe_id: {}\nserial: {}\nnot_after: {}\n",
+                "ready\nspiffe_id: {}\nserial: {}\nnot_after: {}\n{crl}",
                 svid.spiffe_id,
                 svid.serial,
                 svid.not_after_unix()
             ),
         ),
-        Err(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reason}\n"),
-        ),
+        Err(reason) => {
+            // The CRL may have gone stale during the probe: say so rather
+            // than quote the probe's handshake error.
+            let (crl, crl_problem) = crl_status();
+            let reason = crl_problem.unwrap_or(reason);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n{crl}"),
+            )
+        }
     }
 }
 

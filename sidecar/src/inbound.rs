@@ -23,10 +23,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::COPY_BUFFER;
-use crate::config::{Inbound, Mode};
-use crate::failure::classify_io;
-use crate::identity::PROBE_SNI;
+use crate::config::{Inbound, Mode, Tunnel};
+use crate::copy::{PeerIo, peer_io, splice};
+use crate::failure::{classify_io, describe_io, failure_detail, looks_like_http};
+use crate::identity::{ALPN_H2, InboundTls, PROBE_SNI};
 use crate::metrics::{ByteLabels, DirLabels, Direction};
 use crate::shared::{Admission, Shared};
 
@@ -36,21 +36,38 @@ pub const SPIFFE_ID_HEADER: &str = "x-spiffe-id";
 /// One inbound listener's settings.
 #[derive(Debug)]
 pub struct InboundCtx {
-    idx: usize,
+    tls: Arc<InboundTls>,
     forward_to: String,
     mode: Mode,
     proxy_protocol: bool,
+    tunnel: bool,
 }
 
 impl InboundCtx {
-    /// Settings of inbound listener number `idx`.
-    pub fn new(idx: usize, ib: &Inbound) -> Self {
+    /// A listener with settings `ib` and its TLS handle (its policy).
+    pub fn new(ib: &Inbound, tls: Arc<InboundTls>) -> Self {
         Self {
-            idx,
+            tls,
             forward_to: ib.forward_to.clone(),
             mode: ib.mode,
             proxy_protocol: ib.proxy_protocol,
+            tunnel: ib.tunnel == Some(Tunnel::H2),
         }
+    }
+
+    /// The application's `host:port`.
+    pub fn forward_to(&self) -> &str {
+        &self.forward_to
+    }
+
+    /// Whether a PROXY v2 header goes first.
+    pub fn proxy_protocol(&self) -> bool {
+        self.proxy_protocol
+    }
+
+    /// The listener's TLS handle.
+    pub fn tls(&self) -> &Arc<InboundTls> {
+        &self.tls
     }
 }
 
@@ -124,7 +141,7 @@ async fn handle(
     let mut first_len = 0;
     let hs = async {
         first_len = tcp.peek(&mut first).await?;
-        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+        let start = LazyConfigAcceptor::new(Acceptor::default(), peer_io(tcp)).await?;
         let probe = start.client_hello().server_name() == Some(PROBE_SNI);
         // Load the snapshot at ClientHello time: the newest SVID and policy.
         let Some(snap) = shared.identity.current() else {
@@ -133,21 +150,21 @@ async fn handle(
         let cfg = if probe {
             snap.probe_server.clone()
         } else {
-            match snap.inbound.get(ctx.idx) {
-                Some(c) => c.clone(),
+            match ctx.tls.current() {
+                Some(c) => c.config.clone(),
                 None => return Err(std::io::Error::other("no config for listener")),
             }
         };
         let stream = start.into_stream(cfg).await?;
-        Ok((stream, probe, snap))
+        Ok((stream, probe))
     };
     let res = tokio::time::timeout(shared.handshake_timeout, hs).await;
     drop(pending);
-    let (mut tls, probe, snap) = match res {
+    let (mut tls, probe) = match res {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
-            let detail = crate::failure_detail(&e);
-            if detail == "not_tls" && crate::looks_like_http(&first[..first_len.min(first.len())]) {
+            let detail = failure_detail(&e);
+            if detail == "not_tls" && looks_like_http(&first[..first_len.min(first.len())]) {
                 m.handshake(Direction::Inbound, "plaintext_http");
                 let msg = "plaintext HTTP on an mTLS port: the caller must use mTLS (e.g. through its outbound sidecar)";
                 log_refusal(&shared, peer, ("plaintext_http", detail), false, msg);
@@ -155,13 +172,7 @@ async fn handle(
             }
             let outcome = classify_io(&e);
             m.handshake(Direction::Inbound, outcome);
-            log_refusal(
-                &shared,
-                peer,
-                (outcome, detail),
-                false,
-                &crate::describe_io(&e),
-            );
+            log_refusal(&shared, peer, (outcome, detail), false, &describe_io(&e));
             return;
         }
         Err(_) => {
@@ -183,9 +194,12 @@ async fn handle(
     let peer_id = if resumed {
         // The ticket carried the peer's chain; hold it to today's rules
         // before a byte is forwarded.
-        let now = shared.identity.current().unwrap_or(snap);
         let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
-        match now.reverify_resumed(ctx.idx, chain) {
+        let verdict = match ctx.tls.current() {
+            Some(now) => now.reverify_resumed(chain),
+            None => Err(rustls::Error::General("no config for listener".into())),
+        };
+        match verdict {
             Ok(id) => id.to_string(),
             Err(e) => {
                 let outcome = meshid_identity::verify::classify(&e);
@@ -214,6 +228,11 @@ async fn handle(
         tls.get_ref().1.negotiated_key_exchange_group(),
     );
     tracing::debug!(%peer, peer_id, resumed, "inbound connection authorized");
+    if ctx.tunnel && tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+        let dst = local.unwrap_or(peer);
+        crate::tunnel::inbound::serve(shared.clone(), ctx.clone(), tls, peer, dst, peer_id).await;
+        return;
+    }
 
     let dir = DirLabels {
         direction: Direction::Inbound,
@@ -234,14 +253,14 @@ async fn handle(
 }
 
 /// The SPIFFE ID of the verified peer.
-fn peer_spiffe_id(tls: &TlsStream<TcpStream>) -> Option<String> {
+fn peer_spiffe_id(tls: &TlsStream<PeerIo>) -> Option<String> {
     let leaf = tls.get_ref().1.peer_certificates()?.first()?;
     SvidInfo::from_der(leaf)
         .ok()
         .map(|i| i.spiffe_id.to_string())
 }
 
-async fn dial(shared: &Shared, addr: &str) -> Option<TcpStream> {
+pub(crate) async fn dial(shared: &Shared, addr: &str) -> Option<TcpStream> {
     let res = tokio::time::timeout(shared.connect_timeout, TcpStream::connect(addr)).await;
     match res {
         Ok(Ok(s)) => {
@@ -272,7 +291,7 @@ async fn dial(shared: &Shared, addr: &str) -> Option<TcpStream> {
 async fn forward_tcp(
     shared: &Shared,
     ctx: &InboundCtx,
-    mut tls: TlsStream<TcpStream>,
+    mut tls: TlsStream<PeerIo>,
     peer: SocketAddr,
     dst: SocketAddr,
     peer_id: &str,
@@ -294,15 +313,13 @@ async fn forward_tcp(
             return;
         }
     }
-    match tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut app, COPY_BUFFER, COPY_BUFFER)
-        .await
-    {
-        Ok((from_peer, to_peer)) => count_bytes(shared, from_peer, to_peer),
+    match splice(&mut app, tls).await {
+        Ok((to_peer, from_peer)) => count_bytes(shared, from_peer, to_peer),
         Err(e) => tracing::debug!(%peer, error = %e, "inbound connection ended with error"),
     }
 }
 
-fn count_bytes(shared: &Shared, rx: u64, tx: u64) {
+pub(crate) fn count_bytes(shared: &Shared, rx: u64, tx: u64) {
     let m = &shared.metrics;
     m.bytes
         .get_or_create(&ByteLabels {
@@ -330,7 +347,7 @@ fn status(code: StatusCode, msg: &str) -> Response<Body> {
 async fn forward_http(
     shared: &Arc<Shared>,
     ctx: &Arc<InboundCtx>,
-    tls: TlsStream<TcpStream>,
+    tls: TlsStream<PeerIo>,
     peer_id: String,
 ) {
     let Ok(id_value) = HeaderValue::from_str(&peer_id) else {

@@ -4,9 +4,10 @@
 //! - [`config`]: the TOML file, defaults and validation.
 //! - [`authz`]: SPIFFE ID allow policies (exact, trust domain, path prefix).
 //! - [`identity`]: SVID updates → rustls configs, swapped atomically.
-//! - [`inbound`] / [`outbound`]: the proxies.
+//! - [`inbound`] / [`outbound`]: the proxies; [`copy`]: their byte copy loop.
 //! - [`health`]: `/healthz`, `/readyz` (a real mTLS handshake) and `/metrics`.
 //! - [`proxy_protocol`]: the PROXY v2 header carrying the peer's SPIFFE ID.
+//! - [`tunnel`]: HTTP/2 CONNECT tunnels between sidecars (`tunnel = "h2"`).
 //! - `shared`: what every connection task shares (budgets, probes, the log
 //!   limiter); `failure`: how a failed connection is described and labelled.
 
@@ -20,6 +21,8 @@ use tokio_util::task::TaskTracker;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod copy;
+pub mod crl;
 mod failure;
 pub mod health;
 pub mod identity;
@@ -28,22 +31,21 @@ pub mod metrics;
 pub mod outbound;
 pub mod proxy_protocol;
 mod shared;
+pub mod tunnel;
 
-pub use failure::{classify_io, describe_io, failure_detail, looks_like_http};
 pub use shared::{
     Admission, Budgets, LogLimiter, PendingSlot, ProbeGuard, Probes, Shared, direction_str,
 };
 
 use config::Validated;
 
-use identity::{Identity, Policies};
+use identity::{Identity, IdentityError, TlsSettings};
 use metrics::Metrics;
 /// The shutdown signal type [`Sidecar::bind`] takes (re-exported so callers
 /// need no direct `tokio-util` dependency).
 pub use tokio_util::sync::CancellationToken;
 
-/// Buffer size for each direction of a proxied connection.
-pub const COPY_BUFFER: usize = 64 * 1024;
+pub use copy::COPY_BUFFER;
 
 /// Errors starting the sidecar.
 #[derive(Debug, thiserror::Error)]
@@ -60,13 +62,14 @@ pub enum SidecarError {
     /// The admin server failed.
     #[error("admin server: {0}")]
     Admin(std::io::Error),
+    /// A listener's TLS config cannot be built from the current SVID.
+    #[error("listener TLS: {0}")]
+    Tls(#[from] IdentityError),
 }
 
-/// Policies for [`Identity`] from a validated config.
-pub fn policies(v: &Validated) -> Policies {
-    Policies {
-        inbound: v.policies.iter().map(authz::Policy::authorizer).collect(),
-        outbound: v.server_ids.clone(),
+/// The TLS settings every listener of `v` shares, for [`Identity::new`].
+pub fn tls_settings(v: &Validated) -> TlsSettings {
+    TlsSettings {
         allow_tls12: v.config.allow_tls12,
         key_exchange: v.config.tls_key_exchange,
     }
@@ -104,14 +107,24 @@ impl Sidecar {
         shutdown: CancellationToken,
     ) -> Result<Self, SidecarError> {
         let mut inbound = Vec::new();
-        for (idx, ib) in v.config.inbound.iter().enumerate() {
-            let l = bind(ib.listen).await?;
-            inbound.push((l, Arc::new(inbound::InboundCtx::new(idx, ib))));
+        for ib in &v.inbound {
+            let l = bind(ib.settings.listen).await?;
+            let alpn = match ib.settings.tunnel {
+                Some(config::Tunnel::H2) => vec![identity::ALPN_H2.to_vec()],
+                None => vec![],
+            };
+            let tls = identity.inbound_listener(ib.policy.authorizer(), alpn)?;
+            inbound.push((l, Arc::new(inbound::InboundCtx::new(&ib.settings, tls))));
         }
         let mut outbound = Vec::new();
-        for (idx, ob) in v.config.outbound.iter().enumerate() {
-            let l = bind(ob.listen).await?;
-            outbound.push((l, Arc::new(outbound::OutboundCtx::new(idx, ob))));
+        for ob in &v.outbound {
+            let l = bind(ob.settings.listen).await?;
+            let alpn = match ob.settings.tunnel {
+                Some(config::Tunnel::H2) => vec![identity::ALPN_H2.to_vec()],
+                None => vec![],
+            };
+            let tls = identity.outbound_listener(ob.server_id.clone(), alpn)?;
+            outbound.push((l, Arc::new(outbound::OutboundCtx::new(&ob.settings, tls))));
         }
         let admin = match v.config.admin_address {
             Some(a) => Some(bind(a).await?),
@@ -156,6 +169,12 @@ impl Sidecar {
     /// Bound outbound addresses, in config order.
     pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
         self.outbound.iter().map(|(l, _)| local(l)).collect()
+    }
+
+    /// The TLS handle (policy and current config) of each inbound
+    /// listener, in config order.
+    pub fn inbound_tls(&self) -> Vec<Arc<identity::InboundTls>> {
+        self.inbound.iter().map(|(_, c)| c.tls().clone()).collect()
     }
 
     /// Bound admin address.

@@ -105,6 +105,12 @@ pub struct Metrics {
     pub svid_updates_refused: Counter,
     /// Trust-bundle roots dropped because they were past their notAfter.
     pub expired_roots_pruned: Counter,
+    /// `meshid_sidecar_crl_*` (see [`crate::crl`]).
+    pub crl: crate::crl::CrlMetrics,
+    /// HTTP/2 tunnels opened (outbound) or accepted (inbound).
+    pub tunnels_opened: Family<DirLabels, Counter>,
+    /// Application connections carried as tunnel streams.
+    pub tunnel_streams: Family<DirLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -189,6 +195,19 @@ impl Metrics {
             "Trust-bundle roots dropped because they were past their notAfter",
             expired_roots_pruned.clone(),
         );
+        let crl = crate::crl::CrlMetrics::register(&mut registry);
+        let tunnels_opened = Family::<DirLabels, Counter>::default();
+        registry.register(
+            "tunnels_opened",
+            "HTTP/2 tunnels opened (outbound) or accepted (inbound)",
+            tunnels_opened.clone(),
+        );
+        let tunnel_streams = Family::<DirLabels, Counter>::default();
+        registry.register(
+            "tunnel_streams",
+            "Application connections carried as HTTP/2 tunnel streams",
+            tunnel_streams.clone(),
+        );
         Self {
             registry,
             handshakes,
@@ -204,6 +223,9 @@ impl Metrics {
             bundle_updates_refused,
             svid_updates_refused,
             expired_roots_pruned,
+            crl,
+            tunnels_opened,
+            tunnel_streams,
         }
     }
 

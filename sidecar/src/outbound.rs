@@ -1,32 +1,40 @@
 //! The outbound proxy: accept plaintext on loopback, dial the upstream,
-//! mTLS with the current SVID, and require the upstream's SPIFFE ID.
+//! mTLS with the current SVID, and require the upstream's SPIFFE ID. With
+//! `tunnel = "h2"` connections ride one pooled tunnel instead
+//! ([`crate::tunnel`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
-use crate::COPY_BUFFER;
-use crate::config::{Outbound, split_host_port};
-use crate::failure::classify_io;
+use crate::config::{Outbound, Tunnel, split_host_port};
+use crate::copy::{PeerIo, peer_io, splice};
+use crate::failure::{classify_io, describe_io};
+use crate::identity::OutboundTls;
 use crate::metrics::{ByteLabels, DirLabels, Direction};
 use crate::shared::{Admission, Shared};
+use crate::tunnel::outbound::Pool;
 
 /// One outbound listener's settings.
 #[derive(Debug)]
 pub struct OutboundCtx {
-    idx: usize,
+    tls: Arc<OutboundTls>,
     upstream: String,
     server_name: ServerName<'static>,
+    tunnel: Option<Pool>,
 }
 
 impl OutboundCtx {
-    /// Settings of outbound listener number `idx`. The TLS server name is
-    /// `sni`, else the upstream host (the SPIFFE ID is what gets verified).
-    pub fn new(idx: usize, ob: &Outbound) -> Self {
+    /// A listener with settings `ob` and its TLS handle (the upstream ID it
+    /// requires). The TLS server name is `sni`, else the upstream host (the
+    /// SPIFFE ID is what gets verified).
+    pub fn new(ob: &Outbound, tls: Arc<OutboundTls>) -> Self {
         let host = ob
             .sni
             .clone()
@@ -35,10 +43,21 @@ impl OutboundCtx {
         let server_name = ServerName::try_from(host)
             .unwrap_or_else(|_| ServerName::try_from("upstream.invalid").expect("valid name"));
         Self {
-            idx,
+            tls,
             upstream: ob.upstream.clone(),
             server_name,
+            tunnel: (ob.tunnel == Some(Tunnel::H2)).then(Pool::default),
         }
+    }
+
+    /// The listener's TLS handle.
+    pub fn tls(&self) -> &Arc<OutboundTls> {
+        &self.tls
+    }
+
+    /// The upstream `host:port`.
+    pub fn upstream(&self) -> &str {
+        &self.upstream
     }
 }
 
@@ -69,6 +88,74 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, ctx: Arc<Outbound
     }
 }
 
+/// Dials the upstream and completes an mTLS handshake with `cfg`, checking
+/// the upstream's SPIFFE ID (re-verified on resumption). Counts and logs
+/// every outcome; `None` when there is no verified connection.
+pub(crate) async fn connect_tls(
+    shared: &Shared,
+    ctx: &OutboundCtx,
+    cfg: Arc<ClientConfig>,
+) -> Option<TlsStream<PeerIo>> {
+    let m = &shared.metrics;
+    let dir = DirLabels {
+        direction: Direction::Outbound,
+    };
+    let up = match tokio::time::timeout(shared.connect_timeout, TcpStream::connect(&ctx.upstream))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            m.dial_errors.get_or_create(&dir).inc();
+            tracing::warn!(upstream = ctx.upstream, error = %e, "cannot reach upstream");
+            return None;
+        }
+        Err(_) => {
+            m.dial_errors.get_or_create(&dir).inc();
+            tracing::warn!(upstream = ctx.upstream, "timed out connecting to upstream");
+            return None;
+        }
+    };
+    let _ = up.set_nodelay(true);
+    let connect = TlsConnector::from(cfg).connect(ctx.server_name.clone(), peer_io(up));
+    let tls = match tokio::time::timeout(shared.handshake_timeout, connect).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let outcome = classify_io(&e);
+            m.handshake(Direction::Outbound, outcome);
+            tracing::warn!(upstream = ctx.upstream, error = %describe_io(&e), outcome, "outbound handshake failed");
+            return None;
+        }
+        Err(_) => {
+            m.handshake(Direction::Outbound, "timeout");
+            tracing::warn!(upstream = ctx.upstream, "outbound handshake timed out");
+            return None;
+        }
+    };
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if resumed
+        && let Some(now) = ctx.tls.current()
+        && let Err(e) =
+            now.reverify_resumed_upstream(tls.get_ref().1.peer_certificates().unwrap_or_default())
+    {
+        // The session cache held an upstream chain that no longer passes.
+        let outcome = meshid_identity::verify::classify(&e);
+        m.handshake(Direction::Outbound, outcome);
+        tracing::warn!(
+            upstream = ctx.upstream,
+            error = %meshid_identity::verify::describe(&e),
+            outcome,
+            "outbound resumed session refused"
+        );
+        return None;
+    }
+    m.handshake(Direction::Outbound, if resumed { "resumed" } else { "ok" });
+    m.key_exchange(
+        Direction::Outbound,
+        tls.get_ref().1.negotiated_key_exchange_group(),
+    );
+    Some(tls)
+}
+
 async fn handle(
     shared: Arc<Shared>,
     ctx: Arc<OutboundCtx>,
@@ -84,77 +171,24 @@ async fn handle(
     let dir = DirLabels {
         direction: Direction::Outbound,
     };
-    let Some(cfg) = shared
-        .identity
-        .current()
-        .and_then(|s| s.outbound.get(ctx.idx).cloned())
-    else {
+    if let Some(pool) = &ctx.tunnel {
+        drop(pending);
+        crate::tunnel::outbound::handle(&shared, &ctx, pool, local).await;
+        return;
+    }
+    let Some(cfg) = ctx.tls.current().map(|c| c.config.clone()) else {
         m.handshake(Direction::Outbound, "not_ready");
         return;
     };
-    let up = match tokio::time::timeout(shared.connect_timeout, TcpStream::connect(&ctx.upstream))
-        .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            m.dial_errors.get_or_create(&dir).inc();
-            tracing::warn!(upstream = ctx.upstream, error = %e, "cannot reach upstream");
-            return;
-        }
-        Err(_) => {
-            m.dial_errors.get_or_create(&dir).inc();
-            tracing::warn!(upstream = ctx.upstream, "timed out connecting to upstream");
-            return;
-        }
-    };
-    let _ = up.set_nodelay(true);
-    let connect = TlsConnector::from(cfg).connect(ctx.server_name.clone(), up);
-    let res = tokio::time::timeout(shared.handshake_timeout, connect).await;
+    let tls = connect_tls(&shared, &ctx, cfg).await;
     drop(pending);
-    let mut tls = match res {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            let outcome = classify_io(&e);
-            m.handshake(Direction::Outbound, outcome);
-            tracing::warn!(upstream = ctx.upstream, error = %crate::describe_io(&e), outcome, "outbound handshake failed");
-            return;
-        }
-        Err(_) => {
-            m.handshake(Direction::Outbound, "timeout");
-            tracing::warn!(upstream = ctx.upstream, "outbound handshake timed out");
-            return;
-        }
-    };
-    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    if resumed
-        && let Some(snap) = shared.identity.current()
-        && let Err(e) = snap.reverify_resumed_upstream(
-            ctx.idx,
-            tls.get_ref().1.peer_certificates().unwrap_or_default(),
-        )
-    {
-        // The session cache held an upstream chain that no longer passes.
-        let outcome = meshid_identity::verify::classify(&e);
-        m.handshake(Direction::Outbound, outcome);
-        tracing::warn!(
-            upstream = ctx.upstream,
-            error = %meshid_identity::verify::describe(&e),
-            outcome,
-            "outbound resumed session refused"
-        );
+    let Some(tls) = tls else {
         return;
-    }
-    m.handshake(Direction::Outbound, if resumed { "resumed" } else { "ok" });
-    m.key_exchange(
-        Direction::Outbound,
-        tls.get_ref().1.negotiated_key_exchange_group(),
-    );
+    };
 
     let started = Instant::now();
     m.active.get_or_create(&dir).inc();
-    match tokio::io::copy_bidirectional_with_sizes(&mut local, &mut tls, COPY_BUFFER, COPY_BUFFER)
-        .await
-    {
+    match splice(&mut local, tls).await {
         Ok((to_peer, from_peer)) => {
             m.bytes
                 .get_or_create(&ByteLabels {

@@ -19,6 +19,7 @@
 //!
 //! [`journal`]: crate::store::Store::list_authorities
 
+pub mod crl;
 pub mod gate;
 pub mod jwt;
 pub mod keyfile;

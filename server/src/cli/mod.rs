@@ -18,6 +18,7 @@ mod bundle;
 mod ca;
 mod entry;
 mod store;
+mod x509;
 
 use agent::{AgentCmd, agent};
 use bundle::{BundleCmd, bundle};
@@ -91,6 +92,9 @@ enum Command {
     /// The store itself (not through a running server).
     #[command(subcommand)]
     Store(store::StoreCmd),
+    /// Admin certificates (mint, revoke) and the CRL.
+    #[command(subcommand)]
+    X509(x509::X509Cmd),
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -215,6 +219,7 @@ impl ServerCli {
             Command::Ca(cmd) => ca::run(cmd).await,
             Command::Audit(cmd) => audit::run(cmd).await,
             Command::Store(cmd) => cmd.run().await,
+            Command::X509(cmd) => x509::run(cmd).await,
         }
     }
 }

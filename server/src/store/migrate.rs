@@ -216,6 +216,17 @@ const TABLES: &[Table] = &[
         ],
         order: "server_id, seq",
     },
+    Table {
+        name: "revoked_certs",
+        cols: &[
+            ("serial", Text),
+            ("spiffe_id", Text),
+            ("not_after", Int),
+            ("revoked_at", Int),
+            ("reason", Int),
+        ],
+        order: "rowid",
+    },
 ];
 
 /// Every `(table, column)` copied.

@@ -13,6 +13,7 @@
 
 pub mod migrate;
 pub mod postgres;
+pub mod revocations;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -20,6 +21,7 @@ use meshid_proto::types::{Authority, Bundle, Entry, Selector};
 use tokio::sync::watch;
 
 pub use postgres::{PostgresOptions, PostgresStore, SslMode, StoreStats};
+pub use revocations::RevokedCert;
 pub use sqlite::SqliteStore;
 
 /// Storage failures.
@@ -294,6 +296,13 @@ pub trait Store: Send + Sync + 'static {
     async fn record_issued(&self, certs: &[IssuedRecord]) -> Result<(), StoreError>;
     /// Looks up a journaled certificate.
     async fn get_issued(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError>;
+
+    /// Records a revocation; `false` (and nothing changes) if the serial is
+    /// already revoked.
+    async fn revoke_cert(&self, cert: &RevokedCert) -> Result<bool, StoreError>;
+    /// Revoked certificates whose notAfter is not before `now`, oldest
+    /// revocation first.
+    async fn list_revoked(&self, now: i64) -> Result<Vec<RevokedCert>, StoreError>;
 
     /// Stores an audit seal; a second seal for the same (server, seq) is
     /// refused (`AlreadyExists`).

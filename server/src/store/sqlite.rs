@@ -621,6 +621,41 @@ impl Store for SqliteStore {
             .transpose()
     }
 
+    async fn revoke_cert(&self, cert: &super::RevokedCert) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO revoked_certs (serial, spiffe_id, not_after, revoked_at, reason) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
+        )
+        .bind(&cert.serial)
+        .bind(&cert.spiffe_id)
+        .bind(cert.not_after)
+        .bind(cert.revoked_at)
+        .bind(cert.reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn list_revoked(&self, now: i64) -> Result<Vec<super::RevokedCert>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM revoked_certs WHERE not_after >= ? ORDER BY revoked_at, serial",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(super::RevokedCert {
+                    serial: r.try_get("serial")?,
+                    spiffe_id: r.try_get("spiffe_id")?,
+                    not_after: r.try_get("not_after")?,
+                    revoked_at: r.try_get("revoked_at")?,
+                    reason: r.try_get("reason")?,
+                })
+            })
+            .collect()
+    }
+
     async fn put_audit_seal(&self, seal: &AuditSeal) -> Result<(), StoreError> {
         let r = sqlx::query(
             "INSERT INTO audit_seals (server_id, seq, hash, sealed_at_ms, reason, public_key, signature) VALUES (?, ?, ?, ?, ?, ?, ?)",

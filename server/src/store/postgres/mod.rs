@@ -713,6 +713,41 @@ impl Store for PostgresStore {
             .transpose()
     }
 
+    async fn revoke_cert(&self, cert: &super::RevokedCert) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO revoked_certs (serial, spiffe_id, not_after, revoked_at, reason) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (serial) DO NOTHING",
+        )
+        .bind(&cert.serial)
+        .bind(&cert.spiffe_id)
+        .bind(cert.not_after)
+        .bind(cert.revoked_at)
+        .bind(cert.reason)
+        .execute(self.pool_ref())
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn list_revoked(&self, now: i64) -> Result<Vec<super::RevokedCert>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM revoked_certs WHERE not_after >= $1 ORDER BY revoked_at, serial",
+        )
+        .bind(now)
+        .fetch_all(self.pool_ref())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(super::RevokedCert {
+                    serial: r.try_get("serial")?,
+                    spiffe_id: r.try_get("spiffe_id")?,
+                    not_after: r.try_get("not_after")?,
+                    revoked_at: r.try_get("revoked_at")?,
+                    reason: r.try_get("reason")?,
+                })
+            })
+            .collect()
+    }
+
     fn subscribe_changes(&self) -> watch::Receiver<u64> {
         self.ensure_listener();
         self.inner.changes.subscribe()
