@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use meshid_identity::spiffe_id::id_in;
 
 const TD: &str = "demo.local";
 
@@ -292,7 +293,7 @@ fn story(dir: &Path, children: &Children, ttl: Duration, keep: bool) -> anyhow::
     step(&format!(
         "2. Register the workloads (all run as uid {uid} here; each sidecar picks its identity)"
     ));
-    let alias = format!("spiffe://{TD}/node/demo");
+    let alias = id_in(TD, "node/demo");
     let token = meshid(
         &[
             &["server", "token", "create", "--spiffe-id", &alias][..],
@@ -312,7 +313,7 @@ fn story(dir: &Path, children: &Children, ttl: Duration, keep: bool) -> anyhow::
                     "--parent-id",
                     &alias,
                     "--spiffe-id",
-                    &format!("spiffe://{TD}/{name}"),
+                    &id_in(TD, name),
                     "--selector",
                     &format!("unix:uid:{uid}"),
                     "--ttl",
@@ -384,22 +385,27 @@ fn story(dir: &Path, children: &Children, ttl: Duration, keep: bool) -> anyhow::
             &["sidecar", "run", "--config", &p.display().to_string()],
         )
     };
+    let (payments, frontend, intruder) = (
+        id_in(TD, "payments"),
+        id_in(TD, "frontend"),
+        id_in(TD, "intruder"),
+    );
     sidecar(
         "sidecar-payments",
         format!(
-            "workload_api_socket = \"{endpoint}\"\nadmin_address = \"127.0.0.1:{adm_b}\"\nspiffe_id = \"spiffe://{TD}/payments\"\n[[inbound]]\nlisten = \"127.0.0.1:{inbound}\"\nforward_to = \"127.0.0.1:{app}\"\nmode = \"http\"\nallow = [\"spiffe://{TD}/frontend\"]\n"
+            "workload_api_socket = \"{endpoint}\"\nadmin_address = \"127.0.0.1:{adm_b}\"\nspiffe_id = \"{payments}\"\n[[inbound]]\nlisten = \"127.0.0.1:{inbound}\"\nforward_to = \"127.0.0.1:{app}\"\nmode = \"http\"\nallow = [\"{frontend}\"]\n"
         ),
     )?;
     sidecar(
         "sidecar-frontend",
         format!(
-            "workload_api_socket = \"{endpoint}\"\nadmin_address = \"127.0.0.1:{adm_a}\"\nspiffe_id = \"spiffe://{TD}/frontend\"\n[[outbound]]\nlisten = \"127.0.0.1:{out_front}\"\nupstream = \"127.0.0.1:{inbound}\"\nserver_id = \"spiffe://{TD}/payments\"\n"
+            "workload_api_socket = \"{endpoint}\"\nadmin_address = \"127.0.0.1:{adm_a}\"\nspiffe_id = \"{frontend}\"\n[[outbound]]\nlisten = \"127.0.0.1:{out_front}\"\nupstream = \"127.0.0.1:{inbound}\"\nserver_id = \"{payments}\"\n"
         ),
     )?;
     sidecar(
         "sidecar-intruder",
         format!(
-            "workload_api_socket = \"{endpoint}\"\nadmin_address = \"127.0.0.1:{adm_c}\"\nspiffe_id = \"spiffe://{TD}/intruder\"\n[[outbound]]\nlisten = \"127.0.0.1:{out_intruder}\"\nupstream = \"127.0.0.1:{inbound}\"\nserver_id = \"spiffe://{TD}/payments\"\n"
+            "workload_api_socket = \"{endpoint}\"\nadmin_address = \"127.0.0.1:{adm_c}\"\nspiffe_id = \"{intruder}\"\n[[outbound]]\nlisten = \"127.0.0.1:{out_intruder}\"\nupstream = \"127.0.0.1:{inbound}\"\nserver_id = \"{payments}\"\n"
         ),
     )?;
     let b_admin = format!("127.0.0.1:{adm_b}");

@@ -176,6 +176,70 @@ pub fn trust_domain(s: &str) -> Result<TrustDomain, IdError> {
     TrustDomain::new(name).map_err(|e| bad(e.to_string()))
 }
 
+/// The scheme every SPIFFE ID starts with.
+const SCHEME: &str = "spiffe://";
+
+/// The path under which meshid names its own components
+/// (`spiffe://<td>/meshid/...`); entries may not use it.
+pub const RESERVED_PATH: &str = "/meshid/";
+
+/// A trust domain's own ID, `spiffe://<name>`, for a name already checked
+/// by [`trust_domain`] (or a [`TrustDomain`]'s `Display`).
+pub fn trust_domain_id(name: impl std::fmt::Display) -> String {
+    format!("{SCHEME}{name}")
+}
+
+/// The prefix every workload ID in the trust domain starts with,
+/// `spiffe://<name>/`.
+pub fn trust_domain_prefix(name: impl std::fmt::Display) -> String {
+    format!("{SCHEME}{name}/")
+}
+
+/// A workload ID in the trust domain from a path (with or without its
+/// leading `/`); the result still has to pass [`workload_id`] where the
+/// path came from outside.
+pub fn id_in(name: impl std::fmt::Display, path: &str) -> String {
+    format!("{SCHEME}{name}/{}", path.trim_start_matches('/'))
+}
+
+/// The meshid server's own SPIFFE ID in a trust domain
+/// (`spiffe://<name>/meshid/server`): the URI SAN of the node API's
+/// certificate that agents pin.
+pub fn server_id(name: impl std::fmt::Display) -> String {
+    format!("{SCHEME}{name}{RESERVED_PATH}server")
+}
+
+/// An ID under meshid's reserved path, `<td_id>/meshid/<parts joined by />`,
+/// from a trust domain's ID (see [`trust_domain_id`]).
+pub fn reserved_id(td_id: &str, parts: &[&str]) -> String {
+    format!("{td_id}{RESERVED_PATH}{}", parts.join("/"))
+}
+
+/// A node agent's SPIFFE ID: `<td_id>/meshid/agent/<attestor>/<parts…>`,
+/// so an agent's ID says how it proved itself.
+pub fn agent_id(td_id: &str, attestor: &str, parts: &[&str]) -> String {
+    let mut all = Vec::with_capacity(parts.len() + 2);
+    all.push("agent");
+    all.push(attestor);
+    all.extend_from_slice(parts);
+    reserved_id(td_id, &all)
+}
+
+/// Whether `id` lies in the trust domain `name` (it is the trust domain's
+/// own ID or starts with its prefix).
+pub fn is_in_trust_domain(id: &str, name: &str) -> bool {
+    id.strip_prefix(SCHEME)
+        .and_then(|rest| rest.strip_prefix(name))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The trust domain name of a string given as `example.org` or
+/// `spiffe://example.org`, without checking it (use [`trust_domain`] to
+/// check).
+pub fn strip_scheme(s: &str) -> &str {
+    s.strip_prefix(SCHEME).unwrap_or(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +319,41 @@ mod tests {
         assert_eq!(e.label(), "not_canonical");
         assert!(e.to_string().contains("\"example.org\""), "{e}");
         assert!(trust_domain(&"a".repeat(256)).is_err());
+    }
+
+    /// The derived forms agree with the parsers: each is accepted by the
+    /// matching check and lies in its trust domain.
+    #[test]
+    fn derived_ids_parse_and_belong_to_their_trust_domain() {
+        let td = trust_domain("example.org").expect("td");
+        assert_eq!(
+            any_id(&trust_domain_id(&td)).expect("td id").to_string(),
+            "spiffe://example.org"
+        );
+        let server = server_id(&td);
+        assert_eq!(server, "spiffe://example.org/meshid/server");
+        assert!(workload_id(&server).is_ok());
+        assert!(is_in_trust_domain(&server, "example.org"));
+        assert!(is_in_trust_domain("spiffe://example.org", "example.org"));
+        assert!(!is_in_trust_domain(
+            "spiffe://example.org.evil/x",
+            "example.org"
+        ));
+        assert!(!is_in_trust_domain("spiffe://example.orgx", "example.org"));
+        assert_eq!(id_in("example.org", "/web"), "spiffe://example.org/web");
+        assert_eq!(id_in("example.org", "web"), "spiffe://example.org/web");
+        assert!(trust_domain_prefix("example.org").starts_with(&trust_domain_id("example.org")));
+        assert_eq!(strip_scheme("spiffe://example.org"), "example.org");
+        assert_eq!(strip_scheme("example.org"), "example.org");
+        let td_id = trust_domain_id("example.org");
+        assert_eq!(
+            agent_id(&td_id, "join_token", &["t1"]),
+            "spiffe://example.org/meshid/agent/join_token/t1"
+        );
+        assert_eq!(
+            reserved_id(&td_id, &["k8s", "c1"]),
+            "spiffe://example.org/meshid/k8s/c1"
+        );
+        assert_eq!(server_id("example.org"), reserved_id(&td_id, &["server"]));
     }
 }

@@ -439,7 +439,9 @@ impl K8sPsatConfig {
             return bad(format!("api_server {url:?} must be an https:// URL"));
         }
         if let Some(alias) = &self.alias_id
-            && !alias.starts_with(&format!("spiffe://{trust_domain}/"))
+            && !alias.starts_with(&meshid_identity::spiffe_id::trust_domain_prefix(
+                trust_domain,
+            ))
         {
             return bad(format!(
                 "alias_id {alias:?} is not in trust domain {trust_domain}"
@@ -506,7 +508,7 @@ impl ServerConfig {
         self.admin_certs
             .validate(&self.trust_domain)
             .map_err(ConfigError::Invalid)?;
-        if self.trust_domain.starts_with("spiffe://") {
+        if meshid_identity::spiffe_id::strip_scheme(&self.trust_domain) != self.trust_domain {
             return Err(ConfigError::Invalid(
                 "trust_domain is a name like \"example.org\", without spiffe://".into(),
             ));
@@ -649,7 +651,7 @@ impl ServerConfig {
 
     /// `spiffe://<trust_domain>`.
     pub fn trust_domain_id(&self) -> String {
-        format!("spiffe://{}", self.trust_domain)
+        meshid_identity::spiffe_id::trust_domain_id(&self.trust_domain)
     }
 }
 

@@ -47,8 +47,7 @@ impl std::fmt::Debug for ServerState {
     }
 }
 
-/// The SPIFFE ID prefix reserved for meshid's own components.
-pub const RESERVED_PATH: &str = "/meshid/";
+pub use meshid_identity::spiffe_id::RESERVED_PATH;
 
 /// Converts a signed SVID to the wire type.
 pub fn svid_to_proto(s: &IssuedSvid) -> X509Svid {
@@ -94,7 +93,7 @@ impl ServerState {
 
     /// The server's own SPIFFE ID.
     pub fn server_id(&self) -> String {
-        format!("{}/meshid/server", self.td_id())
+        meshid_identity::spiffe_id::server_id(&self.config.trust_domain)
     }
 
     /// Signals agents that something changed.
@@ -190,7 +189,7 @@ impl ServerState {
         let mut wanted: Vec<String> = entries
             .iter()
             .flat_map(|e| e.federates_with.iter())
-            .map(|td| td.trim_start_matches("spiffe://").to_string())
+            .map(|td| meshid_identity::spiffe_id::strip_scheme(td).to_string())
             .collect();
         wanted.sort();
         wanted.dedup();

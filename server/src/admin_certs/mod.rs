@@ -122,7 +122,7 @@ impl AdminCertsConfig {
                 humantime::format_duration(self.crl_validity)
             ));
         }
-        let want = format!("spiffe://{td}/");
+        let want = meshid_identity::spiffe_id::trust_domain_prefix(td);
         for p in &self.allowed_prefixes {
             let canonical = p.ends_with('/')
                 && p.starts_with(&want)

@@ -144,7 +144,7 @@ fn validate_entry(st: &ServerState, mut e: Entry) -> Result<Entry, Status> {
     e.federates_with = e
         .federates_with
         .iter()
-        .map(|t| normalize_td(t).map(|n| format!("spiffe://{n}")))
+        .map(|t| normalize_td(t).map(meshid_identity::spiffe_id::trust_domain_id))
         .collect::<Result<_, _>>()?;
     if e.hint.len() > 256 {
         return Err(Status::invalid_argument("hint is longer than 256 bytes"));
@@ -491,7 +491,7 @@ impl Admin for AdminService {
             .map_err(store_status)?
             .filter(|_| td != st.config.trust_domain)
             .ok_or_else(|| Status::not_found(format!("no federated bundle for {td}")))?;
-        let td_id = format!("spiffe://{td}");
+        let td_id = meshid_identity::spiffe_id::trust_domain_id(&td);
         let affected = st
             .store
             .list_entries(&EntryFilter::default())

@@ -52,7 +52,7 @@ fn hash(token: &[u8]) -> String {
 
 /// The agent SPIFFE ID for a token id.
 pub fn agent_id(td_id: &str, token_id: &str) -> String {
-    format!("{td_id}/meshid/agent/join_token/{token_id}")
+    meshid_identity::spiffe_id::agent_id(td_id, ATTESTOR, &[token_id])
 }
 
 /// Creates and stores a token; returns the token and its record.

@@ -168,12 +168,12 @@ pub struct PsatAttestor {
 
 /// The cluster alias every agent of `cluster` holds unless configured.
 pub fn default_alias(td_id: &str, cluster: &str) -> String {
-    format!("{td_id}/meshid/k8s/{cluster}")
+    meshid_identity::spiffe_id::reserved_id(td_id, &["k8s", cluster])
 }
 
 /// The agent SPIFFE ID for a node.
 pub fn agent_id(td_id: &str, cluster: &str, node: &str) -> String {
-    format!("{td_id}/meshid/agent/{ATTESTOR}/{cluster}/{node}")
+    meshid_identity::spiffe_id::agent_id(td_id, ATTESTOR, &[cluster, node])
 }
 
 impl PsatAttestor {

@@ -68,7 +68,7 @@ fn ca_params(
     // have cRLSign); digitalSignature is for leaves.
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     p.subject_alt_names = vec![SanType::URI(
-        format!("spiffe://{trust_domain}")
+        meshid_identity::spiffe_id::trust_domain_id(trust_domain)
             .try_into()
             .map_err(|_| CaError::Invalid("trust domain is not IA5".into()))?,
     )];

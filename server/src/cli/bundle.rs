@@ -84,7 +84,7 @@ pub(super) async fn bundle(cmd: BundleCmd) -> anyhow::Result<()> {
         } => {
             let data =
                 std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let td = trust_domain.trim_start_matches("spiffe://").to_string();
+            let td = meshid_identity::spiffe_id::strip_scheme(&trust_domain).to_string();
             let parsed = bundle_format::parse_with_notes(&td, &data)
                 .with_context(|| format!("{}", path.display()))?;
             for why in &parsed.ignored {
@@ -121,13 +121,13 @@ pub(super) async fn bundle(cmd: BundleCmd) -> anyhow::Result<()> {
             for b in &list {
                 match format {
                     BundleFormat::Pem => print!(
-                        "# spiffe://{}\n{}",
-                        b.trust_domain,
+                        "# {}\n{}",
+                        meshid_identity::spiffe_id::trust_domain_id(&b.trust_domain),
                         bundle_format::to_pem(b)
                     ),
                     BundleFormat::Spiffe => println!(
-                        "spiffe://{}\n{}",
-                        b.trust_domain,
+                        "{}\n{}",
+                        meshid_identity::spiffe_id::trust_domain_id(&b.trust_domain),
                         serde_json::to_string_pretty(&bundle_format::to_spiffe_json(b)?)?
                     ),
                 }

@@ -183,7 +183,7 @@ fn show(r: &ListAuthoritiesResponse, output: Output) {
             "{}",
             json!({
                 "trust_domain": r.trust_domain,
-                "spiffe_id": format!("spiffe://{}", r.trust_domain),
+                "spiffe_id": meshid_identity::spiffe_id::trust_domain_id(&r.trust_domain),
                 "next_transition": r.next_transition,
                 "next_transition_at": r.next_transition_at,
                 "authorities": r.authorities.iter().filter_map(|s| s.authority.as_ref().map(|a| authority_json(a, s.live_svids, s.last_svid_not_after))).collect::<Vec<_>>(),
