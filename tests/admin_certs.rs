@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::apps::http_app;
-use common::{AgentProc, Server, TD, free_port, sidecar, wait_for};
+use common::{Server, TD, agent_with_workloads, free_port, sidecar, wait_for};
 use meshid_identity::verify::{Authorizer, SpiffeServerVerifier, TrustBundles};
 use rustls::pki_types::ServerName;
 
@@ -346,25 +346,8 @@ fn mint_is_capped_by_policy_audited_and_keys_are_private() {
 #[test]
 fn revoked_cert_is_refused_and_a_stale_crl_fails_secure() {
     let mut server = Server::start(POLICY);
-    let alias = format!("spiffe://{TD}/node/crl");
-    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
-    let uid = nix::unistd::geteuid().as_raw();
-    for n in ["payments", "frontend"] {
-        server.ok(&[
-            "entry",
-            "create",
-            "--parent-id",
-            &alias,
-            "--spiffe-id",
-            &format!("spiffe://{TD}/{n}"),
-            "--selector",
-            &format!("unix:uid:{uid}"),
-            "--hint",
-            n,
-        ]);
-    }
+    let agent = agent_with_workloads(&server, "crl", &["payments", "frontend"], None);
     let dir = server.dir.path().to_path_buf();
-    let agent = AgentProc::start(&dir.join("agent"), &server, Some(&token));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let app = http_app(seen.clone());
     let [port, adm] = [(); 2].map(|()| free_port());

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::apps::{Traffic, echo_app, http_app};
-use common::{AgentProc, Server, Sidecar, TD, free_port, sidecar, wait_for};
+use common::{AgentProc, Server, Sidecar, TD, agent_with_workloads, free_port, sidecar, wait_for};
 use serde_json::Value;
 
 /// A server, an agent, and a frontend → payments sidecar pair (HTTP and TCP).
@@ -25,27 +25,8 @@ struct Mesh {
 
 fn mesh(server_cfg: &str, svid_ttl: &str) -> Mesh {
     let server = Server::start(server_cfg);
-    let alias = format!("spiffe://{TD}/node/ca");
-    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
-    let uid = nix::unistd::geteuid().as_raw();
-    for n in ["frontend", "payments"] {
-        server.ok(&[
-            "entry",
-            "create",
-            "--parent-id",
-            &alias,
-            "--spiffe-id",
-            &format!("spiffe://{TD}/{n}"),
-            "--selector",
-            &format!("unix:uid:{uid}"),
-            "--ttl",
-            svid_ttl,
-            "--hint",
-            n,
-        ]);
-    }
+    let agent = agent_with_workloads(&server, "ca", &["frontend", "payments"], Some(svid_ttl));
     let dir = server.dir.path().to_path_buf();
-    let agent = AgentProc::start(&dir.join("agent"), &server, Some(&token));
     let ep = agent.endpoint();
     let http = http_app(Arc::new(Mutex::new(Vec::new())));
     let echo = echo_app();

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{AgentProc, Server, TD, free_port, sidecar, wait_for};
+use common::{AgentProc, Server, TD, agent_with_workloads, free_port, sidecar, wait_for};
 use meshid_sidecar::proxy_protocol::decode_v2;
 
 /// An application behind the inbound sidecar: reads the PROXY v2 header,
@@ -98,27 +98,8 @@ struct Pair {
 
 fn start(ttl: &str) -> Pair {
     let server = Server::start("");
-    let alias = format!("spiffe://{TD}/node/tunnel");
-    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
-    let uid = nix::unistd::geteuid().as_raw();
-    for n in ["frontend", "payments"] {
-        server.ok(&[
-            "entry",
-            "create",
-            "--parent-id",
-            &alias,
-            "--spiffe-id",
-            &format!("spiffe://{TD}/{n}"),
-            "--selector",
-            &format!("unix:uid:{uid}"),
-            "--ttl",
-            ttl,
-            "--hint",
-            n,
-        ]);
-    }
+    let agent = agent_with_workloads(&server, "tunnel", &["frontend", "payments"], Some(ttl));
     let dir = server.dir.path().to_path_buf();
-    let agent = AgentProc::start(&dir.join("agent"), &server, Some(&token));
     let ep = agent.endpoint();
     let app = id_echo_app();
     let [in_port, in_admin, out_port, out_admin] = [(); 4].map(|()| free_port());

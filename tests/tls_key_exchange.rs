@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{AgentProc, Server, TD, free_port, meshid, sidecar, wait_for};
+use common::{Server, TD, agent_with_workloads, free_port, meshid, sidecar, wait_for};
 
 /// TLS NamedGroup code points.
 const X25519MLKEM768: u16 = 0x11ec;
@@ -298,25 +298,8 @@ fn openssl_available() -> bool {
 #[test]
 fn hybrid_by_default_classical_clients_still_served_hybrid_required_refuses_them() {
     let server = Server::start("");
-    let alias = format!("spiffe://{TD}/node/pq");
-    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
-    let uid = nix::unistd::geteuid().as_raw();
-    for n in ["frontend", "payments"] {
-        server.ok(&[
-            "entry",
-            "create",
-            "--parent-id",
-            &alias,
-            "--spiffe-id",
-            &format!("spiffe://{TD}/{n}"),
-            "--selector",
-            &format!("unix:uid:{uid}"),
-            "--hint",
-            n,
-        ]);
-    }
+    let agent = agent_with_workloads(&server, "pq", &["frontend", "payments"], None);
     let dir = server.dir.path().to_path_buf();
-    let agent = AgentProc::start(&dir.join("agent"), &server, Some(&token));
     let ep = agent.endpoint();
 
     // The agent's connection to the node API negotiated the hybrid.

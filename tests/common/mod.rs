@@ -270,6 +270,54 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The bootstrap most end-to-end tests begin with: a join token for the
+/// node alias `spiffe://TD/node/<node>`, and under it one entry per name in
+/// `workloads` (`spiffe://TD/<name>`, selected by this test process's uid,
+/// with the name as its hint and `ttl` if given). Returns the alias and the
+/// token.
+pub fn register_node(
+    server: &Server,
+    node: &str,
+    workloads: &[&str],
+    ttl: Option<&str>,
+) -> (String, String) {
+    let alias = format!("spiffe://{TD}/node/{node}");
+    let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
+    let uid = format!("unix:uid:{}", nix::unistd::geteuid().as_raw());
+    for name in workloads {
+        let id = format!("spiffe://{TD}/{name}");
+        let mut args = vec![
+            "entry",
+            "create",
+            "--parent-id",
+            &alias,
+            "--spiffe-id",
+            &id,
+            "--selector",
+            &uid,
+            "--hint",
+            name,
+        ];
+        if let Some(ttl) = ttl {
+            args.extend(["--ttl", ttl]);
+        }
+        server.ok(&args);
+    }
+    (alias, token)
+}
+
+/// [`register_node`], then an agent attested with the node's token in
+/// `<server dir>/agent`, its Workload API answering.
+pub fn agent_with_workloads(
+    server: &Server,
+    node: &str,
+    workloads: &[&str],
+    ttl: Option<&str>,
+) -> AgentProc {
+    let (_, token) = register_node(server, node, workloads, ttl);
+    AgentProc::start(&server.dir.path().join("agent"), server, Some(&token))
+}
+
 /// A running `meshid agent run`.
 pub struct AgentProc {
     pub dir: PathBuf,
