@@ -2,7 +2,8 @@
 //! server's CRL lists until the certificate's notAfter.
 
 /// One revoked certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Read from a `revoked_certs` row the same way by both stores.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RevokedCert {
     /// Lowercase hex serial (as journaled in `issued_certs`).
     pub serial: String,

@@ -637,23 +637,12 @@ impl Store for SqliteStore {
     }
 
     async fn list_revoked(&self, now: i64) -> Result<Vec<super::RevokedCert>, StoreError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as::<_, super::RevokedCert>(
             "SELECT * FROM revoked_certs WHERE not_after >= ? ORDER BY revoked_at, serial",
         )
         .bind(now)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(super::RevokedCert {
-                    serial: r.try_get("serial")?,
-                    spiffe_id: r.try_get("spiffe_id")?,
-                    not_after: r.try_get("not_after")?,
-                    revoked_at: r.try_get("revoked_at")?,
-                    reason: r.try_get("reason")?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     async fn put_audit_seal(&self, seal: &AuditSeal) -> Result<(), StoreError> {
