@@ -13,6 +13,7 @@ use common::{Server, meshid, write_server_config};
 use meshid_server::audit::record::{self, GENESIS};
 use meshid_server::audit::seal::{SealKey, Sealer};
 use meshid_server::audit::{AuditLog, AuditSettings, Event};
+use meshid_server::store::prelude::*;
 use meshid_server::store::{AuditSeal, SqliteStore, Store};
 
 /// `meshid server audit verify --config cfg [--file f]...`: (success, stdout, stderr).

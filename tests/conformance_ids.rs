@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{AgentProc, Server, TD, wait_for};
 use meshid_proto::types::{Entry, Selector};
-use meshid_server::store::Store as _;
+use meshid_server::store::prelude::*;
 
 fn uid() -> u32 {
     nix::unistd::geteuid().as_raw()

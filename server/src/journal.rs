@@ -38,17 +38,6 @@ pub enum JournalError {
     Stopped,
 }
 
-impl From<JournalError> for tonic::Status {
-    fn from(e: JournalError) -> Self {
-        match &e {
-            JournalError::Store {
-                unavailable: false, ..
-            } => Self::internal(e.to_string()),
-            _ => Self::unavailable(e.to_string()),
-        }
-    }
-}
-
 /// Handle to the issuance journal writer.
 #[derive(Clone)]
 pub struct Journal {

@@ -220,31 +220,50 @@ impl ServerState {
     /// Looks up the agent behind a verified client certificate. Refuses
     /// unknown (never attested or evicted) and banned agents, and SVIDs the
     /// agent has since replaced.
-    pub async fn authenticate_agent(&self, leaf_der: &[u8]) -> Result<AgentRecord, tonic::Status> {
+    pub async fn authenticate_agent(&self, leaf_der: &[u8]) -> Result<AgentRecord, AgentAuthError> {
         let info = meshid_identity::SvidInfo::from_der(leaf_der)
-            .map_err(|e| tonic::Status::unauthenticated(format!("client certificate: {e}")))?;
+            .map_err(|e| AgentAuthError::BadCertificate(e.to_string()))?;
         let id = info.spiffe_id.to_string();
         let agent = self
             .store
             .get_agent(&id)
-            .await
-            .map_err(tonic::Status::from)?
-            .ok_or_else(|| {
-                tonic::Status::permission_denied(format!(
-                    "unknown agent {id}: never attested, or evicted"
-                ))
-            })?;
+            .await?
+            .ok_or_else(|| AgentAuthError::Unknown(id.clone()))?;
         if agent.banned {
-            return Err(tonic::Status::permission_denied(format!(
-                "agent {id} is banned"
-            )));
+            return Err(AgentAuthError::Banned(id));
         }
         if info.serial != agent.serial && info.serial != agent.prev_serial {
-            return Err(tonic::Status::permission_denied(format!(
-                "agent {id} presented SVID serial {} which has been superseded",
-                info.serial
-            )));
+            return Err(AgentAuthError::Superseded {
+                agent: id,
+                serial: info.serial,
+            });
         }
         Ok(agent)
     }
+}
+
+/// Why a client certificate does not authenticate an agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentAuthError {
+    /// The certificate is not a readable SVID.
+    #[error("client certificate: {0}")]
+    BadCertificate(String),
+    /// No such agent: never attested, or evicted.
+    #[error("unknown agent {0}: never attested, or evicted")]
+    Unknown(String),
+    /// The agent is banned.
+    #[error("agent {0} is banned")]
+    Banned(String),
+    /// The agent has renewed since this SVID was issued.
+    #[error("agent {agent} presented SVID serial {serial} which has been superseded")]
+    Superseded {
+        /// The agent's SPIFFE ID.
+        agent: String,
+        /// The presented serial.
+        serial: String,
+    },
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshid_proto::types::{Authority, Bundle, Entry, Selector};
+use meshid_server::store::prelude::*;
 use meshid_server::store::{
     AgentRecord, EntryFilter, IssuedRecord, IssuedSummary, JoinTokenRecord, PostgresOptions,
     PostgresStore, SqliteStore, SslMode, Store, StoreError,

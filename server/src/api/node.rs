@@ -109,7 +109,7 @@ impl NodeService {
             .ok_or_else(|| {
                 Status::unauthenticated("this call requires the agent's SVID as client certificate")
             })?;
-        self.state.authenticate_agent(&leaf).await
+        Ok(self.state.authenticate_agent(&leaf).await?)
     }
 
     /// Counts a refused attestation, and audits and logs it within the
@@ -350,8 +350,8 @@ impl Node for NodeService {
                 // A ban or eviction ends the stream.
                 match st.authenticate_agent(&leaf).await {
                     Ok(a) => agent = a,
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
                         break;
                     }
                 }

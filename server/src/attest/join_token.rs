@@ -37,15 +37,6 @@ impl TokenError {
     }
 }
 
-impl From<TokenError> for tonic::Status {
-    fn from(e: TokenError) -> Self {
-        match e {
-            TokenError::Store(_) => tonic::Status::internal(e.to_string()),
-            _ => tonic::Status::permission_denied(e.to_string()),
-        }
-    }
-}
-
 fn hash(token: &[u8]) -> String {
     hex::encode(digest(&SHA256, token))
 }

@@ -122,20 +122,6 @@ impl PsatError {
     }
 }
 
-impl From<PsatError> for tonic::Status {
-    fn from(e: PsatError) -> Self {
-        let msg = e.public_message();
-        match &e {
-            PsatError::BadPayload(_) => tonic::Status::invalid_argument(msg),
-            PsatError::Api(KubeError::Unavailable { .. }) | PsatError::Busy(_) => {
-                tonic::Status::unavailable(msg)
-            }
-            PsatError::Api(_) => tonic::Status::internal(msg),
-            _ => tonic::Status::permission_denied(msg),
-        }
-    }
-}
-
 /// A node the API server vouched for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttestedNode {

@@ -1,6 +1,8 @@
-//! The registry's storage: one [`Store`] trait with two implementations, an
+//! The registry's storage: one [`Store`] with two implementations, an
 //! embedded SQLite database (the default, one server) and PostgreSQL (shared
-//! by several servers).
+//! by several servers). [`Store`] is the sum of one trait per job
+//! ([`EntryStore`], [`AgentStore`], [`BundleStore`], [`CaJournalStore`],
+//! [`AuditSealStore`]), and each backend implements each in its own file.
 //!
 //! Entries and bundles are kept as the `meshid.types` messages of
 //! `meshid-proto` (prost-encoded), so the store, the node API and the admin
@@ -66,22 +68,6 @@ impl StoreError {
                     | sqlx::Error::WorkerCrashed
             )
         )
-    }
-}
-
-impl From<StoreError> for tonic::Status {
-    /// `NotFound`, `AlreadyExists`, `Conflict` (aborted: retry),
-    /// `Banned` (permission denied), an unreachable database `Unavailable`
-    /// (retry later), anything else `Internal`.
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound(m) => Self::not_found(m),
-            StoreError::AlreadyExists(m) => Self::already_exists(m),
-            StoreError::Conflict(m) => Self::aborted(m),
-            StoreError::Banned(m) => Self::permission_denied(format!("{m} is banned")),
-            e if e.is_unavailable() => Self::unavailable(format!("store unavailable: {e}")),
-            e => Self::internal(e.to_string()),
-        }
     }
 }
 
@@ -171,7 +157,7 @@ pub struct IssuedRecord {
 pub struct IssuedSummary {
     /// Authority id.
     pub ca_id: String,
-    /// Live certificates (see [`Store::live_issued_by`]).
+    /// Live certificates (see [`CaJournalStore::live_issued_by`]).
     pub live: i64,
     /// Latest notAfter of anything it signed, Unix seconds.
     pub last_not_after: i64,
@@ -197,9 +183,9 @@ pub struct AuditSeal {
     pub signature: Vec<u8>,
 }
 
-/// Everything the server persists. Every multi-row change is atomic.
+/// Registration entries. Every multi-row change is atomic.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait EntryStore: Send + Sync + 'static {
     /// Creates an entry. Refuses a duplicate (same SPIFFE ID, parent and
     /// selector set).
     async fn create_entry(&self, entry: &Entry) -> Result<(), StoreError>;
@@ -218,7 +204,11 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_entries(&self, ids: &[String]) -> Result<(), StoreError>;
     /// Number of entries.
     async fn count_entries(&self) -> Result<i64, StoreError>;
+}
 
+/// Join tokens and attested agents. Every multi-row change is atomic.
+#[async_trait]
+pub trait AgentStore: Send + Sync + 'static {
     /// Stores a new join token.
     async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError>;
     /// Atomically removes and returns a token: a token can be consumed once.
@@ -226,12 +216,11 @@ pub trait Store: Send + Sync + 'static {
         &self,
         token_hash: &str,
     ) -> Result<Option<JoinTokenRecord>, StoreError>;
-
     /// Records an attested agent: inserts it, or replaces an earlier
     /// attestation of the same ID (a re-attesting node), in one conditional
     /// statement that never replaces a banned agent: that is `Banned`, and
     /// nothing changes. `agent.banned` is not written (a new attestation is
-    /// never banned); a ban is only ever set by [`Store::ban_agent`].
+    /// never banned); a ban is only ever set by [`AgentStore::ban_agent`].
     async fn attest_agent(&self, agent: &AgentRecord) -> Result<(), StoreError>;
     /// Records a renewed agent SVID: the current serial becomes the previous
     /// one, `serial` and `expires_at` become current. One conditional update
@@ -256,7 +245,11 @@ pub trait Store: Send + Sync + 'static {
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
     /// Removes an agent (eviction).
     async fn delete_agent(&self, spiffe_id: &str) -> Result<(), StoreError>;
+}
 
+/// Trust bundles (own and federated). Every multi-row change is atomic.
+#[async_trait]
+pub trait BundleStore: Send + Sync + 'static {
     /// Inserts or replaces a bundle.
     async fn put_bundle(&self, bundle: &Bundle, federated: bool) -> Result<(), StoreError>;
     /// One bundle.
@@ -265,7 +258,11 @@ pub trait Store: Send + Sync + 'static {
     async fn list_federated_bundles(&self) -> Result<Vec<Bundle>, StoreError>;
     /// Removes a federated bundle.
     async fn delete_bundle(&self, trust_domain: &str) -> Result<(), StoreError>;
+}
 
+/// The CA journal: authorities, issued certificates and revocations. Every multi-row change is atomic.
+#[async_trait]
+pub trait CaJournalStore: Send + Sync + 'static {
     /// Every authority in the CA journal (all owners, all states).
     async fn list_authorities(&self) -> Result<Vec<Authority>, StoreError>;
     /// Adds an authority; refuses a duplicate id.
@@ -288,7 +285,7 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<IssuedRecord>, StoreError>;
     /// Number of live certificates per authority at `now` (same meaning as
-    /// [`Store::live_issued_by`]) and the latest notAfter each signed, for
+    /// [`CaJournalStore::live_issued_by`]) and the latest notAfter each signed, for
     /// authorities that signed anything still unexpired at `now` (others are
     /// absent).
     async fn issued_summary(&self, now: i64) -> Result<Vec<IssuedSummary>, StoreError>;
@@ -296,14 +293,17 @@ pub trait Store: Send + Sync + 'static {
     async fn record_issued(&self, certs: &[IssuedRecord]) -> Result<(), StoreError>;
     /// Looks up a journaled certificate.
     async fn get_issued(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError>;
-
     /// Records a revocation; `false` (and nothing changes) if the serial is
     /// already revoked.
     async fn revoke_cert(&self, cert: &RevokedCert) -> Result<bool, StoreError>;
     /// Revoked certificates whose notAfter is not before `now`, oldest
     /// revocation first.
     async fn list_revoked(&self, now: i64) -> Result<Vec<RevokedCert>, StoreError>;
+}
 
+/// Seals of the audit log's hash chain. Every multi-row change is atomic.
+#[async_trait]
+pub trait AuditSealStore: Send + Sync + 'static {
     /// Stores an audit seal; a second seal for the same (server, seq) is
     /// refused (`AlreadyExists`).
     async fn put_audit_seal(&self, seal: &AuditSeal) -> Result<(), StoreError>;
@@ -311,12 +311,28 @@ pub trait Store: Send + Sync + 'static {
     async fn list_audit_seals(&self, server_id: &str) -> Result<Vec<AuditSeal>, StoreError>;
     /// The seal with the highest sequence number of one server's chain.
     async fn latest_audit_seal(&self, server_id: &str) -> Result<Option<AuditSeal>, StoreError>;
+}
+
+/// Everything the server persists: one store, five jobs. Callers hold an
+/// `Arc<dyn Store>` and bring the parts they use into scope with
+/// `use crate::store::prelude::*`.
+pub trait Store:
+    EntryStore + AgentStore + BundleStore + CaJournalStore + AuditSealStore + Send + Sync + 'static
+{
     /// The store's change revision: it grows whenever something agents must
     /// see changes (entries, bundles, a new agent, an agent's aliases or ban,
     /// an eviction), through this store or, for a shared database, through
     /// any other server's. Waiting on the receiver is how servers learn of
     /// each other's changes; the value itself only ever grows.
     fn subscribe_changes(&self) -> watch::Receiver<u64>;
+}
+
+/// The store's traits, for `use …::store::prelude::*`.
+pub mod prelude {
+    pub use super::{
+        AgentStore as _, AuditSealStore as _, BundleStore as _, CaJournalStore as _,
+        EntryStore as _, Store,
+    };
 }
 
 /// Which entries a query selects. Fields are ANDed; unset fields match
