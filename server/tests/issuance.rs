@@ -12,8 +12,9 @@ use meshid_server::ca::CaManager;
 use meshid_server::config::ServerConfig;
 use meshid_server::issuance::{self, IssuanceError, JwtRequest, Refusal, X509Request};
 use meshid_server::metrics::Metrics;
-use meshid_server::state::ServerState;
+use meshid_server::state::{AgentAuthError, ServerState};
 use meshid_server::store::{AgentRecord, SqliteStore, Store};
+use tonic::{Code, Status};
 use x509_parser::prelude::*;
 
 const AGENT: &str = "spiffe://example.org/spire/agent/join_token/t1";
@@ -274,4 +275,77 @@ async fn jwt_svids_take_the_same_path() {
     assert!(matches!(out[2], Err(Refusal::NotParented(_))));
     let audit = std::fs::read_to_string(&f.audit_path).expect("audit log");
     assert!(audit.contains("jwt_svid_issued") && audit.contains("jwt_svid_refused"));
+}
+
+/// Before anything is issued the node API authenticates the calling agent
+/// from its client certificate: the agent must be known, not banned, and
+/// present its current SVID or the one just before it (a renewal in
+/// flight). Each refusal has its own error, and its gRPC code is chosen in
+/// one place (`api/status.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_authenticate_with_their_current_or_previous_svid() {
+    let f = fixture().await;
+    let st = &f.st;
+    let now = SystemTime::now();
+    let ttl = Duration::from_secs(3600);
+    let mut svids = Vec::new();
+    for _ in 0..3 {
+        svids.push(
+            issuance::sign_identity(st, &csr(), AGENT, ttl, "agent", now)
+                .await
+                .expect("agent SVID"),
+        );
+    }
+    let leaf = |i: usize| svids[i].chain[0].clone();
+
+    // Not attested yet.
+    let e = st.authenticate_agent(&leaf(0)).await.expect_err("unknown");
+    assert!(matches!(e, AgentAuthError::Unknown(_)), "{e}");
+    assert_eq!(Status::from(e).code(), Code::PermissionDenied);
+
+    let mut rec = agent();
+    rec.serial = svids[0].serial.clone();
+    st.store.attest_agent(&rec).await.expect("attest");
+    let a = st.authenticate_agent(&leaf(0)).await.expect("current SVID");
+    assert_eq!(a.spiffe_id, AGENT);
+
+    // Renewed once: the previous SVID still authenticates, the new one too.
+    let exp = unix(now) + 3600;
+    st.store
+        .renew_agent(AGENT, &svids[0].serial, &svids[1].serial, exp)
+        .await
+        .expect("renew");
+    st.authenticate_agent(&leaf(0))
+        .await
+        .expect("previous SVID");
+    st.authenticate_agent(&leaf(1)).await.expect("current SVID");
+
+    // Renewed twice: the first SVID is superseded.
+    st.store
+        .renew_agent(AGENT, &svids[1].serial, &svids[2].serial, exp)
+        .await
+        .expect("renew");
+    let e = st
+        .authenticate_agent(&leaf(0))
+        .await
+        .expect_err("superseded");
+    assert!(matches!(e, AgentAuthError::Superseded { .. }), "{e}");
+    st.authenticate_agent(&leaf(2)).await.expect("current SVID");
+
+    // Not a certificate at all.
+    let e = st
+        .authenticate_agent(b"not a certificate")
+        .await
+        .expect_err("garbage");
+    assert!(matches!(e, AgentAuthError::BadCertificate(_)), "{e}");
+    assert_eq!(Status::from(e).code(), Code::Unauthenticated);
+
+    // Banned, then evicted.
+    st.store.ban_agent(AGENT).await.expect("ban");
+    let e = st.authenticate_agent(&leaf(2)).await.expect_err("banned");
+    assert!(matches!(e, AgentAuthError::Banned(_)), "{e}");
+    assert_eq!(Status::from(e).code(), Code::PermissionDenied);
+    st.store.delete_agent(AGENT).await.expect("evict");
+    let e = st.authenticate_agent(&leaf(2)).await.expect_err("evicted");
+    assert!(matches!(e, AgentAuthError::Unknown(_)), "{e}");
 }
