@@ -325,7 +325,7 @@ fn story(dir: &Path, children: &Children, ttl: Duration, keep: bool) -> anyhow::
             ]
             .concat(),
         )?;
-        println!("entry {id}: spiffe://{TD}/{name} (TTL {ttl_s})");
+        println!("entry {id}: {} (TTL {ttl_s})", id_in(TD, name));
     }
 
     step("3. Agent: node attestation with the join token, Workload API on a Unix socket");

@@ -98,8 +98,8 @@ pub(super) async fn bundle(cmd: BundleCmd) -> anyhow::Result<()> {
                 .map_err(status)?
                 .into_inner();
             println!(
-                "bundle for spiffe://{} set: {} X.509 authorit{}, {} JWT key(s), sequence {}",
-                b.trust_domain,
+                "bundle for {} set: {} X.509 authorit{}, {} JWT key(s), sequence {}",
+                meshid_identity::spiffe_id::trust_domain_id(&b.trust_domain),
                 b.x509_authorities.len(),
                 if b.x509_authorities.len() == 1 {
                     "y"

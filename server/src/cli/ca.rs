@@ -191,7 +191,10 @@ fn show(r: &ListAuthoritiesResponse, output: Output) {
         );
         return;
     }
-    println!("Trust domain spiffe://{}", r.trust_domain);
+    println!(
+        "Trust domain {}",
+        meshid_identity::spiffe_id::trust_domain_id(&r.trust_domain)
+    );
     if !r.next_transition.is_empty() {
         println!(
             "Next transition: {} at {} (in {}s)",
