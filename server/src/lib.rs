@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod run;
 pub mod state;
 pub mod store;
+pub mod sync_view;

@@ -256,6 +256,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let state = ServerState::new(cfg.clone(), ca, store, audit, metrics.clone());
     let bundle = state.publish_own_bundle().await?;
     state.refresh_gauges().await;
+    // The sync streams' shared read of the store, then one per change.
+    state.sync_view.refresh(&state).await?;
+    crate::sync_view::spawn_refresher(&state);
     // Changes committed through the store, by this server or by any other
     // sharing its database, wake this server's sync streams.
     let mut store_changes = state.store.subscribe_changes();
@@ -263,8 +266,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while store_changes.changed().await.is_ok() {
             let Some(st) = weak.upgrade() else { break };
+            // The sync view's refresher reads the store and sets the
+            // entry and agent gauges.
             st.notify_change();
-            st.refresh_gauges().await;
         }
     });
 

@@ -35,6 +35,8 @@ pub struct ServerState {
     pub journal: crate::journal::Journal,
     /// Bumped on every change that agents must see (entries, bundles, agents).
     pub changes: watch::Sender<u64>,
+    /// What the sync streams serve, read once per change for all of them.
+    pub sync_view: crate::sync_view::SyncView,
     /// Addresses actually bound, for the Health RPC.
     pub node_address: std::sync::OnceLock<String>,
     /// Metrics address actually bound.
@@ -81,6 +83,7 @@ impl ServerState {
             audit,
             metrics,
             changes,
+            sync_view: Default::default(),
             node_address: Default::default(),
             metrics_address: Default::default(),
         })
@@ -104,21 +107,12 @@ impl ServerState {
     /// The trust domain's own bundle, as last published, without anything
     /// that has expired since (never served, whatever the CA loop's timing).
     pub async fn own_bundle(&self) -> Result<Bundle, StoreError> {
-        let mut b = self
+        let b = self
             .store
             .get_bundle(&self.config.trust_domain)
             .await?
             .ok_or_else(|| StoreError::NotFound("own bundle not yet published".into()))?;
-        let now = SystemTime::now();
-        let (roots, dropped) = meshid_identity::chain::prune_roots(&b.x509_authorities, now);
-        if !dropped.is_empty() {
-            tracing::debug!(?dropped, "expired CA left out of the served bundle");
-            b.x509_authorities = roots;
-        }
-        let t = unix(now);
-        b.jwt_authorities
-            .retain(|k| k.expires_at == 0 || k.expires_at > t);
-        Ok(b)
+        Ok(crate::sync_view::servable_bundle(b, SystemTime::now()))
     }
 
     /// Builds the own bundle from the CA journal through the chain gate, and
@@ -224,22 +218,29 @@ impl ServerState {
         let info = meshid_identity::SvidInfo::from_der(leaf_der)
             .map_err(|e| AgentAuthError::BadCertificate(e.to_string()))?;
         let id = info.spiffe_id.to_string();
-        let agent = self
-            .store
-            .get_agent(&id)
-            .await?
-            .ok_or_else(|| AgentAuthError::Unknown(id.clone()))?;
-        if agent.banned {
-            return Err(AgentAuthError::Banned(id));
-        }
-        if info.serial != agent.serial && info.serial != agent.prev_serial {
-            return Err(AgentAuthError::Superseded {
-                agent: id,
-                serial: info.serial,
-            });
-        }
-        Ok(agent)
+        let agent = self.store.get_agent(&id).await?;
+        admit_agent(&id, &info.serial, agent)
     }
+}
+
+/// Whether an agent as stored may call with an SVID of this serial: it must
+/// exist, not be banned, and the serial be its current or previous one.
+pub fn admit_agent(
+    id: &str,
+    serial: &str,
+    stored: Option<AgentRecord>,
+) -> Result<AgentRecord, AgentAuthError> {
+    let agent = stored.ok_or_else(|| AgentAuthError::Unknown(id.to_string()))?;
+    if agent.banned {
+        return Err(AgentAuthError::Banned(id.to_string()));
+    }
+    if serial != agent.serial && serial != agent.prev_serial {
+        return Err(AgentAuthError::Superseded {
+            agent: id.to_string(),
+            serial: serial.to_string(),
+        });
+    }
+    Ok(agent)
 }
 
 /// Why a client certificate does not authenticate an agent.

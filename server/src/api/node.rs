@@ -310,50 +310,58 @@ impl Node for NodeService {
 
     async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
         let agent = self.agent(&req).await?;
-        let leaf = req
+        let serial = req
             .extensions()
             .get::<PeerInfo>()
             .and_then(|p| p.certs.as_ref())
-            .and_then(|c| c.first().cloned())
+            .and_then(|c| c.first())
+            .and_then(|leaf| meshid_identity::SvidInfo::from_der(leaf).ok())
+            .map(|i| i.serial)
             .unwrap_or_default();
         let st = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut changes = st.changes.subscribe();
+        let mut views = st.sync_view.subscribe();
         tokio::spawn(async move {
             st.metrics.sync_streams.inc();
             let mut agent = agent;
+            let mut last: Option<SyncResponse> = None;
             loop {
-                changes.borrow_and_update();
-                let msg = async {
-                    let entries = st
-                        .store
-                        .list_entries_by_parents(&agent.parent_ids())
-                        .await?;
-                    let federated_bundles = st.federated_bundles_for(&entries).await?;
-                    let bundle = st.own_bundle().await?;
-                    Ok::<_, crate::store::StoreError>(SyncResponse {
-                        entries,
-                        bundle: Some(bundle),
-                        federated_bundles,
-                        tainted_authorities: st.tainted.load().to_vec(),
-                    })
-                }
-                .await
-                .map_err(store_unavailable);
-                if tx.send(msg).await.is_err() {
-                    break;
-                }
-                tokio::select! {
-                    r = changes.changed() => if r.is_err() { break },
-                    () = tx.closed() => break,
-                }
-                // A ban or eviction ends the stream.
-                match st.authenticate_agent(&leaf).await {
-                    Ok(a) => agent = a,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
+                views.borrow_and_update();
+                let msg = match st.sync_view.current() {
+                    Some(view) => {
+                        // A ban, an eviction or a superseded SVID ends the
+                        // stream.
+                        match view.agent(&agent.spiffe_id, &serial) {
+                            Ok(a) => agent = a,
+                            Err(e) => {
+                                let _ = tx.send(Err(Status::from(e))).await;
+                                break;
+                            }
+                        }
+                        view.message_for(&agent, st.tainted.load().to_vec(), SystemTime::now())
+                            .map_err(store_unavailable)
+                    }
+                    // Not read yet (the store was down at start): wait.
+                    None => Err(Status::unavailable(
+                        "this server has not read its store yet; try again",
+                    )),
+                };
+                let send = match (&msg, &last) {
+                    (Ok(m), Some(l)) => m != l,
+                    _ => true,
+                };
+                if send {
+                    if let Ok(m) = &msg {
+                        last = Some(m.clone());
+                    }
+                    let failed = msg.is_err();
+                    if tx.send(msg).await.is_err() || failed {
                         break;
                     }
+                }
+                tokio::select! {
+                    r = views.changed() => if r.is_err() { break },
+                    () = tx.closed() => break,
                 }
             }
             st.metrics.sync_streams.dec();
