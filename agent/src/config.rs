@@ -195,7 +195,7 @@ impl AgentConfig {
 
     /// `spiffe://<td>`.
     pub fn td_id(&self) -> String {
-        format!("spiffe://{}", self.trust_domain)
+        meshid_identity::spiffe_id::trust_domain_id(&self.trust_domain)
     }
 }
 

@@ -2,7 +2,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use anyhow::Context as _;
 use axum::extract::State;
@@ -35,7 +34,7 @@ async fn shutdown_signal() {
 
 fn ready(agent: &Agent) -> Result<(), String> {
     let s = agent.snapshot.borrow().clone();
-    let now = SystemTime::now();
+    let now = agent.clock.now();
     match s.agent_not_after {
         Some(t) if t > now => {}
         _ => return Err("agent SVID missing or expired".into()),

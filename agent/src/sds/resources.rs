@@ -79,7 +79,7 @@ impl CallerView<'_> {
                 (!self.bundles.is_empty()).then(|| spiffe_validator(name, &self.bundles))
             }
             _ => {
-                let rest = name.strip_prefix("spiffe://").unwrap_or(name);
+                let rest = meshid_identity::spiffe_id::strip_scheme(name);
                 if rest.contains('/') {
                     self.svid(name).map(|s| tls(name, s))
                 } else {
@@ -104,11 +104,12 @@ impl CallerView<'_> {
                 .iter()
                 .flatten()
                 .map(|s| tls(&s.spiffe_id, s))
-                .chain(
-                    self.bundles
-                        .iter()
-                        .map(|b| trusted_ca(&format!("spiffe://{}", b.trust_domain), b)),
-                );
+                .chain(self.bundles.iter().map(|b| {
+                    trusted_ca(
+                        &meshid_identity::spiffe_id::trust_domain_id(&b.trust_domain),
+                        b,
+                    )
+                }));
             out.resources = secrets.map(|s| pack(&s)).collect();
             return out;
         }

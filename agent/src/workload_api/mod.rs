@@ -1,0 +1,289 @@
+//! The standard SPIFFE Workload API on a Unix socket.
+//!
+//! Each call is attested from the caller's peer credentials; a call without
+//! the `workload.spiffe.io: true` header is refused with InvalidArgument, a
+//! caller with no matching entry with PermissionDenied. Streams send the full
+//! current state at once and again on every change (rotation, entry change,
+//! bundle change); an identical consecutive message is not re-sent.
+//!
+//! `conn.rs`: the connection and its caller; `selection.rs`: which entries
+//! can be served; `x509.rs` and `jwt.rs`: the calls of each kind.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshid_identity::spiffe_id;
+use meshid_proto::types::{Bundle, Entry, Selector};
+use meshid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
+use meshid_proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svidRequest,
+    X509svidResponse,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::agent::Agent;
+use crate::attest::{UnixAttestor, WorkloadAttestor};
+use crate::cache::Snapshot;
+use crate::jwt_svids::JwtSvids;
+use crate::metrics::{OutcomeLabels, RpcLabels};
+
+mod conn;
+mod jwt;
+mod selection;
+mod x509;
+
+pub use crate::jwt_svids::JWT_CACHE_CAPACITY;
+pub use conn::{CallerConn, Peer};
+pub use jwt::{MAX_AUDIENCE_BYTES, MAX_AUDIENCE_TOTAL_BYTES, MAX_AUDIENCES};
+use selection::Drops;
+
+/// The Workload API service.
+pub struct WorkloadApi {
+    agent: Arc<Agent>,
+    attestor: Arc<dyn WorkloadAttestor>,
+    jwt_svids: JwtSvids,
+    drops: Arc<Drops>,
+}
+
+impl std::fmt::Debug for WorkloadApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkloadApi")
+    }
+}
+
+impl WorkloadApi {
+    /// The agent whose snapshots this service serves.
+    pub(crate) fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+
+    /// A service over the agent's snapshots, attesting with the unix attestor.
+    pub fn new(agent: Arc<Agent>) -> Self {
+        Self::with_attestor(agent, Arc::new(UnixAttestor::default()))
+    }
+
+    /// A service attesting callers with `attestor`.
+    pub fn with_attestor(agent: Arc<Agent>, attestor: Arc<dyn WorkloadAttestor>) -> Self {
+        let drops = Arc::new(Drops {
+            seen: Mutex::new(HashSet::new()),
+            metric: agent.metrics.entries_dropped.clone(),
+        });
+        let jwt_svids = JwtSvids::new(agent.node.clone(), agent.clock.clone(), JWT_CACHE_CAPACITY);
+        Self {
+            agent,
+            attestor,
+            jwt_svids,
+            drops,
+        }
+    }
+
+    pub(crate) fn count(&self, rpc: &'static str, r: &Result<(), Status>) {
+        let code = match r {
+            Ok(()) => "ok".to_string(),
+            Err(s) => format!("{:?}", s.code()).to_lowercase(),
+        };
+        self.agent
+            .metrics
+            .requests
+            .get_or_create(&RpcLabels { rpc, code })
+            .inc();
+    }
+
+    /// Header check and attestation: the caller's selectors, and the peer
+    /// for streams to re-check.
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<(Vec<Selector>, Peer), Status> {
+        let ok = req
+            .metadata()
+            .get("workload.spiffe.io")
+            .and_then(|v| v.to_str().ok())
+            == Some("true");
+        if !ok {
+            return Err(Status::invalid_argument(
+                "security header missing from request",
+            ));
+        }
+        self.attest_peer(req.extensions().get::<Option<Peer>>().cloned().flatten())
+            .await
+    }
+
+    /// Attestation of the caller from its kernel credentials alone (no
+    /// security header): its selectors, and the peer for streams to re-check.
+    pub(crate) async fn attest_peer(
+        &self,
+        peer: Option<Peer>,
+    ) -> Result<(Vec<Selector>, Peer), Status> {
+        let peer =
+            peer.ok_or_else(|| Status::permission_denied("no peer credentials for caller"))?;
+        let res = match peer.check() {
+            Ok(caller) => {
+                let attestor = self.attestor.clone();
+                tokio::task::spawn_blocking(move || attestor.attest(&caller))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+            }
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(s) => Ok((s, peer)),
+            Err(e) => {
+                self.agent
+                    .metrics
+                    .attestations
+                    .get_or_create(&OutcomeLabels { outcome: e.label() })
+                    .inc();
+                tracing::info!(uid = peer.caller.uid, pid = ?peer.caller.pid, error = %e, "workload attestation failed");
+                Err(Status::permission_denied(format!(
+                    "workload attestation failed: {e}"
+                )))
+            }
+        }
+    }
+
+    pub(crate) fn entitled<'a>(
+        &self,
+        snap: &'a Snapshot,
+        selectors: &[Selector],
+    ) -> Vec<&'a Entry> {
+        self.drops.servable(snap, selectors)
+    }
+
+    pub(crate) fn bundles_for<'a>(snap: &'a Snapshot, entries: &[&Entry]) -> Vec<&'a Bundle> {
+        let mut out: Vec<&Bundle> = snap.bundle.iter().collect();
+        let mut seen = HashSet::new();
+        for e in entries {
+            for td in &e.federates_with {
+                let name = spiffe_id::strip_scheme(td);
+                if seen.insert(name.to_string())
+                    && let Some(b) = snap.federated.get(name)
+                {
+                    out.push(b);
+                }
+            }
+        }
+        out
+    }
+
+    /// Streams `build(snapshot)` to the caller on every change, skipping
+    /// identical consecutive messages. `build` returning `Err` ends the stream.
+    fn stream<T, F>(
+        &self,
+        (selectors, peer): (Vec<Selector>, Peer),
+        build: F,
+    ) -> ReceiverStream<Result<T, Status>>
+    where
+        T: prost::Message + Send + 'static,
+        F: Fn(&Snapshot, &[&Entry], &Drops) -> Result<Option<T>, Status> + Send + 'static,
+    {
+        let mut rx = self.agent.snapshot.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel(4);
+        let drops = self.drops.clone();
+        tokio::spawn(async move {
+            let mut last: Option<Vec<u8>> = None;
+            let started = tokio::time::Instant::now();
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                let entries = drops.servable(&snap, &selectors);
+                let msg = if entries.is_empty() {
+                    Err(Status::permission_denied(
+                        "no identity issued to this caller",
+                    ))
+                } else {
+                    build(&snap, &entries, &drops)
+                };
+                match msg {
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                    Ok(Some(m)) => {
+                        let bytes = m.encode_to_vec();
+                        if last.as_ref() != Some(&bytes) {
+                            // Still the process, and the executable, that
+                            // was attested.
+                            if let Err(e) = peer.verify() {
+                                tracing::info!(pid = ?peer.caller.pid, error = %e, "Workload API stream ended: caller changed");
+                                let _ = tx
+                                    .send(Err(Status::permission_denied(format!(
+                                        "workload attestation failed: {e}"
+                                    ))))
+                                    .await;
+                                return;
+                            }
+                            if tx.send(Ok(m)).await.is_err() {
+                                return;
+                            }
+                            last = Some(bytes);
+                        }
+                    }
+                    Ok(None) => {
+                        // Entitled, but nothing minted yet: wait for the cache.
+                        if last.is_none() && started.elapsed() > Duration::from_secs(30) {
+                            let _ = tx
+                                .send(Err(Status::unavailable("SVIDs are not yet available")))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                    () = tokio::time::sleep(Duration::from_secs(5)), if last.is_none() => {},
+                }
+            }
+        });
+        ReceiverStream::new(out)
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ReceiverStream<Result<X509svidResponse, Status>>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        self.fetch_x509svid_stream(req).await
+    }
+
+    type FetchX509BundlesStream = ReceiverStream<Result<X509BundlesResponse, Status>>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        self.fetch_x509_bundles_stream(req).await
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        let res = self.fetch_jwt_inner(req).await;
+        self.count(
+            "FetchJWTSVID",
+            &res.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
+        res.map(Response::new)
+    }
+
+    type FetchJWTBundlesStream = ReceiverStream<Result<JwtBundlesResponse, Status>>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        self.fetch_jwt_bundles_stream(req).await
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        self.validate_jwtsvid_inner(req).await
+    }
+}
