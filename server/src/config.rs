@@ -280,6 +280,9 @@ pub struct ServerConfig {
     /// `[admin_certs]`: `meshid server x509 mint` policy and the CRL.
     #[serde(default)]
     pub admin_certs: crate::admin_certs::AdminCertsConfig,
+    /// `[safe_ops]`: plans, approvals, blast-radius limits and undo.
+    #[serde(default)]
+    pub safe_ops: crate::safe_ops::SafeOpsConfig,
 }
 
 /// `[node_api]`: what one node API listener holds at most. A connection
@@ -508,6 +511,7 @@ impl ServerConfig {
         self.admin_certs
             .validate(&self.trust_domain)
             .map_err(ConfigError::Invalid)?;
+        self.safe_ops.validate().map_err(ConfigError::Invalid)?;
         if meshid_identity::spiffe_id::strip_scheme(&self.trust_domain) != self.trust_domain {
             return Err(ConfigError::Invalid(
                 "trust_domain is a name like \"example.org\", without spiffe://".into(),

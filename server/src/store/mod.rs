@@ -14,6 +14,7 @@
 pub mod migrate;
 pub mod postgres;
 pub mod revocations;
+pub mod safe_ops;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -22,6 +23,7 @@ use tokio::sync::watch;
 
 pub use postgres::{PostgresOptions, PostgresStore, SslMode, StoreStats};
 pub use revocations::RevokedCert;
+pub use safe_ops::SafeOpsStore;
 pub use sqlite::SqliteStore;
 
 /// Storage failures.
@@ -199,7 +201,7 @@ pub struct AuditSeal {
 
 /// Everything the server persists. Every multi-row change is atomic.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: SafeOpsStore + Send + Sync + 'static {
     /// Creates an entry. Refuses a duplicate (same SPIFFE ID, parent and
     /// selector set).
     async fn create_entry(&self, entry: &Entry) -> Result<(), StoreError>;

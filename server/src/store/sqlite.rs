@@ -19,6 +19,9 @@ use tokio::sync::watch;
 
 use meshid_proto::types::{Authority, Bundle, Entry};
 
+#[path = "safe_ops_sqlite.rs"]
+mod safe_ops;
+
 use super::{
     AgentRecord, AuditSeal, EntryFilter, IssuedRecord, IssuedSummary, JoinTokenRecord, Store,
     StoreError, renew_refusal,

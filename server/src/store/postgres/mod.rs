@@ -15,6 +15,7 @@
 
 mod changes;
 mod options;
+mod safe_ops;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
