@@ -50,13 +50,11 @@ fn change_id(applied: &str) -> String {
 }
 
 fn changes(server: &Server) -> Vec<serde_json::Value> {
-    serde_json::from_str::<serde_json::Value>(&server.ok(&[
-        "changes", "list", "--output", "json",
-    ]))
-    .expect("json")
-    .as_array()
-    .expect("array")
-    .clone()
+    serde_json::from_str::<serde_json::Value>(&server.ok(&["changes", "list", "--output", "json"]))
+        .expect("json")
+        .as_array()
+        .expect("array")
+        .clone()
 }
 
 #[test]
@@ -117,7 +115,10 @@ fn stale_plans_are_refused_and_wide_deletes_need_yes() {
     assert_eq!(list[0]["actor"], "uid:0");
     assert_eq!(list[0]["undone"], false);
     let table = server.ok(&["changes", "list"]);
-    assert!(table.contains(&id) && table.contains("entry_delete"), "{table}");
+    assert!(
+        table.contains(&id) && table.contains("entry_delete"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -207,7 +208,11 @@ async fn undo_restores_a_deleted_entry_to_its_workload() {
         "workload.spiffe.io",
         tonic::metadata::MetadataValue::from_static("true"),
     );
-    let mut stream = client.fetch_x509svid(req).await.expect("stream").into_inner();
+    let mut stream = client
+        .fetch_x509svid(req)
+        .await
+        .expect("stream")
+        .into_inner();
     let both = svid_ids(&mut stream, 2).await;
     assert_eq!(
         both,
@@ -219,9 +224,15 @@ async fn undo_restores_a_deleted_entry_to_its_workload() {
     let plan = server.dir.path().join("db.plan");
     let shown = server.ok(&["entry", "delete", &db, "--plan", path(&plan)]);
     assert!(shown.contains("live SVIDs affected: 1"), "{shown}");
-    assert!(shown.contains(&format!("spiffe://{TD}/node/n1")) || shown.contains("affected agents (1)"), "{shown}");
+    assert!(
+        shown.contains(&format!("spiffe://{TD}/node/n1")) || shown.contains("affected agents (1)"),
+        "{shown}"
+    );
     let id = change_id(&server.ok(&["apply", path(&plan), "--yes"]));
-    assert_eq!(svid_ids(&mut stream, 1).await, [format!("spiffe://{TD}/web")]);
+    assert_eq!(
+        svid_ids(&mut stream, 1).await,
+        [format!("spiffe://{TD}/web")]
+    );
 
     let undone = server.ok(&["undo", &id]);
     assert!(undone.contains("restored 1 entries"), "{undone}");
@@ -239,4 +250,44 @@ async fn undo_restores_a_deleted_entry_to_its_workload() {
     let out = server.cli(&["undo", &id]);
     assert!(!out.status.success());
     assert!(text(&out).contains("undone already"), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evictions_are_undone_and_bans_are_not() {
+    let server = Server::start("");
+    let _agent = agent_with_workloads(&server, "n1", &["web"], None);
+    let agents = server.ok(&["agent", "list", "--output", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&agents).expect("json");
+    let agent_id = list[0]["spiffe_id"].as_str().expect("agent").to_string();
+    let web = entry_id(&server, "web");
+
+    let plan = server.dir.path().join("evict.plan");
+    let shown = server.ok(&["agent", "evict", &agent_id, "--plan", path(&plan)]);
+    assert!(shown.contains(&web), "affected entry listed: {shown}");
+    assert!(
+        shown.contains("over the blast-radius limit"),
+        "1 of 1 agents: {shown}"
+    );
+    let id = change_id(&server.ok(&["apply", path(&plan), "--yes"]));
+    let gone: serde_json::Value =
+        serde_json::from_str(&server.ok(&["agent", "list", "--output", "json"])).expect("json");
+    assert_eq!(gone.as_array().expect("array").len(), 0);
+    server.ok(&["undo", &id]);
+    assert_eq!(
+        server.ok(&["agent", "list", "--output", "json"]),
+        agents,
+        "the agent row is back as it was"
+    );
+
+    let plan = server.dir.path().join("ban.plan");
+    server.ok(&["agent", "ban", &agent_id, "--plan", path(&plan)]);
+    let id = change_id(&server.ok(&["apply", path(&plan), "--yes"]));
+    let out = server.cli(&["undo", &id]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("cannot be undone"), "{}", text(&out));
+    let kinds: Vec<String> = changes(&server)
+        .iter()
+        .map(|c| c["kind"].as_str().expect("kind").to_string())
+        .collect();
+    assert_eq!(kinds, ["agent_ban", "agent_evict"]);
 }

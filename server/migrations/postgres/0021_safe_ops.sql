@@ -26,7 +26,9 @@ CREATE TABLE changes (
     counts      TEXT NOT NULL,
     -- undo is possible until then (0: never)
     undo_until  BIGINT NOT NULL,
-    undone_at   BIGINT NOT NULL DEFAULT 0
+    undone_at   BIGINT NOT NULL DEFAULT 0,
+    -- insertion order (SQLite's rowid)
+    seq         BIGINT GENERATED ALWAYS AS IDENTITY
 );
 CREATE INDEX changes_created_at ON changes(created_at);
 CREATE TABLE recycle (

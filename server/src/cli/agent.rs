@@ -23,7 +23,8 @@ pub(super) enum AgentCmd {
         spiffe_id: String,
         /// Show what would change; change nothing.
         #[arg(long)]
-        dry_run: bool,        /// Save a plan of the change to FILE (what it touches, bound to the
+        dry_run: bool,
+        /// Save a plan of the change to FILE (what it touches, bound to the
         /// store's state) and change nothing; `meshid server apply FILE` runs it.
         #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
         plan: Option<std::path::PathBuf>,
@@ -36,7 +37,8 @@ pub(super) enum AgentCmd {
         spiffe_id: String,
         /// Show what would change; change nothing.
         #[arg(long)]
-        dry_run: bool,        /// Save a plan of the change to FILE (what it touches, bound to the
+        dry_run: bool,
+        /// Save a plan of the change to FILE (what it touches, bound to the
         /// store's state) and change nothing; `meshid server apply FILE` runs it.
         #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
         plan: Option<std::path::PathBuf>,

@@ -56,7 +56,8 @@ pub(super) enum BundleCmd {
         trust_domain: String,
         /// Show what would change; change nothing.
         #[arg(long)]
-        dry_run: bool,        /// Save a plan of the change to FILE (what it touches, bound to the
+        dry_run: bool,
+        /// Save a plan of the change to FILE (what it touches, bound to the
         /// store's state) and change nothing; `meshid server apply FILE` runs it.
         #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
         plan: Option<std::path::PathBuf>,

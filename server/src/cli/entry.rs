@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
+use meshid_proto::admin::plan_change_request::Operation;
 use meshid_proto::admin::{
     CreateEntryRequest, DeleteEntriesRequest, EntryFilter, GetEntryRequest, ListEntriesRequest,
     UpdateEntryRequest,
 };
-use meshid_proto::admin::plan_change_request::Operation;
 use meshid_proto::types::{Entry, Selector};
 use serde_json::json;
 
@@ -394,11 +394,7 @@ pub(super) async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
                 return super::safe_ops::plan(&admin, Operation::DeleteEntries(req), &file).await;
             }
             let mut c = admin_client(&admin.admin_socket).await?;
-            let r = c
-                .delete_entries(req)
-                .await
-                .map_err(status)?
-                .into_inner();
+            let r = c.delete_entries(req).await.map_err(status)?.into_inner();
             let n = r.entries.len();
             let verb = if dry_run { "Would delete" } else { "Deleted" };
             println!("{verb} {n} entr{}:", if n == 1 { "y" } else { "ies" });

@@ -8,8 +8,7 @@ use anyhow::Context as _;
 use meshid_proto::admin::admin_safe_ops_client::AdminSafeOpsClient;
 use meshid_proto::admin::plan_change_request::Operation;
 use meshid_proto::admin::{
-    ApplyPlanRequest, ApprovePlanRequest, ListChangesRequest, PlanChangeRequest,
-    UndoChangeRequest,
+    ApplyPlanRequest, ApprovePlanRequest, ListChangesRequest, PlanChangeRequest, UndoChangeRequest,
 };
 use serde_json::json;
 

@@ -190,12 +190,16 @@ pub fn moved(plan: &Plan, now: &[(String, Option<String>)]) -> Vec<String> {
     plan.touched
         .iter()
         .filter_map(|t| {
-            let current = now.iter().find(|(id, _)| id == &t.id).and_then(|(_, f)| f.as_ref());
+            let current = now
+                .iter()
+                .find(|(id, _)| id == &t.id)
+                .and_then(|(_, f)| f.as_ref());
             match current {
                 None => Some(format!("{} {} no longer exists", t.kind, t.id)),
-                Some(f) if f != &t.fingerprint => {
-                    Some(format!("{} {} changed since the plan was made", t.kind, t.id))
-                }
+                Some(f) if f != &t.fingerprint => Some(format!(
+                    "{} {} changed since the plan was made",
+                    t.kind, t.id
+                )),
                 Some(_) => None,
             }
         })

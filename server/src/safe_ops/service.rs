@@ -60,9 +60,16 @@ impl SafeOps {
                 .store
                 .get_agent(&r.spiffe_id)
                 .await?
-                .ok_or_else(|| Status::not_found(format!("agent {} does not exist", r.spiffe_id)))?;
-            let r = AgentActionRequest { dry_run: true, ..r };
-            let resp = admin.evict_agent(Request::new(r)).await?.into_inner();
+                .ok_or_else(|| {
+                    Status::not_found(format!("agent {} does not exist", r.spiffe_id))
+                })?;
+            let r = Request::new(AgentActionRequest { dry_run: true, ..r });
+            let resp = if kind == Kind::AgentBan {
+                admin.ban_agent(r).await?
+            } else {
+                admin.evict_agent(r).await?
+            }
+            .into_inner();
             Ok::<_, Status>(Selection {
                 kind,
                 touched: vec![plan::touched_agent(&agent)],
@@ -282,11 +289,17 @@ impl SafeOps {
             match t.kind.as_str() {
                 "agent" => out.push((
                     t.id.clone(),
-                    store.get_agent(&t.id).await?.map(|a| plan::agent_fingerprint(&a)),
+                    store
+                        .get_agent(&t.id)
+                        .await?
+                        .map(|a| plan::agent_fingerprint(&a)),
                 )),
                 "bundle" => out.push((
                     t.id.clone(),
-                    store.get_bundle(&t.id).await?.map(|b| plan::bundle_fingerprint(&b)),
+                    store
+                        .get_bundle(&t.id)
+                        .await?
+                        .map(|b| plan::bundle_fingerprint(&b)),
                 )),
                 _ => {}
             }
@@ -383,7 +396,10 @@ impl SafeOps {
                     .with("author", p.author.clone())
                     .with(
                         "approvers",
-                        approvals.into_iter().map(|a| a.approver).collect::<Vec<_>>(),
+                        approvals
+                            .into_iter()
+                            .map(|a| a.approver)
+                            .collect::<Vec<_>>(),
                     ),
             ],
         )

@@ -38,7 +38,11 @@ fn agent_to_json(a: &AgentRecord) -> Vec<u8> {
 fn agent_from_json(data: &[u8]) -> Result<AgentRecord, Status> {
     let corrupt = |m: String| Status::internal(format!("recycled agent row: {m}"));
     let v: serde_json::Value = serde_json::from_slice(data).map_err(|e| corrupt(e.to_string()))?;
-    let s = |k: &str| v[k].as_str().map(str::to_string).ok_or_else(|| corrupt(k.into()));
+    let s = |k: &str| {
+        v[k].as_str()
+            .map(str::to_string)
+            .ok_or_else(|| corrupt(k.into()))
+    };
     let i = |k: &str| v[k].as_i64().ok_or_else(|| corrupt(k.into()));
     Ok(AgentRecord {
         spiffe_id: s("spiffe_id")?,
@@ -47,7 +51,8 @@ fn agent_from_json(data: &[u8]) -> Result<AgentRecord, Status> {
         prev_serial: s("prev_serial")?,
         expires_at: i("expires_at")?,
         banned: v["banned"].as_bool().unwrap_or(false),
-        aliases: serde_json::from_value(v["aliases"].clone()).map_err(|e| corrupt(e.to_string()))?,
+        aliases: serde_json::from_value(v["aliases"].clone())
+            .map_err(|e| corrupt(e.to_string()))?,
         attested_at: i("attested_at")?,
     })
 }

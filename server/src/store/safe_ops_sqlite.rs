@@ -37,11 +37,12 @@ impl SafeOpsStore for SqliteStore {
     }
 
     async fn mark_plan_applied(&self, id: &str, change_id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("UPDATE plans SET applied_change = ? WHERE id = ? AND applied_change = ''")
-            .bind(change_id)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        let r =
+            sqlx::query("UPDATE plans SET applied_change = ? WHERE id = ? AND applied_change = ''")
+                .bind(change_id)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -67,7 +68,11 @@ impl SafeOpsStore for SqliteStore {
         .await?)
     }
 
-    async fn record_change(&self, c: &ChangeRow, recycled: &[RecycleRow]) -> Result<(), StoreError> {
+    async fn record_change(
+        &self,
+        c: &ChangeRow,
+        recycled: &[RecycleRow],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO changes (id, kind, actor, created_at, counts, undo_until, undone_at)

@@ -27,9 +27,21 @@ pub(super) async fn safe_ops_plans_changes_recycle(db: Db) {
         approver: who.into(),
         approved_at: 11,
     };
-    assert!(s.add_plan_approval(&approval("uid:1")).await.expect("approve"));
-    assert!(!s.add_plan_approval(&approval("uid:1")).await.expect("again"));
-    assert!(s.add_plan_approval(&approval("uid:2")).await.expect("second"));
+    assert!(
+        s.add_plan_approval(&approval("uid:1"))
+            .await
+            .expect("approve")
+    );
+    assert!(
+        !s.add_plan_approval(&approval("uid:1"))
+            .await
+            .expect("again")
+    );
+    assert!(
+        s.add_plan_approval(&approval("uid:2"))
+            .await
+            .expect("second")
+    );
     let who: Vec<String> = s
         .list_plan_approvals("p1")
         .await
@@ -42,7 +54,11 @@ pub(super) async fn safe_ops_plans_changes_recycle(db: Db) {
     assert!(s.mark_plan_applied("p1", "c1").await.expect("apply"));
     assert!(!s.mark_plan_applied("p1", "c2").await.expect("applied once"));
     assert_eq!(
-        s.get_plan("p1").await.expect("get").expect("plan").applied_change,
+        s.get_plan("p1")
+            .await
+            .expect("get")
+            .expect("plan")
+            .applied_change,
         "c1"
     );
 
@@ -62,17 +78,29 @@ pub(super) async fn safe_ops_plans_changes_recycle(db: Db) {
         data: vec![1, 2, 3, 0, 255],
         expires_at: 200,
     };
-    s.record_change(&change("c1", 12), &[recycled("c1", "e1"), recycled("c1", "e2")])
+    s.record_change(
+        &change("c1", 12),
+        &[recycled("c1", "e1"), recycled("c1", "e2")],
+    )
+    .await
+    .expect("record");
+    s.record_change(&change("c2", 13), &[])
         .await
-        .expect("record");
-    s.record_change(&change("c2", 13), &[]).await.expect("record 2");
+        .expect("record 2");
     // A change whose recycled rows fail to insert is not recorded at all.
     assert!(
-        s.record_change(&change("c3", 14), &[recycled("c3", "x"), recycled("c3", "x")])
-            .await
-            .is_err()
+        s.record_change(
+            &change("c3", 14),
+            &[recycled("c3", "x"), recycled("c3", "x")]
+        )
+        .await
+        .is_err()
     );
     assert_eq!(s.get_change("c3").await.expect("get"), None);
+    // Within one second, the later change is listed first ("a" < "c2").
+    s.record_change(&change("a", 13), &[])
+        .await
+        .expect("record a");
     let listed: Vec<String> = s
         .list_changes(10)
         .await
@@ -80,14 +108,18 @@ pub(super) async fn safe_ops_plans_changes_recycle(db: Db) {
         .into_iter()
         .map(|c| c.id)
         .collect();
-    assert_eq!(listed, ["c2", "c1"], "newest first");
+    assert_eq!(listed, ["a", "c2", "c1"], "newest first");
     assert_eq!(s.list_changes(1).await.expect("limit").len(), 1);
     let rows = s.list_recycled("c1").await.expect("recycled");
     assert_eq!(rows, [recycled("c1", "e1"), recycled("c1", "e2")]);
     assert!(s.mark_change_undone("c1", 50).await.expect("undo"));
     assert!(!s.mark_change_undone("c1", 51).await.expect("undone once"));
     assert_eq!(
-        s.get_change("c1").await.expect("get").expect("change").undone_at,
+        s.get_change("c1")
+            .await
+            .expect("get")
+            .expect("change")
+            .undone_at,
         50
     );
 

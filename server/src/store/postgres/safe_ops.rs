@@ -33,11 +33,13 @@ impl SafeOpsStore for PostgresStore {
     }
 
     async fn mark_plan_applied(&self, id: &str, change_id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("UPDATE plans SET applied_change = $1 WHERE id = $2 AND applied_change = ''")
-            .bind(change_id)
-            .bind(id)
-            .execute(self.pool_ref())
-            .await?;
+        let r = sqlx::query(
+            "UPDATE plans SET applied_change = $1 WHERE id = $2 AND applied_change = ''",
+        )
+        .bind(change_id)
+        .bind(id)
+        .execute(self.pool_ref())
+        .await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -63,7 +65,11 @@ impl SafeOpsStore for PostgresStore {
         .await?)
     }
 
-    async fn record_change(&self, c: &ChangeRow, recycled: &[RecycleRow]) -> Result<(), StoreError> {
+    async fn record_change(
+        &self,
+        c: &ChangeRow,
+        recycled: &[RecycleRow],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool_ref().begin().await?;
         sqlx::query(
             "INSERT INTO changes (id, kind, actor, created_at, counts, undo_until, undone_at)
@@ -97,7 +103,7 @@ impl SafeOpsStore for PostgresStore {
 
     async fn list_changes(&self, limit: i64) -> Result<Vec<ChangeRow>, StoreError> {
         Ok(
-            sqlx::query_as("SELECT * FROM changes ORDER BY created_at DESC, id DESC LIMIT $1")
+            sqlx::query_as("SELECT id, kind, actor, created_at, counts, undo_until, undone_at FROM changes ORDER BY created_at DESC, seq DESC LIMIT $1")
                 .bind(limit)
                 .fetch_all(self.pool_ref())
                 .await?,
@@ -105,7 +111,7 @@ impl SafeOpsStore for PostgresStore {
     }
 
     async fn get_change(&self, id: &str) -> Result<Option<ChangeRow>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM changes WHERE id = $1")
+        Ok(sqlx::query_as("SELECT id, kind, actor, created_at, counts, undo_until, undone_at FROM changes WHERE id = $1")
             .bind(id)
             .fetch_optional(self.pool_ref())
             .await?)
@@ -113,10 +119,12 @@ impl SafeOpsStore for PostgresStore {
 
     async fn list_recycled(&self, change_id: &str) -> Result<Vec<RecycleRow>, StoreError> {
         Ok(
-            sqlx::query_as("SELECT * FROM recycle WHERE change_id = $1 ORDER BY item_kind, item_id")
-                .bind(change_id)
-                .fetch_all(self.pool_ref())
-                .await?,
+            sqlx::query_as(
+                "SELECT * FROM recycle WHERE change_id = $1 ORDER BY item_kind, item_id",
+            )
+            .bind(change_id)
+            .fetch_all(self.pool_ref())
+            .await?,
         )
     }
 
