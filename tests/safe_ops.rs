@@ -130,6 +130,14 @@ fn approval_must_come_from_another_admin_and_is_audited() {
     let shown = server.ok(&["entry", "delete", &a, "--plan", path(&plan)]);
     assert!(shown.contains("approve"), "{shown}");
 
+    // A direct delete would bypass the approval: refused (a dry run is not).
+    let out = server.cli(&["entry", "delete", &a]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("require_approval"), "{}", text(&out));
+    server.ok(&["entry", "delete", &a, "--dry-run"]);
+    let out = server.cli_as(NOBODY, &["agent", "evict", "spiffe://example.org/x"]);
+    assert!(text(&out).contains("require_approval"), "{}", text(&out));
+
     // Not approved yet: apply refuses.
     let out = server.cli(&["apply", path(&plan)]);
     assert!(!out.status.success());

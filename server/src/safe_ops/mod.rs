@@ -46,3 +46,32 @@ pub(crate) async fn audit(st: &ServerState, events: Vec<Event>) -> Result<(), St
         .await
         .map_err(|e| Status::internal(e.to_string()))
 }
+
+/// Marks an admin API request made by [`SafeOps`] while applying a plan
+/// (a request extension: never set by anything arriving on the socket).
+#[derive(Debug, Clone, Copy)]
+pub struct Planned;
+
+/// A request carrying the [`Planned`] mark.
+pub(crate) fn planned<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.extensions_mut().insert(Planned);
+    r
+}
+
+/// Whether an admin API request comes from applying a plan.
+pub fn is_planned<T>(req: &tonic::Request<T>) -> bool {
+    req.extensions().get::<Planned>().is_some()
+}
+
+/// With `require_approval`, a destructive admin call that is not a dry run
+/// must come from an approved plan: a direct call would bypass the approval.
+pub fn refuse_unplanned(st: &ServerState, planned: bool, dry_run: bool) -> Result<(), Status> {
+    if st.config.safe_ops.require_approval && !planned && !dry_run {
+        return Err(Status::failed_precondition(
+            "[safe_ops] require_approval is on: make a plan with --plan FILE, have another \
+             admin approve it (`meshid server approve FILE`), then `meshid server apply FILE`",
+        ));
+    }
+    Ok(())
+}

@@ -385,6 +385,10 @@ impl SafeOps {
             let _ = st.store.mark_change_undone(&change_id, now).await;
             return Err(e);
         }
+        // What older changes removed is kept no longer than their undo window.
+        if let Err(e) = st.store.purge_recycled(now).await {
+            tracing::warn!(error = %e, "purging the recycle area failed; retried at the next apply");
+        }
         audit(
             st,
             vec![
@@ -419,14 +423,14 @@ impl SafeOps {
                 }
                 let ids = p.touched.iter().map(|t| t.id.clone()).collect();
                 admin
-                    .delete_entries(Request::new(DeleteEntriesRequest {
+                    .delete_entries(super::planned(DeleteEntriesRequest {
                         ids,
                         ..DeleteEntriesRequest::default()
                     }))
                     .await?;
             }
             Kind::AgentBan | Kind::AgentEvict => {
-                let r = Request::new(AgentActionRequest {
+                let r = super::planned(AgentActionRequest {
                     spiffe_id: first,
                     dry_run: false,
                 });
@@ -438,7 +442,7 @@ impl SafeOps {
             }
             Kind::BundleDelete => {
                 admin
-                    .delete_federated_bundle(Request::new(DeleteFederatedBundleRequest {
+                    .delete_federated_bundle(super::planned(DeleteFederatedBundleRequest {
                         trust_domain: first,
                         dry_run: false,
                     }))

@@ -100,6 +100,9 @@ pub trait SafeOpsStore: Send + Sync {
     async fn list_recycled(&self, change_id: &str) -> Result<Vec<RecycleRow>, StoreError>;
     /// Marks a change undone at `at`; `false` if it was undone already.
     async fn mark_change_undone(&self, id: &str, at: i64) -> Result<bool, StoreError>;
+    /// Deletes recycled rows whose undo window ended before `now`; returns
+    /// how many.
+    async fn purge_recycled(&self, now: i64) -> Result<u64, StoreError>;
     /// Live certificates (as [`super::Store::live_issued_by`] means it) at
     /// `now` issued for one of `entry_ids` or to one of `agent_ids`.
     async fn count_live_issued(

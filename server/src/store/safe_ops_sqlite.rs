@@ -138,6 +138,14 @@ impl SafeOpsStore for SqliteStore {
         Ok(r.rows_affected() == 1)
     }
 
+    async fn purge_recycled(&self, now: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query("DELETE FROM recycle WHERE expires_at < ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
     async fn count_live_issued(
         &self,
         entry_ids: &[String],

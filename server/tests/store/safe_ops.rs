@@ -112,6 +112,10 @@ pub(super) async fn safe_ops_plans_changes_recycle(db: Db) {
     assert_eq!(s.list_changes(1).await.expect("limit").len(), 1);
     let rows = s.list_recycled("c1").await.expect("recycled");
     assert_eq!(rows, [recycled("c1", "e1"), recycled("c1", "e2")]);
+    // Kept until their undo window ends (expires_at 200), then purged.
+    assert_eq!(s.purge_recycled(200).await.expect("purge"), 0);
+    assert_eq!(s.purge_recycled(201).await.expect("purge"), 2);
+    assert!(s.list_recycled("c1").await.expect("recycled").is_empty());
     assert!(s.mark_change_undone("c1", 50).await.expect("undo"));
     assert!(!s.mark_change_undone("c1", 51).await.expect("undone once"));
     assert_eq!(

@@ -137,6 +137,14 @@ impl SafeOpsStore for PostgresStore {
         Ok(r.rows_affected() == 1)
     }
 
+    async fn purge_recycled(&self, now: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query("DELETE FROM recycle WHERE expires_at < $1")
+            .bind(now)
+            .execute(self.pool_ref())
+            .await?;
+        Ok(r.rows_affected())
+    }
+
     async fn count_live_issued(
         &self,
         entry_ids: &[String],
