@@ -299,3 +299,18 @@ async fn evictions_are_undone_and_bans_are_not() {
         .collect();
     assert_eq!(kinds, ["agent_ban", "agent_evict"]);
 }
+
+#[test]
+fn plans_expire_after_plan_ttl() {
+    let server = Server::start("[safe_ops]\nplan_ttl = \"1s\"\n");
+    register_node(&server, "n1", &["a"], None);
+    let a = entry_id(&server, "a");
+    let plan = server.dir.path().join("a.plan");
+    server.ok(&["entry", "delete", &a, "--plan", path(&plan)]);
+    // Expiry is wall-clock time in whole seconds: nothing to wait on but it.
+    std::thread::sleep(Duration::from_millis(2100));
+    let out = server.cli(&["apply", path(&plan), "--yes"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("expired"), "{}", text(&out));
+    entry_id(&server, "a");
+}

@@ -43,6 +43,8 @@ pub struct Server {
     pub node_addr: String,
     pub metrics_addr: String,
     child: Option<Child>,
+    /// The uid the server runs as, when not the tests' own.
+    uid: Option<u32>,
 }
 
 /// Writes a server config into `dir` with `extra` TOML appended.
@@ -113,6 +115,7 @@ impl Server {
             node_addr: String::new(),
             metrics_addr: String::new(),
             child: Some(child),
+            uid,
         };
         let health: serde_json::Value =
             wait_for("server readiness", Duration::from_secs(30), || {
@@ -206,9 +209,13 @@ impl Server {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .expect("log");
+        let mut cmd = meshid();
+        if let Some(uid) = self.uid {
+            use std::os::unix::process::CommandExt as _;
+            cmd.uid(uid).gid(uid);
+        }
         self.child = Some(
-            meshid()
-                .args(["server", "run", "--config"])
+            cmd.args(["server", "run", "--config"])
                 .arg(&self.config)
                 .stdout(Stdio::null())
                 .stderr(log)
