@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/meshid/node.proto",
         "proto/meshid/admin.proto",
         "proto/meshid/admin_x509.proto",
+        "proto/meshid/admin_safe_ops.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -40,7 +40,7 @@ fn reported_rows(out: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-const TABLES: [&str; 8] = [
+const TABLES: [&str; 12] = [
     "entries",
     "agents",
     "bundles",
@@ -49,6 +49,10 @@ const TABLES: [&str; 8] = [
     "issued_certs",
     "audit_seals",
     "revoked_certs",
+    "plans",
+    "plan_approvals",
+    "changes",
+    "recycle",
 ];
 
 fn target_rows(srv: &pg::PgServer, db: &str) -> BTreeMap<String, u64> {
@@ -144,6 +148,16 @@ async fn sqlite_store_moves_to_postgres() {
     let entries_before = server.ok(&["entry", "list", "--output", "json"]);
     let agents_before = server.ok(&["agent", "list", "--output", "json"]);
     let bundle_before = server.bundle_pem();
+    // A plan made on SQLite is applied on PostgreSQL after the copy.
+    let plan = server.dir.path().join("partner.plan");
+    server.ok(&[
+        "bundle",
+        "delete",
+        "--trust-domain",
+        "partner.org",
+        "--plan",
+        plan.to_str().expect("utf-8"),
+    ]);
     agent.stop();
     server.stop();
 
@@ -168,6 +182,7 @@ async fn sqlite_store_moves_to_postgres() {
     assert_eq!(rows["agents"], 1);
     assert_eq!(rows["bundles"], 2);
     assert_eq!(rows["join_tokens"], 1, "the unused token");
+    assert_eq!(rows["plans"], 1, "the saved plan");
     assert!(rows["ca_journal"] >= 2, "X.509 CA and JWT key");
     assert!(
         rows["issued_certs"] >= 3,
@@ -212,6 +227,22 @@ async fn sqlite_store_moves_to_postgres() {
         ids
     };
     assert_eq!(ids(&after), ids(&before));
+    let applied = server.ok(&["apply", plan.to_str().expect("utf-8"), "--yes"]);
+    let change = applied
+        .lines()
+        .find_map(|l| l.strip_prefix("applied as change "))
+        .expect("change id")
+        .to_string();
+    assert_eq!(
+        srv.psql(&db, "SELECT count(*) FROM bundles WHERE federated"),
+        "0"
+    );
+    server.ok(&["undo", &change]);
+    assert_eq!(
+        srv.psql(&db, "SELECT count(*) FROM bundles WHERE federated"),
+        "1",
+        "undo restores the bundle in PostgreSQL"
+    );
     for s in &after {
         let serial = serial_hex(s);
         assert_eq!(

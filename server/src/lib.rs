@@ -12,6 +12,7 @@ pub mod issuance;
 pub mod journal;
 pub mod metrics;
 pub mod run;
+pub mod safe_ops;
 pub mod state;
 pub mod store;
 pub mod sync_view;

@@ -445,6 +445,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .add_service(AdminServer::new(AdminService::new(state.clone())))
             .add_service(
+                meshid_proto::admin::admin_safe_ops_server::AdminSafeOpsServer::new(
+                    crate::api::admin_safe_ops::SafeOpsService::new(state.clone()),
+                ),
+            )
+            .add_service(
                 meshid_proto::admin::admin_x509_server::AdminX509Server::new(
                     crate::admin_certs::api::X509AdminService::new(state.clone(), crl.clone()),
                 ),

@@ -18,6 +18,9 @@ use meshid_server::store::{
 
 #[path = "../../tests/common/postgres.rs"]
 mod pg;
+#[path = "store/safe_ops.rs"]
+mod safe_ops;
+use safe_ops::safe_ops_plans_changes_recycle;
 
 /// A database both store instances of a test can open.
 enum Db {
@@ -70,6 +73,7 @@ macro_rules! suite {
 }
 
 suite!(
+    safe_ops_plans_changes_recycle,
     entries_crud_filters_and_order,
     entry_update_is_optimistic,
     delete_is_all_or_nothing,

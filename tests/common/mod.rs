@@ -43,6 +43,8 @@ pub struct Server {
     pub node_addr: String,
     pub metrics_addr: String,
     child: Option<Child>,
+    /// The uid the server runs as, when not the tests' own.
+    uid: Option<u32>,
 }
 
 /// Writes a server config into `dir` with `extra` TOML appended.
@@ -71,9 +73,35 @@ impl Server {
 
     /// Starts a server on an existing directory and config.
     pub fn start_with(dir: tempfile::TempDir, config: PathBuf) -> Self {
+        Self::start_with_uid(dir, config, None)
+    }
+
+    /// Starts a server running as `uid` (group `uid` too; the tests run as
+    /// root), its directory owned by that uid. The admin socket then admits
+    /// two admin identities: `uid` and root.
+    pub fn start_as(uid: u32, extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_server_config(dir.path(), extra);
+        for p in [dir.path(), config.as_path()] {
+            nix::unistd::chown(
+                p,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(uid)),
+            )
+            .expect("chown to the server's uid");
+        }
+        Self::start_with_uid(dir, config, Some(uid))
+    }
+
+    fn start_with_uid(dir: tempfile::TempDir, config: PathBuf, uid: Option<u32>) -> Self {
+        use std::os::unix::process::CommandExt as _;
         let admin_socket = dir.path().join("admin.sock");
         let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
-        let child = meshid()
+        let mut cmd = meshid();
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let child = cmd
             .args(["server", "run", "--config"])
             .arg(&config)
             .stdout(Stdio::null())
@@ -87,6 +115,7 @@ impl Server {
             node_addr: String::new(),
             metrics_addr: String::new(),
             child: Some(child),
+            uid,
         };
         let health: serde_json::Value =
             wait_for("server readiness", Duration::from_secs(30), || {
@@ -114,6 +143,21 @@ impl Server {
     /// Runs `meshid server <args> --admin-socket <sock>`.
     pub fn cli(&self, args: &[&str]) -> Output {
         meshid()
+            .arg("server")
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .output()
+            .expect("run cli")
+    }
+
+    /// Runs `meshid server <args> --admin-socket <sock>` as `uid` (a second
+    /// admin identity when the server runs as `uid`, see [`Server::start_as`]).
+    pub fn cli_as(&self, uid: u32, args: &[&str]) -> Output {
+        use std::os::unix::process::CommandExt as _;
+        meshid()
+            .uid(uid)
+            .gid(uid)
             .arg("server")
             .args(args)
             .arg("--admin-socket")
@@ -165,9 +209,13 @@ impl Server {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .expect("log");
+        let mut cmd = meshid();
+        if let Some(uid) = self.uid {
+            use std::os::unix::process::CommandExt as _;
+            cmd.uid(uid).gid(uid);
+        }
         self.child = Some(
-            meshid()
-                .args(["server", "run", "--config"])
+            cmd.args(["server", "run", "--config"])
                 .arg(&self.config)
                 .stdout(Stdio::null())
                 .stderr(log)

@@ -368,7 +368,9 @@ impl Admin for AdminService {
         req: Request<DeleteEntriesRequest>,
     ) -> Result<Response<DeleteEntriesResponse>, Status> {
         let st = &self.state;
+        let planned = crate::safe_ops::is_planned(&req);
         let r = req.into_inner();
+        crate::safe_ops::refuse_unplanned(st, planned, r.dry_run)?;
         let filter = entry_filter(r.filter);
         let entries = if !r.ids.is_empty() {
             if !filter.is_empty() || r.all {
@@ -482,7 +484,9 @@ impl Admin for AdminService {
         req: Request<DeleteFederatedBundleRequest>,
     ) -> Result<Response<DeleteFederatedBundleResponse>, Status> {
         let st = &self.state;
+        let planned = crate::safe_ops::is_planned(&req);
         let r = req.into_inner();
+        crate::safe_ops::refuse_unplanned(st, planned, r.dry_run)?;
         let td = normalize_td(&r.trust_domain)?;
         let bundle = st
             .store
@@ -532,14 +536,16 @@ impl Admin for AdminService {
         &self,
         req: Request<AgentActionRequest>,
     ) -> Result<Response<AgentActionResponse>, Status> {
-        self.agent_action(req.into_inner(), true).await
+        let planned = crate::safe_ops::is_planned(&req);
+        self.agent_action(req.into_inner(), true, planned).await
     }
 
     async fn evict_agent(
         &self,
         req: Request<AgentActionRequest>,
     ) -> Result<Response<AgentActionResponse>, Status> {
-        self.agent_action(req.into_inner(), false).await
+        let planned = crate::safe_ops::is_planned(&req);
+        self.agent_action(req.into_inner(), false, planned).await
     }
 }
 
@@ -587,8 +593,10 @@ impl AdminService {
         &self,
         r: AgentActionRequest,
         ban: bool,
+        planned: bool,
     ) -> Result<Response<AgentActionResponse>, Status> {
         let st = &self.state;
+        crate::safe_ops::refuse_unplanned(st, planned, r.dry_run)?;
         let mut agent = st
             .store
             .get_agent(&r.spiffe_id)

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod admin_ca;
+pub mod admin_safe_ops;
 pub mod node;
 pub mod status;
 pub mod tls;

@@ -24,6 +24,10 @@ pub(super) enum AgentCmd {
         /// Show what would change; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Save a plan of the change to FILE (what it touches, bound to the
+        /// store's state) and change nothing; `meshid server apply FILE` runs it.
+        #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
+        plan: Option<std::path::PathBuf>,
     },
     /// Evict an agent: forget it; it must attest again (a new join token, or its Kubernetes token).
     Evict {
@@ -34,6 +38,10 @@ pub(super) enum AgentCmd {
         /// Show what would change; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Save a plan of the change to FILE (what it touches, bound to the
+        /// store's state) and change nothing; `meshid server apply FILE` runs it.
+        #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
+        plan: Option<std::path::PathBuf>,
     },
 }
 
@@ -73,12 +81,14 @@ pub(super) async fn agent(cmd: AgentCmd) -> anyhow::Result<()> {
             admin,
             spiffe_id,
             dry_run,
-        } => agent_action(&admin, spiffe_id, dry_run, true).await?,
+            plan,
+        } => agent_action(&admin, spiffe_id, dry_run, true, plan).await?,
         AgentCmd::Evict {
             admin,
             spiffe_id,
             dry_run,
-        } => agent_action(&admin, spiffe_id, dry_run, false).await?,
+            plan,
+        } => agent_action(&admin, spiffe_id, dry_run, false, plan).await?,
     }
     Ok(())
 }
@@ -88,12 +98,22 @@ async fn agent_action(
     spiffe_id: String,
     dry_run: bool,
     ban: bool,
+    plan: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
-    let mut c = admin_client(&admin.admin_socket).await?;
     let req = AgentActionRequest {
         spiffe_id: spiffe_id.clone(),
         dry_run,
     };
+    if let Some(file) = plan {
+        use meshid_proto::admin::plan_change_request::Operation;
+        let op = if ban {
+            Operation::BanAgent(req)
+        } else {
+            Operation::EvictAgent(req)
+        };
+        return super::safe_ops::plan(admin, op, &file).await;
+    }
+    let mut c = admin_client(&admin.admin_socket).await?;
     let r = if ban {
         c.ban_agent(req).await
     } else {

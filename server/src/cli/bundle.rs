@@ -57,6 +57,10 @@ pub(super) enum BundleCmd {
         /// Show what would change; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Save a plan of the change to FILE (what it touches, bound to the
+        /// store's state) and change nothing; `meshid server apply FILE` runs it.
+        #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
+        plan: Option<std::path::PathBuf>,
     },
 }
 
@@ -137,7 +141,17 @@ pub(super) async fn bundle(cmd: BundleCmd) -> anyhow::Result<()> {
             admin,
             trust_domain,
             dry_run,
+            plan,
         } => {
+            if let Some(file) = plan {
+                let op = meshid_proto::admin::plan_change_request::Operation::DeleteBundle(
+                    DeleteFederatedBundleRequest {
+                        trust_domain,
+                        dry_run: false,
+                    },
+                );
+                return super::safe_ops::plan(&admin, op, &file).await;
+            }
             let mut c = admin_client(&admin.admin_socket).await?;
             let r = c
                 .delete_federated_bundle(DeleteFederatedBundleRequest {

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use meshid_proto::admin::plan_change_request::Operation;
 use meshid_proto::admin::{
     CreateEntryRequest, DeleteEntriesRequest, EntryFilter, GetEntryRequest, ListEntriesRequest,
     UpdateEntryRequest,
@@ -136,6 +137,10 @@ pub(super) enum EntryCmd {
         /// Show exactly which entries would be deleted; delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Save a plan of the change to FILE (what it touches, bound to the
+        /// store's state) and change nothing; `meshid server apply FILE` runs it.
+        #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
+        plan: Option<std::path::PathBuf>,
     },
 }
 
@@ -377,18 +382,19 @@ pub(super) async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
             filter,
             all,
             dry_run,
+            plan,
         } => {
+            let req = DeleteEntriesRequest {
+                ids,
+                filter: Some(filter.to_filter()),
+                all,
+                dry_run,
+            };
+            if let Some(file) = plan {
+                return super::safe_ops::plan(&admin, Operation::DeleteEntries(req), &file).await;
+            }
             let mut c = admin_client(&admin.admin_socket).await?;
-            let r = c
-                .delete_entries(DeleteEntriesRequest {
-                    ids,
-                    filter: Some(filter.to_filter()),
-                    all,
-                    dry_run,
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
+            let r = c.delete_entries(req).await.map_err(status)?.into_inner();
             let n = r.entries.len();
             let verb = if dry_run { "Would delete" } else { "Deleted" };
             println!("{verb} {n} entr{}:", if n == 1 { "y" } else { "ies" });

@@ -17,6 +17,7 @@ mod audit;
 mod bundle;
 mod ca;
 mod entry;
+mod safe_ops;
 mod store;
 mod x509;
 
@@ -95,6 +96,8 @@ enum Command {
     /// Admin certificates (mint, revoke) and the CRL.
     #[command(subcommand)]
     X509(x509::X509Cmd),
+    #[command(flatten)]
+    SafeOps(safe_ops::SafeOpsCmd),
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -118,6 +121,11 @@ fn secs(d: Option<Duration>) -> i64 {
 
 /// Connects to the admin socket.
 pub async fn admin_client(path: &std::path::Path) -> anyhow::Result<AdminClient<Channel>> {
+    Ok(AdminClient::new(admin_channel(path).await?))
+}
+
+/// A channel to the admin socket (every admin service is served on it).
+pub async fn admin_channel(path: &std::path::Path) -> anyhow::Result<Channel> {
     let p = path.to_path_buf();
     let channel = Endpoint::from_static("http://admin.sock")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -131,7 +139,7 @@ pub async fn admin_client(path: &std::path::Path) -> anyhow::Result<AdminClient<
                 path.display()
             )
         })?;
-    Ok(AdminClient::new(channel))
+    Ok(channel)
 }
 
 /// A gRPC status as a CLI error.
@@ -220,6 +228,7 @@ impl ServerCli {
             Command::Audit(cmd) => audit::run(cmd).await,
             Command::Store(cmd) => cmd.run().await,
             Command::X509(cmd) => x509::run(cmd).await,
+            Command::SafeOps(cmd) => safe_ops::run(cmd).await,
         }
     }
 }

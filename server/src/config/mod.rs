@@ -108,6 +108,9 @@ pub struct ServerConfig {
     /// `[admin_certs]`: `meshid server x509 mint` policy and the CRL.
     #[serde(default)]
     pub admin_certs: crate::admin_certs::AdminCertsConfig,
+    /// `[safe_ops]`: plans, approvals, blast-radius limits and undo.
+    #[serde(default)]
+    pub safe_ops: crate::safe_ops::SafeOpsConfig,
 }
 
 fn default_data_dir() -> PathBuf {

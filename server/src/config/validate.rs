@@ -12,6 +12,7 @@ impl ServerConfig {
         self.admin_certs
             .validate(&self.trust_domain)
             .map_err(ConfigError::Invalid)?;
+        self.safe_ops.validate().map_err(ConfigError::Invalid)?;
         if meshid_identity::spiffe_id::strip_scheme(&self.trust_domain) != self.trust_domain {
             return Err(ConfigError::Invalid(
                 "trust_domain is a name like \"example.org\", without spiffe://".into(),

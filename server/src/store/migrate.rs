@@ -227,6 +227,48 @@ const TABLES: &[Table] = &[
         ],
         order: "rowid",
     },
+    Table {
+        name: "plans",
+        cols: &[
+            ("id", Text),
+            ("kind", Text),
+            ("author", Text),
+            ("created_at", Int),
+            ("expires_at", Int),
+            ("body", Text),
+            ("applied_change", Text),
+        ],
+        order: "rowid",
+    },
+    Table {
+        name: "plan_approvals",
+        cols: &[("plan_id", Text), ("approver", Text), ("approved_at", Int)],
+        order: "rowid",
+    },
+    Table {
+        name: "changes",
+        cols: &[
+            ("id", Text),
+            ("kind", Text),
+            ("actor", Text),
+            ("created_at", Int),
+            ("counts", Text),
+            ("undo_until", Int),
+            ("undone_at", Int),
+        ],
+        order: "rowid",
+    },
+    Table {
+        name: "recycle",
+        cols: &[
+            ("change_id", Text),
+            ("item_kind", Text),
+            ("item_id", Text),
+            ("data", Blob),
+            ("expires_at", Int),
+        ],
+        order: "rowid",
+    },
 ];
 
 /// Every `(table, column)` copied.

@@ -2,7 +2,7 @@
 //! embedded SQLite database (the default, one server) and PostgreSQL (shared
 //! by several servers). [`Store`] is the sum of one trait per job
 //! ([`EntryStore`], [`AgentStore`], [`BundleStore`], [`CaJournalStore`],
-//! [`AuditSealStore`]), and each backend implements each in its own file.
+//! [`AuditSealStore`], [`SafeOpsStore`]), and each backend implements each in its own file.
 //!
 //! Entries and bundles are kept as the `meshid.types` messages of
 //! `meshid-proto` (prost-encoded), so the store, the node API and the admin
@@ -16,6 +16,7 @@
 pub mod migrate;
 pub mod postgres;
 pub mod revocations;
+pub mod safe_ops;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -24,6 +25,7 @@ use tokio::sync::watch;
 
 pub use postgres::{PostgresOptions, PostgresStore, SslMode, StoreStats};
 pub use revocations::RevokedCert;
+pub use safe_ops::SafeOpsStore;
 pub use sqlite::SqliteStore;
 
 /// Storage failures.
@@ -317,7 +319,15 @@ pub trait AuditSealStore: Send + Sync + 'static {
 /// `Arc<dyn Store>` and bring the parts they use into scope with
 /// `use crate::store::prelude::*`.
 pub trait Store:
-    EntryStore + AgentStore + BundleStore + CaJournalStore + AuditSealStore + Send + Sync + 'static
+    EntryStore
+    + AgentStore
+    + BundleStore
+    + CaJournalStore
+    + AuditSealStore
+    + SafeOpsStore
+    + Send
+    + Sync
+    + 'static
 {
     /// The store's change revision: it grows whenever something agents must
     /// see changes (entries, bundles, a new agent, an agent's aliases or ban,
@@ -331,7 +341,7 @@ pub trait Store:
 pub mod prelude {
     pub use super::{
         AgentStore as _, AuditSealStore as _, BundleStore as _, CaJournalStore as _,
-        EntryStore as _, Store,
+        EntryStore as _, SafeOpsStore as _, Store,
     };
 }
 

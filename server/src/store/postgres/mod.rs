@@ -20,6 +20,7 @@ mod ca_journal;
 mod changes;
 mod entries;
 mod options;
+mod safe_ops;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -11,6 +11,7 @@ mod audit_seals;
 mod bundles;
 mod ca_journal;
 mod entries;
+mod safe_ops;
 
 use std::path::Path;
 use std::str::FromStr;
