@@ -14,6 +14,7 @@ use tonic::Status;
 use crate::cache::{Snapshot, spiffe_id_problem};
 use crate::clock::SharedClock;
 use crate::node_api::NodeApi;
+use crate::node_api::retry::is_server_failure;
 
 /// At most this many JWT-SVIDs are cached.
 pub const JWT_CACHE_CAPACITY: usize = 1024;
@@ -143,6 +144,35 @@ impl JwtSvids {
         }
     }
 
+    /// Signs through the node API. A failure that blames the server fails
+    /// over as the X.509 path does, and is tried once on each other server
+    /// at once: the caller is waiting, so there is no backoff to sit out.
+    async fn sign(
+        &self,
+        params: Vec<JwtSvidParams>,
+    ) -> Result<meshid_proto::node::SignJwtSvidsResponse, Status> {
+        let mut tries = self.node.server_count().max(1);
+        loop {
+            let call = self.node.sign_jwt_svids(params.clone()).await;
+            match call.result {
+                Ok(r) => return Ok(r),
+                Err(s) => {
+                    let blame_server = is_server_failure(&s);
+                    if blame_server {
+                        self.node.fail_over(call.generation);
+                    }
+                    tries -= 1;
+                    if !blame_server || tries == 0 {
+                        return Err(Status::unavailable(format!(
+                            "cannot reach the server to sign a JWT-SVID: {}",
+                            s.message()
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
     /// The JWT-SVIDs of `entries` (servable entries of `snap`, not empty)
     /// for `audience`; `aud` is the checked audience (sorted, deduped) that
     /// keys the cache. Cached ones are reused until half their lifetime;
@@ -188,12 +218,7 @@ impl JwtSvids {
                     audience: audience.to_vec(),
                 })
                 .collect();
-            let resp = self.node.sign_jwt_svids(params).await.result.map_err(|s| {
-                Status::unavailable(format!(
-                    "cannot reach the server to sign a JWT-SVID: {}",
-                    s.message()
-                ))
-            })?;
+            let resp = self.sign(params).await?;
             let mut cache = self
                 .cache
                 .lock()

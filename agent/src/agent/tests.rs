@@ -241,3 +241,44 @@ async fn a_cached_jwt_svid_is_refreshed_at_half_its_lifetime() {
     assert_eq!(node.counts.jwt_calls.load(Ordering::Relaxed), 2);
     assert_eq!(fetch().await, second, "the new one is cached");
 }
+
+/// A JWT-SVID request during a server outage fails over like the X.509
+/// path and is tried at once on the next server; with no other server the
+/// caller gets Unavailable, and the next call goes to the next connection.
+#[tokio::test(start_paused = true)]
+async fn a_jwt_svid_request_fails_over_to_the_next_server() {
+    let clock: SharedClock = Arc::new(TokioClock::starting_at(start()));
+    let node = Arc::new(FakeNode::new(clock.clone()));
+    let e = entry("web");
+    node.set_entries(vec![e.clone()]);
+    let jwt = JwtSvids::new(node.clone(), clock, 16);
+    let snap = Snapshot {
+        entries: vec![e.clone()],
+        ..Snapshot::default()
+    };
+    let aud = vec!["db".to_string()];
+
+    node.set_server_count(2);
+    node.fail_next(1);
+    let got = jwt
+        .fetch(&snap, &[&e], &aud, &aud, |_, p| panic!("{p}"))
+        .await
+        .expect("signed by the second server");
+    assert_eq!(got.len(), 1);
+    assert_eq!(node.counts.jwt_calls.load(Ordering::Relaxed), 2);
+    assert_eq!(node.generation(), 1, "failed over once");
+
+    node.set_server_count(1);
+    node.fail_next(1);
+    let other = vec!["queue".to_string()];
+    let err = jwt
+        .fetch(&snap, &[&e], &other, &other, |_, p| panic!("{p}"))
+        .await
+        .expect_err("the only server is down");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        node.generation(),
+        2,
+        "the failure moved to the next connection"
+    );
+}

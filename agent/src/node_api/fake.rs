@@ -65,6 +65,7 @@ pub struct FakeNode {
     faults: Mutex<Faults>,
     state: watch::Sender<SyncResponse>,
     generation: AtomicU64,
+    servers: AtomicUsize,
     /// What it was asked.
     pub counts: Counts,
     /// When each SignX509Svids call came (the agent's clock).
@@ -117,6 +118,7 @@ impl FakeNode {
             }),
             state,
             generation: AtomicU64::new(0),
+            servers: AtomicUsize::new(1),
             counts: Counts::default(),
             x509_times: Mutex::new(Vec::new()),
         }
@@ -133,6 +135,16 @@ impl FakeNode {
     }
 
     /// The next `n` calls fail with Unavailable.
+    pub fn set_server_count(&self, n: usize) {
+        self.servers.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// The connection generation (bumped by each fail-over).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// The next `n` calls fail as an unreachable server would.
     pub fn fail_next(&self, n: u32) {
         self.faults.lock().expect("lock").fail_next = n;
     }
@@ -303,7 +315,7 @@ impl NodeApi for FakeNode {
     }
 
     fn server_count(&self) -> usize {
-        1
+        self.servers.load(Ordering::Relaxed)
     }
 
     fn current_server(&self) -> Option<SocketAddr> {
