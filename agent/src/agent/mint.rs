@@ -150,9 +150,13 @@ impl Agent {
             }
             retry_at.retain(|id, _| snap.entries.iter().any(|e| &e.id == id));
             let snap = self.snapshot.borrow().clone();
+            // An SVID waiting for its retry wakes the loop at its retry
+            // time, not at its (past) renewal time.
             let next = snap
-                .next_renewal()
-                .into_iter()
+                .svids
+                .iter()
+                .filter(|(id, _)| !retry_at.contains_key(*id))
+                .map(|(_, s)| s.renew_at)
                 .chain(retry_at.values().map(|(t, _)| *t))
                 .min()
                 .unwrap_or_else(|| self.clock.now() + Duration::from_secs(60));

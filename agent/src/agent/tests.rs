@@ -148,10 +148,9 @@ async fn retries_near_expiry_are_bounded_by_the_time_left() {
     for w in failed.windows(2) {
         let left = expiry.duration_since(w[0]).expect("before expiry");
         let gap = w[1].duration_since(w[0]).expect("ordered");
-        // (+11 ms: the mint loop wakes at least every 10 ms while an SVID
-        // is due, and tokio's timer rounds up to whole milliseconds)
+        // (+1 ms: tokio's timer rounds up to whole milliseconds)
         assert!(
-            gap <= (left / 4).max(MIN_RETRY) + Duration::from_millis(11),
+            gap <= (left / 4).max(MIN_RETRY) + Duration::from_millis(1),
             "{left:?} left, waited {gap:?}"
         );
     }
