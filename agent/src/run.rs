@@ -18,20 +18,6 @@ use crate::k8s_attestor::K8sAttestor;
 use crate::metrics::ReasonLabels;
 use crate::workload_api::{CallerConn, WorkloadApi};
 
-async fn shutdown_signal() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 fn ready(agent: &Agent) -> Result<(), String> {
     let s = agent.snapshot.borrow().clone();
     let now = agent.clock.now();
@@ -143,7 +129,7 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> anyhow::Result
         });
     }
     tracing::info!(socket = %sock.display(), "meshid agent ready; Workload API serving");
-    shutdown_signal().await;
+    meshid_identity::shutdown::signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), api).await;

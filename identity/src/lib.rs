@@ -17,6 +17,7 @@ pub mod files;
 pub mod h2_authority;
 pub mod kube;
 pub mod pem;
+pub mod shutdown;
 pub mod spiffe_id;
 pub mod svid;
 pub mod verify;

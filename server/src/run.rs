@@ -207,20 +207,6 @@ fn spawn_ca_loop(state: Arc<ServerState>, renew: Arc<tokio::sync::Notify>) {
     });
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-}
-
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
@@ -522,7 +508,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         admin_socket = %sock.display(),
         "meshid server ready"
     );
-    shutdown_signal().await;
+    meshid_identity::shutdown::signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {

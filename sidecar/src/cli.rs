@@ -86,7 +86,7 @@ async fn run(path: PathBuf, check: bool) -> anyhow::Result<()> {
     let signals = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            meshid_identity::shutdown::signal().await;
             tracing::info!("shutdown requested: no new connections, draining");
             shutdown.cancel();
         })
@@ -102,26 +102,4 @@ async fn run(path: PathBuf, check: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
