@@ -6,30 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Why a configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// Malformed TOML, unknown key, wrong type.
-    #[error("invalid config {path}: {message}")]
-    Parse {
-        /// The path.
-        path: PathBuf,
-        /// What the parser said.
-        message: String,
-    },
-    /// A value is unusable.
-    #[error("invalid config: {0}")]
-    Invalid(String),
-}
+pub use meshid_identity::config_file::ConfigError;
 
 /// One server address or several (tried in order).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -142,23 +119,14 @@ fn default_backoff() -> Duration {
 impl AgentConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse_at(&text, path)
+        let cfg: Self = meshid_identity::config_file::load(path)?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Parses and validates TOML text (errors name the file as `<inline>`).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        Self::parse_at(text, Path::new("<inline>"))
-    }
-
-    fn parse_at(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let cfg: Self = meshid_identity::config_file::parse(text)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -11,6 +11,7 @@
 //! - [`files`]: atomic, durable writes of key and certificate files.
 
 pub mod chain;
+pub mod config_file;
 pub mod crl;
 pub mod crypto;
 pub mod files;

@@ -17,30 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// Why a configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// Malformed TOML, unknown key, wrong type.
-    #[error("invalid config {path}: {message}")]
-    Parse {
-        /// The path.
-        path: PathBuf,
-        /// What the parser said.
-        message: String,
-    },
-    /// A value is unusable.
-    #[error("invalid config: {0}")]
-    Invalid(String),
-}
+pub use meshid_identity::config_file::ConfigError;
 
 /// The injector's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -95,25 +72,16 @@ fn default_admin_port() -> u16 {
 impl InjectorConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })
+        meshid_identity::config_file::load::<Self>(path)?.validated()
     }
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            message: e.to_string(),
-        })?;
+        meshid_identity::config_file::parse::<Self>(text)?.validated()
+    }
+
+    fn validated(self) -> Result<Self, ConfigError> {
+        let c = self;
         if !["Always", "IfNotPresent", "Never"].contains(&c.image_pull_policy.as_str()) {
             return Err(ConfigError::Invalid(format!(
                 "image_pull_policy {:?} must be Always, IfNotPresent or Never",

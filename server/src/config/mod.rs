@@ -6,30 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Why a configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The TOML is malformed, or has unknown keys or wrong types.
-    #[error("invalid config {path}: {message}")]
-    Parse {
-        /// The path.
-        path: PathBuf,
-        /// What the parser said (names the key and line).
-        message: String,
-    },
-    /// A value is out of range or inconsistent with another.
-    #[error("invalid config: {0}")]
-    Invalid(String),
-}
+pub use meshid_identity::config_file::ConfigError;
 
 mod attestors;
 mod ca;
@@ -141,25 +118,14 @@ fn default_max_batch() -> usize {
 impl ServerConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })
+        let cfg: Self = meshid_identity::config_file::load(path)?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            message: e.to_string(),
-        })?;
+        let cfg: Self = meshid_identity::config_file::parse(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
