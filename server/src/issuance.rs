@@ -180,6 +180,17 @@ fn refusal_event(kind: &str, agent: &AgentRecord, r: &Refusal) -> Option<Event> 
     }
 }
 
+/// Smallest share of a batch worth a thread of its own (about 1 ms of
+/// signing); below it a batch is signed on the calling thread.
+const MIN_PER_SIGNING_THREAD: usize = 16;
+
+/// How many threads sign a batch of `n`: one per core, each with at least
+/// [`MIN_PER_SIGNING_THREAD`] certificates.
+fn signing_threads(n: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    cores.min(n / MIN_PER_SIGNING_THREAD).max(1)
+}
+
 /// Signs a batch of X509-SVIDs for `agent`: one result per request, in
 /// order. Refused requests do not stop the others; nothing is returned
 /// unless the journal and the audit log recorded every issued SVID.
@@ -199,21 +210,51 @@ pub async fn sign_x509(
         .iter()
         .map(|(e, _)| e.as_ref().map_or(Duration::ZERO, |e| x509_ttl(st, e)))
         .collect();
-    // Signing is CPU work: off the async workers.
+    // Signing is CPU work: off the async workers, and a large batch is
+    // spread over the cores (one chunk per core, in order).
     let signed: Vec<(Option<String>, Result<IssuedSvid, Refusal>)> = {
         let ca = ca.clone();
+        let work: Vec<_> = jobs.into_iter().zip(ttls).collect();
         tokio::task::block_in_place(move || {
-            jobs.into_iter()
-                .zip(ttls)
-                .map(|((entry, csr), ttl)| match entry {
+            let sign_one =
+                |((entry, csr), ttl): ((Result<Entry, Refusal>, Vec<u8>), Duration)| match entry {
                     Err(r) => (None, Err(r)),
                     Ok(e) => (
                         Some(e.id.clone()),
                         ca.sign_x509_svid(&csr, &e.spiffe_id, &e.dns_names, ttl, now)
                             .map_err(Refusal::from),
                     ),
-                })
-                .collect()
+                };
+            let threads = signing_threads(work.len());
+            if threads <= 1 {
+                return work.into_iter().map(sign_one).collect();
+            }
+            // In order: the first chunk here, the others on scoped threads.
+            let size = work.len().div_ceil(threads);
+            let mut rest = work;
+            let mut chunks = Vec::new();
+            while rest.len() > size {
+                let tail = rest.split_off(size);
+                chunks.push(std::mem::replace(&mut rest, tail));
+            }
+            chunks.push(rest);
+            let mut chunks = chunks.into_iter();
+            let first = chunks.next().unwrap_or_default();
+            std::thread::scope(|scope| {
+                let others: Vec<_> = chunks
+                    .map(|part| {
+                        scope.spawn(move || part.into_iter().map(sign_one).collect::<Vec<_>>())
+                    })
+                    .collect();
+                let mut out: Vec<_> = first.into_iter().map(sign_one).collect();
+                for h in others {
+                    match h.join() {
+                        Ok(part) => out.extend(part),
+                        Err(p) => std::panic::resume_unwind(p),
+                    }
+                }
+                out
+            })
         })
     };
     let mut records = Vec::new();

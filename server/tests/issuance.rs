@@ -349,3 +349,30 @@ async fn agents_authenticate_with_their_current_or_previous_svid() {
     let e = st.authenticate_agent(&leaf(2)).await.expect_err("evicted");
     assert!(matches!(e, AgentAuthError::Unknown(_)), "{e}");
 }
+
+/// A large batch is signed on every core and still answered in request
+/// order, each result for its own request (refusals in their places).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_keeps_request_order() {
+    let f = fixture().await;
+    let st = &f.st;
+    let ids = ["e-web", "e-long", "e-other", "e-short"];
+    let reqs: Vec<X509Request> = (0..64).map(|i| x509(ids[i % ids.len()])).collect();
+    let out = issuance::sign_x509(st, &agent(), reqs, SystemTime::now())
+        .await
+        .expect("batch");
+    assert_eq!(out.len(), 64);
+    let mut serials = std::collections::HashSet::new();
+    for (i, r) in out.iter().enumerate() {
+        match (ids[i % ids.len()], r) {
+            ("e-other", Err(Refusal::NotParented(id))) => assert_eq!(id, "e-other"),
+            (id, Ok(s)) => {
+                let path = id.trim_start_matches("e-");
+                assert_eq!(s.spiffe_id, format!("spiffe://example.org/{path}"), "#{i}");
+                assert!(serials.insert(s.serial.clone()), "serials are unique");
+            }
+            (id, other) => panic!("#{i} ({id}): {other:?}"),
+        }
+    }
+    assert_eq!(serials.len(), 48);
+}
