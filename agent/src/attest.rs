@@ -18,6 +18,8 @@ use aws_lc_rs::digest::{Context, SHA256};
 use meshid_proto::types::Selector;
 use rustix::fs::{AtFlags, StatxFlags};
 
+use crate::attest_cache::NameCache;
+
 /// The caller as the kernel reports it.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -244,6 +246,16 @@ impl Pinned {
         self.pid
     }
 
+    /// The pinned process's start time (field 22 of `/proc/<pid>/stat`).
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// The identity of the executable the pinned process ran at connect.
+    pub fn exe(&self) -> ExeId {
+        self.exe
+    }
+
     /// Whether the pinned process still exists (through its pidfd, so a
     /// recycled pid does not count).
     pub fn check_alive(&self) -> Result<(), AttestError> {
@@ -282,11 +294,14 @@ impl Pinned {
 ///
 /// Executable digests are cached by [`ExeId`] (device, inode, size, mtime,
 /// ctime) of the file the process runs, so a large binary is hashed once,
-/// not on every call.
+/// not on every call; user and group names for [`NAME_TTL`].
+///
+/// [`NAME_TTL`]: crate::attest_cache::NAME_TTL
 #[derive(Debug)]
 pub struct UnixAttestor {
     proc_root: PathBuf,
     digests: std::sync::Mutex<std::collections::HashMap<ExeId, String>>,
+    names: NameCache,
 }
 
 impl Default for UnixAttestor {
@@ -308,6 +323,7 @@ impl UnixAttestor {
         Self {
             proc_root,
             digests: std::sync::Mutex::new(std::collections::HashMap::new()),
+            names: NameCache::default(),
         }
     }
 
@@ -393,11 +409,11 @@ impl WorkloadAttestor for UnixAttestor {
             }
         }
         let mut out = vec![sel(format!("uid:{}", c.uid)), sel(format!("gid:{}", c.gid))];
-        if let Ok(Some(u)) = nix::unistd::User::from_uid(c.uid.into()) {
-            out.push(sel(format!("user:{}", u.name)));
+        if let Some(u) = self.names.user(c.uid) {
+            out.push(sel(format!("user:{u}")));
         }
-        if let Ok(Some(g)) = nix::unistd::Group::from_gid(c.gid.into()) {
-            out.push(sel(format!("group:{}", g.name)));
+        if let Some(g) = self.names.group(c.gid) {
+            out.push(sel(format!("group:{g}")));
         }
         for g in self.supplementary_gids(pid)? {
             out.push(sel(format!("supplementary_gid:{g}")));

@@ -85,11 +85,22 @@ pub struct Snapshot {
 impl Snapshot {
     /// Entries whose selectors are all among `selectors`.
     pub fn matching(&self, selectors: &[Selector]) -> Vec<&Entry> {
+        self.matching_indices(selectors)
+            .into_iter()
+            .filter_map(|i| self.entries.get(i))
+            .collect()
+    }
+
+    /// Indices in `entries` of the entries whose selectors are all among
+    /// `selectors`.
+    pub fn matching_indices(&self, selectors: &[Selector]) -> Vec<usize> {
         self.entries
             .iter()
-            .filter(|e| {
+            .enumerate()
+            .filter(|(_, e)| {
                 !e.selectors.is_empty() && e.selectors.iter().all(|s| selectors.contains(s))
             })
+            .map(|(i, _)| i)
             .collect()
     }
 

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod attest;
+pub mod attest_cache;
 pub mod cache;
 pub mod cli;
 pub mod clock;

@@ -9,7 +9,7 @@ use meshid_proto::workload::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::WorkloadApi;
+use super::{Encoded, WorkloadApi};
 
 /// At most this many audiences in one FetchJWTSVID request.
 pub const MAX_AUDIENCES: usize = 32;
@@ -86,8 +86,8 @@ impl WorkloadApi {
             &r.as_ref().map(|_| ()).map_err(Clone::clone),
         );
         let sel = r?;
-        Ok(Response::new(self.stream(sel, |snap, entries, _| {
-            let bundles = Self::bundles_for(snap, entries)
+        Ok(Response::new(self.stream(sel, |snap, served, _| {
+            let bundles = Self::bundles_for(snap, &served.entries(snap))
                 .into_iter()
                 .map(|b| {
                     (
@@ -96,7 +96,10 @@ impl WorkloadApi {
                     )
                 })
                 .collect();
-            Ok(snap.bundle.as_ref().map(|_| JwtBundlesResponse { bundles }))
+            Ok(snap
+                .bundle
+                .as_ref()
+                .map(|_| Encoded::new(JwtBundlesResponse { bundles })))
         })))
     }
 

@@ -6,10 +6,17 @@
 //! current state at once and again on every change (rotation, entry change,
 //! bundle change); an identical consecutive message is not re-sent.
 //!
+//! A caller's selectors are reused for a few seconds per process image
+//! ([`AttestCache`]: its pinned process is re-checked on every call), and
+//! what a snapshot serves to a selector set is worked out once and shared
+//! by every call and stream with that set (`served.rs`).
+//!
 //! `conn.rs`: the connection and its caller; `selection.rs`: which entries
-//! can be served; `x509.rs` and `jwt.rs`: the calls of each kind.
+//! can be served; `served.rs`: what is shared per snapshot and selector set;
+//! `x509.rs` and `jwt.rs`: the calls of each kind.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +33,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::Agent;
 use crate::attest::{UnixAttestor, WorkloadAttestor};
+use crate::attest_cache::AttestCache;
 use crate::cache::Snapshot;
 use crate::jwt_svids::JwtSvids;
 use crate::metrics::{OutcomeLabels, RpcLabels};
@@ -33,12 +41,14 @@ use crate::metrics::{OutcomeLabels, RpcLabels};
 mod conn;
 mod jwt;
 mod selection;
+mod served;
 mod x509;
 
 pub use crate::jwt_svids::JWT_CACHE_CAPACITY;
 pub use conn::{CallerConn, Peer};
 pub use jwt::{MAX_AUDIENCE_BYTES, MAX_AUDIENCE_TOTAL_BYTES, MAX_AUDIENCES};
 use selection::Drops;
+use served::{Encoded, Served, ServedCache};
 
 /// The Workload API service.
 pub struct WorkloadApi {
@@ -46,6 +56,8 @@ pub struct WorkloadApi {
     attestor: Arc<dyn WorkloadAttestor>,
     jwt_svids: JwtSvids,
     drops: Arc<Drops>,
+    attestations: AttestCache,
+    served: Arc<ServedCache>,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -77,6 +89,8 @@ impl WorkloadApi {
             attestor,
             jwt_svids,
             drops,
+            attestations: AttestCache::default(),
+            served: Arc::new(ServedCache::default()),
         }
     }
 
@@ -119,10 +133,9 @@ impl WorkloadApi {
             peer.ok_or_else(|| Status::permission_denied("no peer credentials for caller"))?;
         let res = match peer.check() {
             Ok(caller) => {
-                let attestor = self.attestor.clone();
-                tokio::task::spawn_blocking(move || attestor.attest(&caller))
+                self.attestations
+                    .attest(caller, self.attestor.clone(), Path::new("/proc"))
                     .await
-                    .map_err(|e| Status::internal(e.to_string()))?
             }
             Err(e) => Err(e),
         };
@@ -150,6 +163,12 @@ impl WorkloadApi {
         self.drops.servable(snap, selectors)
     }
 
+    /// What `snap` serves to `selectors`, shared with every other call and
+    /// stream asking the same of the same snapshot.
+    pub(crate) fn served(&self, snap: &Arc<Snapshot>, selectors: &[Selector]) -> Arc<Served> {
+        self.served.get(snap, selectors, &self.drops)
+    }
+
     pub(crate) fn bundles_for<'a>(snap: &'a Snapshot, entries: &[&Entry]) -> Vec<&'a Bundle> {
         let mut out: Vec<&Bundle> = snap.bundle.iter().collect();
         let mut seen = HashSet::new();
@@ -174,24 +193,27 @@ impl WorkloadApi {
         build: F,
     ) -> ReceiverStream<Result<T, Status>>
     where
-        T: prost::Message + Send + 'static,
-        F: Fn(&Snapshot, &[&Entry], &Drops) -> Result<Option<T>, Status> + Send + 'static,
+        T: prost::Message + Clone + Send + Sync + 'static,
+        F: Fn(&Snapshot, &Served, &Drops) -> Result<Option<Arc<Encoded<T>>>, Status>
+            + Send
+            + 'static,
     {
         let mut rx = self.agent.snapshot.subscribe();
         let (tx, out) = tokio::sync::mpsc::channel(4);
         let drops = self.drops.clone();
+        let shared = self.served.clone();
         tokio::spawn(async move {
-            let mut last: Option<Vec<u8>> = None;
+            let mut last: Option<Arc<Encoded<T>>> = None;
             let started = tokio::time::Instant::now();
             loop {
                 let snap = rx.borrow_and_update().clone();
-                let entries = drops.servable(&snap, &selectors);
-                let msg = if entries.is_empty() {
+                let served = shared.get(&snap, &selectors, &drops);
+                let msg = if served.is_empty() {
                     Err(Status::permission_denied(
                         "no identity issued to this caller",
                     ))
                 } else {
-                    build(&snap, &entries, &drops)
+                    build(&snap, &served, &drops)
                 };
                 match msg {
                     Err(s) => {
@@ -199,8 +221,10 @@ impl WorkloadApi {
                         return;
                     }
                     Ok(Some(m)) => {
-                        let bytes = m.encode_to_vec();
-                        if last.as_ref() != Some(&bytes) {
+                        let same = last
+                            .as_ref()
+                            .is_some_and(|l| Arc::ptr_eq(l, &m) || l.bytes == m.bytes);
+                        if !same {
                             // Still the process, and the executable, that
                             // was attested.
                             if let Err(e) = peer.verify() {
@@ -212,10 +236,10 @@ impl WorkloadApi {
                                     .await;
                                 return;
                             }
-                            if tx.send(Ok(m)).await.is_err() {
+                            if tx.send(Ok(m.msg.clone())).await.is_err() {
                                 return;
                             }
-                            last = Some(bytes);
+                            last = Some(m);
                         }
                     }
                     Ok(None) => {

@@ -44,10 +44,21 @@ impl Drops {
         snap: &'a Snapshot,
         selectors: &[Selector],
     ) -> Vec<&'a Entry> {
-        let mut hints: HashSet<&str> = HashSet::new();
-        snap.matching(selectors)
+        self.servable_indices(snap, selectors)
             .into_iter()
-            .filter(|e| {
+            .filter_map(|i| snap.entries.get(i))
+            .collect()
+    }
+
+    /// As [`Drops::servable`]: the entries' indices in the snapshot.
+    pub(crate) fn servable_indices(&self, snap: &Snapshot, selectors: &[Selector]) -> Vec<usize> {
+        let mut hints: HashSet<&str> = HashSet::new();
+        snap.matching_indices(selectors)
+            .into_iter()
+            .filter(|&i| {
+                let Some(e) = snap.entries.get(i) else {
+                    return false;
+                };
                 if let Some(p) = spiffe_id_problem(&e.spiffe_id) {
                     self.note(e, "invalid_spiffe_id", p);
                     return false;

@@ -11,8 +11,8 @@ use meshid_proto::workload::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::WorkloadApi;
 use super::selection::Drops;
+use super::{Encoded, WorkloadApi};
 use crate::cache::{Snapshot, spiffe_id_problem};
 use crate::metrics::OutcomeLabels;
 
@@ -80,7 +80,7 @@ impl WorkloadApi {
     ) -> Result<Response<ReceiverStream<Result<X509svidResponse, Status>>>, Status> {
         let r = self.authenticate(&req).await.and_then(|sel| {
             let snap = self.agent.snapshot.borrow().clone();
-            if self.entitled(&snap, &sel.0).is_empty() {
+            if self.served(&snap, &sel.0).is_empty() {
                 return Err(Status::permission_denied(
                     "no identity issued to this caller",
                 ));
@@ -103,8 +103,8 @@ impl WorkloadApi {
             .attestations
             .get_or_create(&OutcomeLabels { outcome: "ok" })
             .inc();
-        Ok(Response::new(self.stream(sel, |snap, entries, drops| {
-            Ok(Self::x509_response(snap, entries, drops))
+        Ok(Response::new(self.stream(sel, |snap, served, drops| {
+            Ok(served.x509(snap, drops))
         })))
     }
 
@@ -118,8 +118,8 @@ impl WorkloadApi {
             &r.as_ref().map(|_| ()).map_err(Clone::clone),
         );
         let sel = r?;
-        Ok(Response::new(self.stream(sel, |snap, entries, _| {
-            let bundles = Self::bundles_for(snap, entries)
+        Ok(Response::new(self.stream(sel, |snap, served, _| {
+            let bundles = Self::bundles_for(snap, &served.entries(snap))
                 .into_iter()
                 .map(|b| {
                     (
@@ -128,9 +128,11 @@ impl WorkloadApi {
                     )
                 })
                 .collect();
-            Ok(snap.bundle.as_ref().map(|_| X509BundlesResponse {
-                crl: vec![],
-                bundles,
+            Ok(snap.bundle.as_ref().map(|_| {
+                Encoded::new(X509BundlesResponse {
+                    crl: vec![],
+                    bundles,
+                })
             }))
         })))
     }
