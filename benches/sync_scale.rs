@@ -131,11 +131,9 @@ fn rand_u8() -> u8 {
     (t.subsec_nanos() % 251) as u8
 }
 
-/// `common::node_channel` without its panics: the server may be down.
+/// A channel to the node API, or `None` while the server is down.
 async fn try_channel(addr: &str, bundle_pem: &str, identity: common::Identity) -> Option<Channel> {
-    let addr = addr.to_string();
-    let bundle = bundle_pem.to_string();
-    tokio::spawn(async move { common::node_channel(&addr, &bundle, Some(identity)).await })
+    common::try_node_channel(addr, bundle_pem, Some(identity))
         .await
         .ok()
 }

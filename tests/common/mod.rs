@@ -268,6 +268,17 @@ pub type Identity = (Vec<Vec<u8>>, Vec<u8>);
 
 /// A gRPC channel to the node API over mTLS, verifying the server's SPIFFE ID.
 pub async fn node_channel(addr: &str, bundle_pem: &str, identity: Option<Identity>) -> Channel {
+    try_node_channel(addr, bundle_pem, identity)
+        .await
+        .expect("connect node API")
+}
+
+/// [`node_channel`], with a failure to connect as an error.
+pub async fn try_node_channel(
+    addr: &str,
+    bundle_pem: &str,
+    identity: Option<Identity>,
+) -> Result<Channel, tonic::transport::Error> {
     let provider = meshid_identity::crypto::provider();
     let roots = meshid_identity::pem::parse_certs(bundle_pem.as_bytes()).expect("bundle pem");
     let mut bundles = TrustBundles::new();
@@ -303,7 +314,6 @@ pub async fn node_channel(addr: &str, bundle_pem: &str, identity: Option<Identit
             }
         }))
         .await
-        .expect("connect node API")
 }
 
 /// A fresh P-256 key and a CSR for it.
