@@ -62,6 +62,7 @@ fn response(o: Outcome, dry_run: bool) -> AuthorityActionResponse {
         summary: o.summary,
         csr_pem: o.csr_pem,
         needs_confirmation: o.needs_confirmation,
+        rollout: None,
     }
 }
 
@@ -117,6 +118,7 @@ pub async fn list(
             .collect(),
         next_transition_at: next_at,
         next_transition: next,
+        last_rollout: st.rollouts.status(),
     })
 }
 
@@ -136,12 +138,35 @@ pub async fn prepare(
     .await
 }
 
-/// `ActivateAuthority`.
+/// `ActivateAuthority`: at once, or (with a canary share from the request
+/// or `[safe_ops] canary_share`, and not `no_canary`) staged through canary
+/// agents first (`safe_ops/rollout.rs`).
 pub async fn activate(
     st: &Arc<ServerState>,
     r: AuthorityActionRequest,
 ) -> Result<AuthorityActionResponse, Status> {
     let dry_run = r.dry_run;
+    if r.canary_percent > 100 {
+        return Err(Status::invalid_argument(
+            "canary_percent must be between 1 and 100",
+        ));
+    }
+    let share = if r.no_canary {
+        0.0
+    } else if r.canary_percent > 0 {
+        f64::from(r.canary_percent) / 100.0
+    } else {
+        st.config.safe_ops.canary_share
+    };
+    if share > 0.0 && !dry_run {
+        let (o, rollout) =
+            crate::safe_ops::rollout::activate_staged(st, kind(&r.kind)?, &r.id, share).await?;
+        republish(st, false).await?;
+        return Ok(AuthorityActionResponse {
+            rollout: Some(rollout),
+            ..response(o, false)
+        });
+    }
     finish(
         st,
         st.ca.activate(kind(&r.kind)?, &r.id, r.dry_run).await,

@@ -8,7 +8,8 @@ use meshid_proto::node::node_server::Node;
 use meshid_proto::node::{
     AttestRequest, AttestResponse, JwtSvid, JwtSvidResult, RenewAgentRequest, RenewAgentResponse,
     SignJwtSvidsRequest, SignJwtSvidsResponse, SignX509SvidsRequest, SignX509SvidsResponse,
-    SyncRequest, SyncResponse, X509SvidResult,
+    ReportTrustCheckRequest, ReportTrustCheckResponse, SignTrustProbeRequest,
+    SignTrustProbeResponse, SyncRequest, SyncResponse, X509SvidResult,
 };
 use meshid_proto::types::Status as ItemStatus;
 use tokio_stream::wrappers::ReceiverStream;
@@ -338,8 +339,13 @@ impl Node for NodeService {
                                 break;
                             }
                         }
-                        view.message_for(&agent, st.tainted.load().to_vec(), SystemTime::now())
-                            .map_err(store_unavailable)
+                        view.message_for(
+                            &agent,
+                            st.tainted.load().to_vec(),
+                            st.rollouts.check_for(&agent.spiffe_id),
+                            SystemTime::now(),
+                        )
+                        .map_err(store_unavailable)
                     }
                     // Not read yet (the store was down at start): wait.
                     None => Err(Status::unavailable(
@@ -434,5 +440,63 @@ impl Node for NodeService {
             })
             .collect();
         Ok(Response::new(SignJwtSvidsResponse { results }))
+    }
+
+    async fn sign_trust_probe(
+        &self,
+        req: Request<SignTrustProbeRequest>,
+    ) -> Result<Response<SignTrustProbeResponse>, Status> {
+        let agent = self.agent(&req).await?;
+        let r = req.into_inner();
+        let st = &self.state;
+        let authority = st.rollouts.probe_authority(&agent.spiffe_id, &r.rollout_id)?;
+        let journal = st.ca.journal().await.map_err(crate::api::admin_ca::ca_status)?;
+        let now = SystemTime::now();
+        let svid = st
+            .ca
+            .sign_probe(&authority, &journal, &r.csr, &agent.spiffe_id, now)
+            .map_err(crate::api::admin_ca::ca_status)?;
+        st.audit
+            .record(vec![
+                Event::new("trust_probe_issued")
+                    .with("rollout", r.rollout_id)
+                    .with("agent", agent.spiffe_id.clone())
+                    .with("authority", authority)
+                    .with("serial", svid.serial.clone())
+                    .with("not_after", unix(svid.not_after)),
+            ])
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(SignTrustProbeResponse {
+            cert_chain: svid.chain,
+        }))
+    }
+
+    async fn report_trust_check(
+        &self,
+        req: Request<ReportTrustCheckRequest>,
+    ) -> Result<Response<ReportTrustCheckResponse>, Status> {
+        let agent = self.agent(&req).await?;
+        let r = req.into_inner();
+        let st = &self.state;
+        st.rollouts
+            .report(&agent.spiffe_id, &r.rollout_id, r.ok, &r.reason)?;
+        let reason = crate::audit::truncate(&r.reason, 1024).into_owned();
+        st.audit
+            .record(vec![
+                Event::new("trust_check_reported")
+                    .with("rollout", r.rollout_id)
+                    .with("agent", agent.spiffe_id.clone())
+                    .with("ok", r.ok)
+                    .with("reason", reason.clone()),
+            ])
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if r.ok {
+            tracing::info!(agent = %agent.spiffe_id, "canary agent acknowledged the trust change");
+        } else {
+            tracing::warn!(agent = %agent.spiffe_id, reason = %reason, "canary agent refused the trust change");
+        }
+        Ok(Response::new(ReportTrustCheckResponse {}))
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use meshid_proto::admin::{
     AuthorityActionRequest, AuthorityActionResponse, HealthRequest, ImportAuthorityRequest,
-    ListAuthoritiesRequest, ListAuthoritiesResponse,
+    ListAuthoritiesRequest, ListAuthoritiesResponse, TrustRollout,
 };
 use meshid_proto::types::Authority;
 use serde_json::json;
@@ -86,6 +86,19 @@ pub enum CaCmd {
         id: Option<String>,
         #[arg(long)]
         dry_run: bool,
+        /// Send the activation to this share of agents first (e.g. 25%); it
+        /// applies to all only when every canary acknowledged (default: the
+        /// server's `[safe_ops] canary_share`).
+        #[arg(long, value_name = "N%", value_parser = parse_percent, conflicts_with = "no_canary")]
+        canary: Option<u32>,
+        /// Activate at once, without a canary stage (emergencies).
+        #[arg(long)]
+        no_canary: bool,
+    },
+    /// Staged trust changes (canary agents first).
+    Rollout {
+        #[command(subcommand)]
+        cmd: RolloutCmd,
     },
     /// Retire a prepared or pending authority that must never sign (it
     /// leaves the bundle by itself).
@@ -152,6 +165,85 @@ pub enum CaCmd {
     },
 }
 
+/// `meshid server ca rollout`.
+#[derive(Debug, clap::Subcommand)]
+pub enum RolloutCmd {
+    /// The running or latest staged trust change: its canaries, their
+    /// verdicts, and why it halted.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+/// `25%` or `25`: a share of agents, 1 to 100.
+fn parse_percent(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage (e.g. 25%)"))?;
+    if (1..=100).contains(&n) {
+        Ok(n)
+    } else {
+        Err("the canary share must be between 1% and 100%".into())
+    }
+}
+
+fn rollout_json(r: &TrustRollout) -> serde_json::Value {
+    json!({
+        "id": r.id, "change": r.change, "kind": r.kind, "authority_id": r.authority_id,
+        "state": r.state, "reason": r.reason, "other_agents": r.other_agents,
+        "started_at": r.started_at, "finished_at": r.finished_at,
+        "canaries": r.canaries.iter().map(|c| json!({
+            "agent_id": c.agent_id, "verdict": c.verdict, "reason": c.reason,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn rollout_text(r: &TrustRollout) {
+    println!(
+        "Trust rollout {}: {} {} authority {}: {} (started {}{})",
+        r.id,
+        r.change,
+        r.kind,
+        r.authority_id,
+        r.state,
+        ts(r.started_at),
+        if r.finished_at > 0 {
+            format!(", finished {}", ts(r.finished_at))
+        } else {
+            String::new()
+        }
+    );
+    if !r.reason.is_empty() {
+        println!("  why: {}", r.reason);
+    }
+    for c in &r.canaries {
+        println!(
+            "  canary {}: {}{}",
+            c.agent_id,
+            c.verdict,
+            if c.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", c.reason)
+            }
+        );
+    }
+    println!(
+        "  {} other agent(s) {}",
+        r.other_agents,
+        if r.state == "completed" {
+            "received the change"
+        } else {
+            "did not receive the change"
+        }
+    );
+}
+
 fn ts(s: i64) -> String {
     if s <= 0 {
         return "-".into();
@@ -187,6 +279,7 @@ fn show(r: &ListAuthoritiesResponse, output: Output) {
                 "next_transition": r.next_transition,
                 "next_transition_at": r.next_transition_at,
                 "authorities": r.authorities.iter().filter_map(|s| s.authority.as_ref().map(|a| authority_json(a, s.live_svids, s.last_svid_not_after))).collect::<Vec<_>>(),
+                "last_rollout": r.last_rollout.as_ref().map(rollout_json),
             })
         );
         return;
@@ -220,6 +313,10 @@ fn show(r: &ListAuthoritiesResponse, output: Output) {
             s.live_svids
         );
     }
+    if let Some(ro) = &r.last_rollout {
+        println!();
+        rollout_text(ro);
+    }
 }
 
 fn report(r: &AuthorityActionResponse) {
@@ -252,6 +349,9 @@ fn report(r: &AuthorityActionResponse) {
         if r.affected.len() > 50 {
             println!("  … and {} more", r.affected.len() - 50);
         }
+    }
+    if let Some(ro) = &r.rollout {
+        rollout_text(ro);
     }
     if r.dry_run {
         println!("dry run: nothing changed");
@@ -308,10 +408,16 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
             kind,
             id,
             dry_run,
+            canary,
+            no_canary,
         } => {
             let mut c = admin_client(&admin.admin_socket).await?;
             let r = c
-                .activate_authority(req(kind, id, dry_run))
+                .activate_authority(AuthorityActionRequest {
+                    canary_percent: canary.unwrap_or(0),
+                    no_canary,
+                    ..req(kind, id, dry_run)
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -389,6 +495,22 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
             report(&r);
         }
         CaCmd::Check { admin, warn } => check(&admin, warn).await?,
+        CaCmd::Rollout {
+            cmd: RolloutCmd::Status { admin, output },
+        } => {
+            let mut c = admin_client(&admin.admin_socket).await?;
+            let r = c
+                .list_authorities(ListAuthoritiesRequest { all: false })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match (&r.last_rollout, output) {
+                (Some(ro), Output::Json) => println!("{}", rollout_json(ro)),
+                (None, Output::Json) => println!("null"),
+                (Some(ro), Output::Text) => rollout_text(ro),
+                (None, Output::Text) => println!("no staged trust change has run on this server"),
+            }
+        }
     }
     Ok(())
 }
