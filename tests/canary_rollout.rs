@@ -187,7 +187,8 @@ async fn canary_halts_a_broken_ca_and_passes_a_good_one() {
     assert!(
         canaries[0]["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("candidate authority")),
+            .is_some_and(|r| r.contains("candidate authority")
+                && r.contains("does not verify against the bundle this agent holds")),
         "{ro}"
     );
     let status = server.ok(&["ca", "rollout", "status"]);

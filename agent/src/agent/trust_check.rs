@@ -14,13 +14,14 @@
 //! change only when every canary acknowledged.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use meshid_identity::chain::verify_chain;
 use meshid_identity::verify::{
     Authorizer, SpiffeClientVerifier, SpiffeServerVerifier, TrustBundles,
 };
 use meshid_proto::node::{ReportTrustCheckRequest, TrustCheckRequest};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 
 use super::Agent;
 use crate::node_api::{backoff, new_key_and_csr};
@@ -89,7 +90,7 @@ impl Agent {
     }
 
     /// The three checks; the error says which failed and why.
-    async fn check_trust(&self, req: &TrustCheckRequest) -> Result<(), String> {
+    pub(super) async fn check_trust(&self, req: &TrustCheckRequest) -> Result<(), String> {
         let now = self.clock.now();
         let snap = self.snapshot.borrow().clone();
         let held: Vec<Vec<u8>> = snap
@@ -143,10 +144,10 @@ impl Agent {
             )
         })?;
         let td = &self.config.trust_domain;
-        handshake(td, &after, (&probe, &key), (&id.chain, &id.key)).map_err(|e| {
+        handshake(td, &after, (&probe, &key), (&id.chain, &id.key), now).map_err(|e| {
             format!("mTLS handshake, candidate SVID as server, current SVID as client: {e}")
         })?;
-        handshake(td, &after, (&id.chain, &id.key), (&probe, &key)).map_err(|e| {
+        handshake(td, &after, (&id.chain, &id.key), (&probe, &key), now).map_err(|e| {
             format!("mTLS handshake, current SVID as server, candidate SVID as client: {e}")
         })?;
         Ok(())
@@ -164,21 +165,37 @@ fn key(pkcs8: &[u8]) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.to_vec()))
 }
 
+/// The agent's clock reading, for the verifiers (the agent reads wall-clock
+/// time only through its `Clock`).
+#[derive(Debug)]
+struct At(SystemTime);
+
+impl rustls::time_provider::TimeProvider for At {
+    fn current_time(&self) -> Option<UnixTime> {
+        self.0
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .map(UnixTime::since_unix_epoch)
+    }
+}
+
 /// One TLS 1.3 mutual handshake in memory between `server` and `client`
 /// (chain, PKCS#8 key), each verifying the other against `roots` with the
-/// SPIFFE verifiers.
+/// SPIFFE verifiers at `now`.
 pub(crate) fn handshake(
     trust_domain: &str,
     roots: &[Vec<u8>],
     server: (&[Vec<u8>], &[u8]),
     client: (&[Vec<u8>], &[u8]),
+    now: SystemTime,
 ) -> Result<(), String> {
     let provider = meshid_identity::crypto::provider();
+    let time: Arc<dyn rustls::time_provider::TimeProvider> = Arc::new(At(now));
     let mut bundles = TrustBundles::new();
     bundles.add(trust_domain, &certs(roots));
     let versions = meshid_identity::crypto::versions(false);
     let e = |e: rustls::Error| e.to_string();
-    let server_cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let server_cfg = rustls::ServerConfig::builder_with_details(provider.clone(), time.clone())
         .with_protocol_versions(versions)
         .map_err(e)?
         .with_client_cert_verifier(SpiffeClientVerifier::new(
@@ -189,7 +206,7 @@ pub(crate) fn handshake(
         ))
         .with_single_cert(certs(server.0), key(server.1))
         .map_err(e)?;
-    let client_cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let client_cfg = rustls::ClientConfig::builder_with_details(provider.clone(), time)
         .with_protocol_versions(versions)
         .map_err(e)?
         .dangerous()

@@ -150,6 +150,11 @@ impl FakeNode {
         self.state.send_modify(|s| s.entries = entries);
     }
 
+    /// Asks the agent, on the sync stream, to check a trust change.
+    pub fn set_trust_check(&self, check: Option<meshid_proto::node::TrustCheckRequest>) {
+        self.state.send_modify(|s| s.trust_check = check);
+    }
+
     /// Whether this call is refused.
     fn refused(&self) -> bool {
         let mut f = self.faults.lock().expect("lock");
