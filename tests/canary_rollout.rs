@@ -169,7 +169,10 @@ async fn canary_halts_a_broken_ca_and_passes_a_good_one() {
     let out = server.cli(&["ca", "activate", "--canary", "25%"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a broken CA was activated");
-    assert!(err.contains("halted") && err.contains("NOT activated"), "{err}");
+    assert!(
+        err.contains("halted") && err.contains("NOT activated"),
+        "{err}"
+    );
 
     // The CA is not active; the old one still signs.
     assert_eq!(x509_in_state(&server, "active"), vec![old.clone()]);
@@ -228,7 +231,10 @@ async fn canary_halts_a_broken_ca_and_passes_a_good_one() {
     // reaches every agent.
     server.ok(&["ca", "prepare"]);
     let good = x509_in_state(&server, "prepared").pop().expect("prepared");
-    until_all(&agents, "the good CA in every bundle", |(_, r)| holds(r, &good)).await;
+    until_all(&agents, "the good CA in every bundle", |(_, r)| {
+        holds(r, &good)
+    })
+    .await;
     let out = server.ok(&["ca", "activate"]);
     assert!(out.contains("completed"), "{out}");
     assert_eq!(x509_in_state(&server, "active"), vec![good.clone()]);

@@ -289,5 +289,8 @@ async fn a_canary_checks_a_trust_change_and_reports_once() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let reports = h.node.trust_reports.lock().expect("lock").clone();
     assert_eq!(reports.len(), 1, "{reports:?}");
-    assert!(reports[0].ok && reports[0].rollout_id == "r1", "{reports:?}");
+    assert!(
+        reports[0].ok && reports[0].rollout_id == "r1",
+        "{reports:?}"
+    );
 }

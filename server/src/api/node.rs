@@ -7,9 +7,9 @@ use std::time::SystemTime;
 use meshid_proto::node::node_server::Node;
 use meshid_proto::node::{
     AttestRequest, AttestResponse, JwtSvid, JwtSvidResult, RenewAgentRequest, RenewAgentResponse,
-    SignJwtSvidsRequest, SignJwtSvidsResponse, SignX509SvidsRequest, SignX509SvidsResponse,
-    ReportTrustCheckRequest, ReportTrustCheckResponse, SignTrustProbeRequest,
-    SignTrustProbeResponse, SyncRequest, SyncResponse, X509SvidResult,
+    ReportTrustCheckRequest, ReportTrustCheckResponse, SignJwtSvidsRequest, SignJwtSvidsResponse,
+    SignTrustProbeRequest, SignTrustProbeResponse, SignX509SvidsRequest, SignX509SvidsResponse,
+    SyncRequest, SyncResponse, X509SvidResult,
 };
 use meshid_proto::types::Status as ItemStatus;
 use tokio_stream::wrappers::ReceiverStream;
@@ -449,8 +449,14 @@ impl Node for NodeService {
         let agent = self.agent(&req).await?;
         let r = req.into_inner();
         let st = &self.state;
-        let authority = st.rollouts.probe_authority(&agent.spiffe_id, &r.rollout_id)?;
-        let journal = st.ca.journal().await.map_err(crate::api::admin_ca::ca_status)?;
+        let authority = st
+            .rollouts
+            .probe_authority(&agent.spiffe_id, &r.rollout_id)?;
+        let journal = st
+            .ca
+            .journal()
+            .await
+            .map_err(crate::api::admin_ca::ca_status)?;
         let now = SystemTime::now();
         let svid = st
             .ca

@@ -201,7 +201,10 @@ impl Rollouts {
         if let Some(r) = self.running.load_full() {
             return Some(r.snapshot(rollout_state::RUNNING, 0, String::new()));
         }
-        self.last.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn finish(&self, r: &Running, state: &str, reason: String) -> TrustRollout {
