@@ -4,7 +4,7 @@
 //! is refused by the one canary; the rollout halts, the CA is not
 //! activated, the other agents never hear of it, and the halt is audited,
 //! counted and shown. A good CA goes through the canary and reaches every
-//! agent; `--no-canary` activates at once.
+//! agent; a taint is staged the same way; `--no-canary` activates at once.
 
 mod common;
 
@@ -170,7 +170,7 @@ async fn canary_halts_a_broken_ca_and_passes_a_good_one() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a broken CA was activated");
     assert!(
-        err.contains("halted") && err.contains("NOT activated"),
+        err.contains("halted") && err.contains("NOT applied"),
         "{err}"
     );
 
@@ -190,7 +190,7 @@ async fn canary_halts_a_broken_ca_and_passes_a_good_one() {
     assert!(
         canaries[0]["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("candidate authority")
+            .is_some_and(|r| r.contains(&broken)
                 && r.contains("does not verify against the bundle this agent holds")),
         "{ro}"
     );
@@ -245,6 +245,22 @@ async fn canary_halts_a_broken_ca_and_passes_a_good_one() {
     assert_eq!(rollouts_counted(&server, "completed"), 1);
     until_all(&agents, "every agent on the good CA", |(ca, _)| *ca == good).await;
 
+    // A taint of the old CA is staged the same way (probes from the active
+    // CA the agents re-mint under), then applies.
+    let out = server.ok(&["ca", "taint", &old, "--canary", "25%"]);
+    assert!(out.contains("completed"), "{out}");
+    let ro = &ca_show(&server)["last_rollout"];
+    assert_eq!(ro["change"], "taint", "{ro}");
+    assert_eq!(ro["state"], "completed", "{ro}");
+    assert_eq!(rollouts_counted(&server, "completed"), 2);
+    assert!(
+        ca_show(&server)["authorities"]
+            .as_array()
+            .expect("authorities")
+            .iter()
+            .any(|a| a["id"] == old.as_str() && a["tainted"] == true)
+    );
+
     // --no-canary: at once, no rollout.
     server.ok(&["ca", "prepare"]);
     let next = x509_in_state(&server, "prepared").pop().expect("prepared");
@@ -255,5 +271,5 @@ async fn canary_halts_a_broken_ca_and_passes_a_good_one() {
     assert_eq!(x509_in_state(&server, "active"), vec![next]);
     assert_eq!(events(&server, "trust_rollout_started").len(), started);
     assert_eq!(rollouts_counted(&server, "halted"), 1);
-    assert_eq!(rollouts_counted(&server, "completed"), 1);
+    assert_eq!(rollouts_counted(&server, "completed"), 2);
 }

@@ -258,6 +258,7 @@ async fn a_canary_checks_a_trust_change_and_reports_once() {
         authority_id: "candidate".into(),
         x509_roots: vec![h.node.root()],
         deadline: 0,
+        change: "activate".into(),
     };
     h.agent
         .check_trust(&req)

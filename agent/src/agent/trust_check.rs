@@ -4,8 +4,9 @@
 //!
 //! 1. every SVID it holds (its own and the workloads') still verifies
 //!    against the bundle after the change;
-//! 2. an SVID for its own ID signed by the candidate authority (a probe,
-//!    `SignTrustProbe`, over a key made here) verifies against the bundle it
+//! 2. an SVID for its own ID signed by the authority the change puts to
+//!    work (the candidate of an activation, the active one for a taint: a
+//!    probe, `SignTrustProbe`, over a key made here) verifies against the bundle it
 //!    holds now and the one after the change;
 //! 3. an in-memory mTLS handshake (rustls, TLS 1.3, the SPIFFE verifiers)
 //!    between the probe and its current SVID succeeds, in both roles;
@@ -50,7 +51,7 @@ impl Agent {
     }
 
     async fn run_trust_check(self: Arc<Self>, req: TrustCheckRequest) {
-        tracing::info!(rollout = %req.rollout_id, authority = %req.authority_id, "canary: checking a trust change before it applies");
+        tracing::info!(rollout = %req.rollout_id, change = %req.change, authority = %req.authority_id, "canary: checking a trust change before it applies");
         let (ok, reason) = match self.check_trust(&req).await {
             Ok(()) => {
                 tracing::info!(rollout = %req.rollout_id, "canary: the trust change checks out");
@@ -123,7 +124,7 @@ impl Agent {
             .result
             .map_err(|s| {
                 format!(
-                    "no probe SVID from candidate authority {}: {}",
+                    "no probe SVID from authority {}: {}",
                     req.authority_id,
                     s.message()
                 )
@@ -131,24 +132,24 @@ impl Agent {
             .cert_chain;
         verify_chain(&probe, &held, now).map_err(|e| {
             format!(
-                "an SVID signed by candidate authority {} does not verify against the bundle this \
-                 agent holds: {e}",
+                "an SVID signed by authority {} (the change's signer) does not verify against the \
+                 bundle this agent holds: {e}",
                 req.authority_id
             )
         })?;
         verify_chain(&probe, &after, now).map_err(|e| {
             format!(
-                "an SVID signed by candidate authority {} does not verify against the bundle after \
-                 the change: {e}",
+                "an SVID signed by authority {} (the change's signer) does not verify against the \
+                 bundle after the change: {e}",
                 req.authority_id
             )
         })?;
         let td = &self.config.trust_domain;
         handshake(td, &after, (&probe, &key), (&id.chain, &id.key), now).map_err(|e| {
-            format!("mTLS handshake, candidate SVID as server, current SVID as client: {e}")
+            format!("mTLS handshake, probe SVID as server, current SVID as client: {e}")
         })?;
         handshake(td, &after, (&id.chain, &id.key), (&probe, &key), now).map_err(|e| {
-            format!("mTLS handshake, current SVID as server, candidate SVID as client: {e}")
+            format!("mTLS handshake, current SVID as server, probe SVID as client: {e}")
         })?;
         Ok(())
     }

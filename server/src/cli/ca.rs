@@ -123,6 +123,13 @@ pub enum CaCmd {
         id: String,
         #[arg(long)]
         dry_run: bool,
+        /// Send the taint to this share of agents first (e.g. 25%) (default:
+        /// the server's `[safe_ops] canary_share`).
+        #[arg(long, value_name = "N%", value_parser = parse_percent, conflicts_with = "no_canary")]
+        canary: Option<u32>,
+        /// Taint at once, without a canary stage (emergencies).
+        #[arg(long)]
+        no_canary: bool,
     },
     /// Remove a non-active authority from the bundle now. Refused while live
     /// SVIDs depend on it, unless --force --yes.
@@ -442,10 +449,16 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
             kind,
             id,
             dry_run,
+            canary,
+            no_canary,
         } => {
             let mut c = admin_client(&admin.admin_socket).await?;
             let r = c
-                .taint_authority(req(kind, Some(id), dry_run))
+                .taint_authority(AuthorityActionRequest {
+                    canary_percent: canary.unwrap_or(0),
+                    no_canary,
+                    ..req(kind, Some(id), dry_run)
+                })
                 .await
                 .map_err(status)?
                 .into_inner();

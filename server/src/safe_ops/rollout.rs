@@ -1,12 +1,14 @@
-//! Staged trust changes: an operator's CA activation goes to a canary share
-//! of agents first. Each canary gets a [`TrustCheckRequest`] on its sync
+//! Staged trust changes: an operator's X.509 CA activation or taint goes to
+//! a canary share of agents first. Each canary gets a [`TrustCheckRequest`] on its sync
 //! stream, has a probe SVID for its own ID signed by the candidate authority
-//! (`SignTrustProbe`), checks the change locally (its SVIDs against the
+//! (`SignTrustProbe`; for a taint, by the active authority the agents will
+//! re-mint under), checks the change locally (its SVIDs against the
 //! bundle after the change, the probe against the bundle it holds, an mTLS
 //! handshake between the probe and its own SVID) and answers
 //! `ReportTrustCheck`. The change is applied only when every canary
 //! acknowledged within `[safe_ops] canary_timeout`; otherwise it halts: the
-//! authority stays prepared (and is held back from automatic activation),
+//! authority stays as it was (a candidate stays prepared and is held back
+//! from automatic activation),
 //! `trust_rollout_halted` is audited with the refusing agents and their
 //! reasons, and `meshid_server_trust_rollouts_total{outcome="halted"}` counts it.
 //!
@@ -56,12 +58,37 @@ pub mod rollout_state {
     pub const HALTED: &str = "halted";
 }
 
+/// The trust changes that can be staged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// `ca activate`: the candidate signs from now on. Probes are signed by
+    /// the candidate.
+    Activate,
+    /// `ca taint`: agents re-mint what the authority signed now, under the
+    /// active CA. Probes are signed by the active CA.
+    Taint,
+}
+
+impl Change {
+    /// The name in records and output.
+    pub fn label(self) -> &'static str {
+        match self {
+            Change::Activate => "activate",
+            Change::Taint => "taint",
+        }
+    }
+}
+
 /// A staged change waiting for its canaries.
 #[derive(Debug)]
 struct Running {
     id: String,
+    change: Change,
     kind: String,
+    /// The authority the change is about.
     authority_id: String,
+    /// The authority that signs the canaries' probes.
+    probe_signer: String,
     roots: Vec<Vec<u8>>,
     deadline: i64,
     other_agents: i64,
@@ -80,7 +107,7 @@ impl Running {
     fn snapshot(&self, state: &str, finished_at: i64, reason: String) -> TrustRollout {
         TrustRollout {
             id: self.id.clone(),
-            change: "activate".into(),
+            change: self.change.label().into(),
             kind: self.kind.clone(),
             authority_id: self.authority_id.clone(),
             state: state.into(),
@@ -144,14 +171,15 @@ impl Rollouts {
             .is_some_and(|(v, _)| v == verdict::PENDING);
         pending.then(|| TrustCheckRequest {
             rollout_id: r.id.clone(),
-            authority_id: r.authority_id.clone(),
+            authority_id: r.probe_signer.clone(),
+            change: r.change.label().into(),
             x509_roots: r.roots.clone(),
             deadline: r.deadline,
         })
     }
 
-    /// The candidate authority a canary's probe is signed by; refused for
-    /// anyone but a canary of the running change.
+    /// The authority a canary's probe is signed by; refused for anyone but
+    /// a canary of the running change.
     pub fn probe_authority(&self, agent: &str, rollout_id: &str) -> Result<String, Status> {
         let r = self
             .running
@@ -163,7 +191,7 @@ impl Rollouts {
                 "this agent is not a canary of the trust rollout",
             ));
         }
-        Ok(r.authority_id.clone())
+        Ok(r.probe_signer.clone())
     }
 
     /// Records a canary's verdict (the first one counts).
@@ -230,11 +258,13 @@ fn describe(r: &TrustRollout) -> String {
         .join("; ")
 }
 
-/// `ca activate` with a canary stage: checks the activation as its dry run
-/// would, sends it to `share` of the agents, waits for their verdicts, and
-/// activates only when every canary acknowledged in time.
-pub async fn activate_staged(
+/// `ca activate` or `ca taint` of an X.509 authority with a canary stage:
+/// checks the change as its dry run would, sends it to `share` of the
+/// agents, waits for their verdicts, and applies it only when every canary
+/// acknowledged in time.
+pub async fn run_staged(
     st: &Arc<ServerState>,
+    change: Change,
     kind: &str,
     id: &str,
     share: f64,
@@ -245,13 +275,23 @@ pub async fn activate_staged(
             "another trust rollout is running (see `meshid server ca rollout status`)",
         )
     })?;
-    // Everything the activation itself would refuse is refused now.
-    let dry = st.ca.activate(kind, id, true).await.map_err(ca_status)?;
+    // Everything the change itself would refuse is refused now.
+    let dry = match change {
+        Change::Activate => st.ca.activate(kind, id, true).await,
+        Change::Taint => st.ca.taint(kind, id, true).await,
+    }
+    .map_err(ca_status)?;
     let candidate = dry
         .changed
-        .first()
+        .iter()
+        .find(|a| a.state == crate::ca::schedule::state::ACTIVE || change == Change::Taint)
         .map(|a| a.id.clone())
-        .ok_or_else(|| Status::internal("activation names no authority"))?;
+        .ok_or_else(|| Status::internal("the change names no authority"))?;
+    let probe_signer = match change {
+        Change::Activate => candidate.clone(),
+        Change::Taint => st.ca.signer().id().to_string(),
+    };
+    let label = change.label();
     let now = SystemTime::now();
     let t = unix(now);
     let agents: Vec<String> = st
@@ -268,8 +308,10 @@ pub async fn activate_staged(
     let timeout = st.config.safe_ops.canary_timeout;
     let running = Arc::new(Running {
         id: uuid::Uuid::new_v4().simple().to_string(),
+        change,
         kind: kind.into(),
         authority_id: candidate.clone(),
+        probe_signer,
         roots: material.x509.roots,
         deadline: t + super::secs(timeout),
         other_agents: i64::try_from(agents.len() - canaries.len()).unwrap_or(i64::MAX),
@@ -287,7 +329,7 @@ pub async fn activate_staged(
         vec![
             Event::new("trust_rollout_started")
                 .with("rollout", running.id.clone())
-                .with("change", "activate")
+                .with("change", label)
                 .with("kind", kind)
                 .with("authority", candidate.clone())
                 .with("canaries", canaries.clone())
@@ -322,7 +364,9 @@ pub async fn activate_staged(
     }
     let all_ok = running.verdicts().values().all(|(v, _)| v == verdict::OK);
     if !all_ok {
-        st.ca.hold(&candidate);
+        if change == Change::Activate {
+            st.ca.hold(&candidate);
+        }
         let why = describe(&running.snapshot(rollout_state::HALTED, 0, String::new()));
         let done = rollouts.finish(
             &running,
@@ -342,7 +386,7 @@ pub async fn activate_staged(
             vec![
                 Event::new("trust_rollout_halted")
                     .with("rollout", done.id.clone())
-                    .with("change", "activate")
+                    .with("change", label)
                     .with("kind", kind)
                     .with("authority", candidate.clone())
                     .with("refusing", serde_json::Value::Array(refusing))
@@ -352,18 +396,22 @@ pub async fn activate_staged(
         .await?;
         tracing::error!(rollout = %done.id, authority = %candidate, reasons = %why, "trust rollout halted: the change was not applied");
         return Err(Status::failed_precondition(format!(
-            "trust rollout {} halted: {}; {kind} authority {candidate} was NOT activated and no \
-             other agent received the change (see `meshid server ca rollout status`)",
+            "trust rollout {} halted: {}; {label} of {kind} authority {candidate} was NOT applied \
+             and no other agent received the change (see `meshid server ca rollout status`)",
             done.id, done.reason
         )));
     }
-    let outcome = match st.ca.activate(kind, &candidate, false).await {
+    let applied = match change {
+        Change::Activate => st.ca.activate(kind, &candidate, false).await,
+        Change::Taint => st.ca.taint(kind, &candidate, false).await,
+    };
+    let outcome = match applied {
         Ok(o) => o,
         Err(e) => {
             let done = rollouts.finish(
                 &running,
                 rollout_state::HALTED,
-                format!("the activation failed after the canaries acknowledged: {e}"),
+                format!("the {label} failed after the canaries acknowledged: {e}"),
             );
             st.notify_change();
             st.metrics.trust_rollout(rollout_state::HALTED);
@@ -388,7 +436,7 @@ pub async fn activate_staged(
         vec![
             Event::new("trust_rollout_completed")
                 .with("rollout", done.id.clone())
-                .with("change", "activate")
+                .with("change", label)
                 .with("kind", kind)
                 .with("authority", candidate.clone())
                 .with("canaries", canaries)
@@ -431,8 +479,10 @@ mod tests {
         assert!(r.check_for("a").is_none());
         r.running.store(Some(Arc::new(Running {
             id: "r1".into(),
+            change: Change::Activate,
             kind: "x509".into(),
             authority_id: "ca".into(),
+            probe_signer: "ca".into(),
             roots: vec![],
             deadline: 0,
             other_agents: 1,

@@ -14,7 +14,7 @@ pub const PROBE_TTL: Duration = Duration::from_secs(300);
 
 impl CaManager {
     /// Signs a short-lived SVID for `spiffe_id` over the key of `csr` with
-    /// the prepared X.509 authority `id` of this server. It is for a canary
+    /// the prepared or active X.509 authority `id` of this server. It is for a canary
     /// agent's self-test only: it is not recorded as issued (it never counts
     /// as live), and the caller audits it.
     pub fn sign_probe(
@@ -27,8 +27,8 @@ impl CaManager {
     ) -> Result<IssuedSvid, CaError> {
         let a = own(journal, &self.owner, X509)
             .into_iter()
-            .find(|a| a.id == id && a.state == state::PREPARED)
-            .ok_or_else(|| CaError::NotFound(format!("prepared authority {id}")))?;
+            .find(|a| a.id == id && (a.state == state::PREPARED || a.state == state::ACTIVE))
+            .ok_or_else(|| CaError::NotFound(format!("prepared or active authority {id}")))?;
         let ca = SigningCa::from_authority(&self.trust_domain, &a, self.keys.get(X509, id)?, now)?;
         ca.sign_x509_svid(csr, spiffe_id, &[], PROBE_TTL, now)
             .map_err(|e| CaError::Refused(format!("probe not signed: {e}")))
