@@ -447,35 +447,9 @@ impl Node for NodeService {
         req: Request<SignTrustProbeRequest>,
     ) -> Result<Response<SignTrustProbeResponse>, Status> {
         let agent = self.agent(&req).await?;
-        let r = req.into_inner();
-        let st = &self.state;
-        let authority = st
-            .rollouts
-            .probe_authority(&agent.spiffe_id, &r.rollout_id)?;
-        let journal = st
-            .ca
-            .journal()
+        super::node_trust::sign_trust_probe(&self.state, &agent, req.into_inner())
             .await
-            .map_err(crate::api::admin_ca::ca_status)?;
-        let now = SystemTime::now();
-        let svid = st
-            .ca
-            .sign_probe(&authority, &journal, &r.csr, &agent.spiffe_id, now)
-            .map_err(crate::api::admin_ca::ca_status)?;
-        st.audit
-            .record(vec![
-                Event::new("trust_probe_issued")
-                    .with("rollout", r.rollout_id)
-                    .with("agent", agent.spiffe_id.clone())
-                    .with("authority", authority)
-                    .with("serial", svid.serial.clone())
-                    .with("not_after", unix(svid.not_after)),
-            ])
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(SignTrustProbeResponse {
-            cert_chain: svid.chain,
-        }))
+            .map(Response::new)
     }
 
     async fn report_trust_check(
@@ -483,26 +457,8 @@ impl Node for NodeService {
         req: Request<ReportTrustCheckRequest>,
     ) -> Result<Response<ReportTrustCheckResponse>, Status> {
         let agent = self.agent(&req).await?;
-        let r = req.into_inner();
-        let st = &self.state;
-        st.rollouts
-            .report(&agent.spiffe_id, &r.rollout_id, r.ok, &r.reason)?;
-        let reason = crate::audit::truncate(&r.reason, 1024).into_owned();
-        st.audit
-            .record(vec![
-                Event::new("trust_check_reported")
-                    .with("rollout", r.rollout_id)
-                    .with("agent", agent.spiffe_id.clone())
-                    .with("ok", r.ok)
-                    .with("reason", reason.clone()),
-            ])
+        super::node_trust::report_trust_check(&self.state, &agent, req.into_inner())
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        if r.ok {
-            tracing::info!(agent = %agent.spiffe_id, "canary agent acknowledged the trust change");
-        } else {
-            tracing::warn!(agent = %agent.spiffe_id, reason = %reason, "canary agent refused the trust change");
-        }
-        Ok(Response::new(ReportTrustCheckResponse {}))
+            .map(Response::new)
     }
 }

@@ -10,11 +10,12 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use meshid_proto::admin::{
     AuthorityActionRequest, AuthorityActionResponse, HealthRequest, ImportAuthorityRequest,
-    ListAuthoritiesRequest, ListAuthoritiesResponse, TrustRollout,
+    ListAuthoritiesRequest, ListAuthoritiesResponse,
 };
 use meshid_proto::types::Authority;
 use serde_json::json;
 
+use super::ca_rollout::{RolloutCmd, parse_percent, rollout_json, rollout_text};
 use crate::cli::{AdminArgs, admin_client, status};
 
 /// Which kind of authority.
@@ -172,86 +173,7 @@ pub enum CaCmd {
     },
 }
 
-/// `meshid server ca rollout`.
-#[derive(Debug, clap::Subcommand)]
-pub enum RolloutCmd {
-    /// The running or latest staged trust change: its canaries, their
-    /// verdicts, and why it halted.
-    Status {
-        #[command(flatten)]
-        admin: AdminArgs,
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
-    },
-}
-
-/// `25%` or `25`: a share of agents, 1 to 100.
-fn parse_percent(s: &str) -> Result<u32, String> {
-    let n: u32 = s
-        .trim()
-        .trim_end_matches('%')
-        .parse()
-        .map_err(|_| format!("{s:?} is not a percentage (e.g. 25%)"))?;
-    if (1..=100).contains(&n) {
-        Ok(n)
-    } else {
-        Err("the canary share must be between 1% and 100%".into())
-    }
-}
-
-fn rollout_json(r: &TrustRollout) -> serde_json::Value {
-    json!({
-        "id": r.id, "change": r.change, "kind": r.kind, "authority_id": r.authority_id,
-        "state": r.state, "reason": r.reason, "other_agents": r.other_agents,
-        "started_at": r.started_at, "finished_at": r.finished_at,
-        "canaries": r.canaries.iter().map(|c| json!({
-            "agent_id": c.agent_id, "verdict": c.verdict, "reason": c.reason,
-        })).collect::<Vec<_>>(),
-    })
-}
-
-fn rollout_text(r: &TrustRollout) {
-    println!(
-        "Trust rollout {}: {} {} authority {}: {} (started {}{})",
-        r.id,
-        r.change,
-        r.kind,
-        r.authority_id,
-        r.state,
-        ts(r.started_at),
-        if r.finished_at > 0 {
-            format!(", finished {}", ts(r.finished_at))
-        } else {
-            String::new()
-        }
-    );
-    if !r.reason.is_empty() {
-        println!("  why: {}", r.reason);
-    }
-    for c in &r.canaries {
-        println!(
-            "  canary {}: {}{}",
-            c.agent_id,
-            c.verdict,
-            if c.reason.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", c.reason)
-            }
-        );
-    }
-    println!(
-        "  {} other agent(s) {}",
-        r.other_agents,
-        if r.state == "completed" {
-            "received the change"
-        } else {
-            "did not receive the change"
-        }
-    );
-}
-
-fn ts(s: i64) -> String {
+pub(super) fn ts(s: i64) -> String {
     if s <= 0 {
         return "-".into();
     }
