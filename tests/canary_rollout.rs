@@ -5,6 +5,7 @@
 //! activated, the other agents never hear of it, and the halt is audited,
 //! counted and shown. A good CA goes through the canary and reaches every
 //! agent; a taint is staged the same way; `--no-canary` activates at once.
+//! A canary that does not answer halts the rollout at the timeout.
 
 mod common;
 
@@ -272,4 +273,43 @@ async fn canary_halts_a_broken_ca_and_passes_a_good_one() {
     assert_eq!(events(&server, "trust_rollout_started").len(), started);
     assert_eq!(rollouts_counted(&server, "halted"), 1);
     assert_eq!(rollouts_counted(&server, "completed"), 2);
+}
+
+/// A canary that never answers (its agent is down) halts the rollout at
+/// `canary_timeout`: nothing is activated, and the halt names it as timed
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_canary_halts_the_rollout_at_the_timeout() {
+    let server = Server::start(
+        "ca_ttl = \"1h\"\nmax_svid_ttl = \"10m\"\ndefault_svid_ttl = \"10m\"\nagent_svid_ttl = \"10m\"\n[safe_ops]\ncanary_timeout = \"3s\"\n",
+    );
+    let (_, token) = register_node(&server, "quiet", &["q"], None);
+    let dir = server.dir.path().join("agent");
+    let _logs = Logs(vec![
+        server.dir.path().join("server.log"),
+        dir.join("agent.log"),
+    ]);
+    let mut agent = AgentProc::start(&dir, &server, Some(&token));
+    let old = x509_in_state(&server, "active").pop().expect("active CA");
+    until_all(std::slice::from_ref(&agent), "SVID served", |(ca, _)| {
+        *ca == old
+    })
+    .await;
+    agent.stop();
+    server.ok(&["ca", "prepare"]);
+    let t0 = std::time::Instant::now();
+    let out = server.cli(&["ca", "activate", "--canary", "100%"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "activated without the canary's answer"
+    );
+    assert!(err.contains("timed_out"), "{err}");
+    assert!(t0.elapsed() >= Duration::from_secs(3));
+    assert_eq!(x509_in_state(&server, "active"), vec![old]);
+    let ro = &ca_show(&server)["last_rollout"];
+    assert_eq!(ro["state"], "halted", "{ro}");
+    assert_eq!(ro["canaries"][0]["verdict"], "timed_out", "{ro}");
+    assert_eq!(events(&server, "trust_rollout_halted").len(), 1);
+    assert_eq!(rollouts_counted(&server, "halted"), 1);
 }
