@@ -166,7 +166,13 @@ async fn staged(
     id: &str,
     share: f64,
 ) -> Result<AuthorityActionResponse, Status> {
-    let (o, rollout) = rollout::run_staged(st, change, kind, id, share).await?;
+    // Its own task: an interrupted command does not leave a rollout
+    // half-way (it runs to applied or halted either way).
+    let (st2, kind2, id2) = (st.clone(), kind.to_string(), id.to_string());
+    let (o, rollout) =
+        tokio::spawn(async move { rollout::run_staged(&st2, change, &kind2, &id2, share).await })
+            .await
+            .map_err(|e| Status::internal(format!("trust rollout task: {e}")))??;
     republish(st, false).await?;
     Ok(AuthorityActionResponse {
         rollout: Some(rollout),
