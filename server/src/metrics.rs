@@ -102,6 +102,8 @@ pub struct Metrics {
     pub sync_streams: Gauge,
     /// CA journal transitions.
     pub ca_transitions: Family<TransitionLabels, Counter>,
+    /// Staged trust changes, by outcome (`completed`, `halted`).
+    pub trust_rollouts: Family<OutcomeLabels, Counter>,
     /// notAfter of the active JWT key.
     pub jwt_key_not_after: Gauge,
     /// notAfter of the prepared (next) CA, 0 when none.
@@ -224,6 +226,12 @@ impl Metrics {
             "CA journal transitions, by kind and transition",
             ca_transitions.clone(),
         );
+        let trust_rollouts = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "trust_rollouts",
+            "Staged trust changes (canary first), by outcome",
+            trust_rollouts.clone(),
+        );
         let jwt_key_not_after = Gauge::default();
         registry.register(
             "jwt_key_not_after_seconds",
@@ -289,6 +297,7 @@ impl Metrics {
             store,
             node_connections,
             ca_transitions,
+            trust_rollouts,
             jwt_key_not_after,
             ca_next_not_after,
             upstream_not_after,
@@ -312,6 +321,13 @@ impl Metrics {
         let kind = if kind == "jwt" { "jwt" } else { "x509" };
         self.ca_transitions
             .get_or_create(&TransitionLabels { kind, transition })
+            .inc();
+    }
+
+    /// Counts one staged trust change that ended.
+    pub fn trust_rollout(&self, outcome: &'static str) {
+        self.trust_rollouts
+            .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
 

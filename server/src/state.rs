@@ -21,6 +21,8 @@ pub struct ServerState {
     pub ca: Arc<CaManager>,
     /// Ids of tainted authorities, as last published (sent on every sync).
     pub tainted: arc_swap::ArcSwap<Vec<String>>,
+    /// Staged trust changes (canary agents first).
+    pub rollouts: crate::safe_ops::rollout::Rollouts,
     /// Wakes the CA loop after a manual transition.
     pub ca_changed: tokio::sync::Notify,
     /// The CA schedule's next transition (Unix seconds, what), for `ca show`.
@@ -77,6 +79,7 @@ impl ServerState {
             config,
             ca,
             tainted: Default::default(),
+            rollouts: Default::default(),
             ca_changed: Default::default(),
             next_transition: Default::default(),
             store,

@@ -94,11 +94,13 @@ impl View {
         idx.into_iter().map(|i| self.entries[i].clone()).collect()
     }
 
-    /// The sync message for an agent.
+    /// The sync message for an agent (`trust_check`: set for a canary of a
+    /// staged trust change).
     pub fn message_for(
         &self,
         agent: &AgentRecord,
         tainted: Vec<String>,
+        trust_check: Option<meshid_proto::node::TrustCheckRequest>,
         now: SystemTime,
     ) -> Result<SyncResponse, StoreError> {
         let entries = self.entries_for(&agent.parent_ids());
@@ -123,6 +125,7 @@ impl View {
             bundle: Some(bundle),
             federated_bundles,
             tainted_authorities: tainted,
+            trust_check,
         })
     }
 }

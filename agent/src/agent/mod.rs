@@ -21,6 +21,7 @@ mod renewal;
 mod sync;
 #[cfg(test)]
 mod tests;
+mod trust_check;
 
 pub use crate::node_api::backoff;
 
@@ -42,6 +43,8 @@ pub struct Agent {
     identity: arc_swap::ArcSwap<AgentIdentity>,
     /// Wakes the agent SVID renewal (its authority was tainted).
     renew_kick: Notify,
+    /// The staged trust change this agent last checked (once per rollout).
+    trust_checked: std::sync::Mutex<String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -175,6 +178,7 @@ impl Agent {
             kick: Notify::new(),
             identity: arc_swap::ArcSwap::from_pointee(id.clone()),
             renew_kick: Notify::new(),
+            trust_checked: Default::default(),
         });
         tokio::spawn(agent.clone().renew_agent_loop(id));
         tokio::spawn(agent.clone().sync_loop());

@@ -53,6 +53,7 @@ impl Agent {
                         s.federated = federated;
                     });
                     self.kick.notify_one();
+                    self.on_trust_check(msg.trust_check);
                 }
                 Ok(())
             }

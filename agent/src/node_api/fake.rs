@@ -70,6 +70,8 @@ pub struct FakeNode {
     pub counts: Counts,
     /// When each SignX509Svids call came (the agent's clock).
     pub x509_times: Mutex<Vec<SystemTime>>,
+    /// Trust check verdicts reported.
+    pub trust_reports: Mutex<Vec<meshid_proto::node::ReportTrustCheckRequest>>,
 }
 
 fn unavailable() -> tonic::Status {
@@ -121,6 +123,7 @@ impl FakeNode {
             servers: AtomicUsize::new(1),
             counts: Counts::default(),
             x509_times: Mutex::new(Vec::new()),
+            trust_reports: Mutex::new(Vec::new()),
         }
     }
 
@@ -157,6 +160,11 @@ impl FakeNode {
     /// Replaces the entries the sync stream carries (sent at once).
     pub fn set_entries(&self, entries: Vec<Entry>) {
         self.state.send_modify(|s| s.entries = entries);
+    }
+
+    /// Asks the agent, on the sync stream, to check a trust change.
+    pub fn set_trust_check(&self, check: Option<meshid_proto::node::TrustCheckRequest>) {
+        self.state.send_modify(|s| s.trust_check = check);
     }
 
     /// Whether this call is refused.
@@ -229,6 +237,25 @@ impl FakeNode {
 
 #[async_trait::async_trait]
 impl NodeApi for FakeNode {
+    async fn sign_trust_probe(
+        &self,
+        _rollout_id: String,
+        csr: Vec<u8>,
+    ) -> Call<meshid_proto::node::SignTrustProbeResponse> {
+        let svid = self.sign(&csr, &Self::agent_id());
+        self.call(Ok(meshid_proto::node::SignTrustProbeResponse {
+            cert_chain: svid.cert_chain,
+        }))
+    }
+
+    async fn report_trust_check(
+        &self,
+        report: meshid_proto::node::ReportTrustCheckRequest,
+    ) -> Call<meshid_proto::node::ReportTrustCheckResponse> {
+        self.trust_reports.lock().expect("lock").push(report);
+        self.call(Ok(meshid_proto::node::ReportTrustCheckResponse {}))
+    }
+
     async fn renew_agent(&self, csr: Vec<u8>) -> Call<RenewAgentResponse> {
         self.counts.renew.fetch_add(1, Ordering::Relaxed);
         if self.refused() {

@@ -10,7 +10,8 @@ use std::pin::Pin;
 
 use futures::Stream;
 use meshid_proto::node::{
-    JwtSvidParams, RenewAgentResponse, SignJwtSvidsResponse, SignX509SvidsResponse, SyncResponse,
+    JwtSvidParams, RenewAgentResponse, ReportTrustCheckRequest, ReportTrustCheckResponse,
+    SignJwtSvidsResponse, SignTrustProbeResponse, SignX509SvidsResponse, SyncResponse,
     X509SvidParams,
 };
 
@@ -93,6 +94,20 @@ pub trait NodeApi: Debug + Send + Sync {
 
     /// Signs a batch of JWT-SVIDs (one result per item, in order).
     async fn sign_jwt_svids(&self, params: Vec<JwtSvidParams>) -> Call<SignJwtSvidsResponse>;
+
+    /// Has a probe SVID for the agent's own ID signed by the candidate
+    /// authority of a staged trust change (`csr`: PKCS#10 DER).
+    async fn sign_trust_probe(
+        &self,
+        rollout_id: String,
+        csr: Vec<u8>,
+    ) -> Call<SignTrustProbeResponse>;
+
+    /// Sends this agent's verdict on a staged trust change.
+    async fn report_trust_check(
+        &self,
+        report: ReportTrustCheckRequest,
+    ) -> Call<ReportTrustCheckResponse>;
 
     /// A call made on the connection of `generation` failed in a way that
     /// blames the server: later calls go to the next server. A failure seen

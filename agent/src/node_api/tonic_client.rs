@@ -12,8 +12,10 @@ use hyper_util::rt::TokioIo;
 use meshid_identity::verify::{Authorizer, SpiffeServerVerifier, TrustBundles};
 use meshid_proto::node::node_client::NodeClient;
 use meshid_proto::node::{
-    AttestRequest, JwtSvidParams, RenewAgentRequest, RenewAgentResponse, SignJwtSvidsRequest,
-    SignJwtSvidsResponse, SignX509SvidsRequest, SignX509SvidsResponse, SyncRequest, X509SvidParams,
+    AttestRequest, JwtSvidParams, RenewAgentRequest, RenewAgentResponse, ReportTrustCheckRequest,
+    ReportTrustCheckResponse, SignJwtSvidsRequest, SignJwtSvidsResponse, SignTrustProbeRequest,
+    SignTrustProbeResponse, SignX509SvidsRequest, SignX509SvidsResponse, SyncRequest,
+    X509SvidParams,
 };
 use meshid_proto::types::Bundle;
 use rustls::client::ResolvesClientCert;
@@ -256,6 +258,31 @@ impl NodeApi for TonicNodeApi {
         let (generation, mut node) = self.node_at();
         let result = node
             .sign_jwt_svids(SignJwtSvidsRequest { params })
+            .await
+            .map(tonic::Response::into_inner);
+        Call { generation, result }
+    }
+
+    async fn sign_trust_probe(
+        &self,
+        rollout_id: String,
+        csr: Vec<u8>,
+    ) -> Call<SignTrustProbeResponse> {
+        let (generation, mut node) = self.node_at();
+        let result = node
+            .sign_trust_probe(SignTrustProbeRequest { rollout_id, csr })
+            .await
+            .map(tonic::Response::into_inner);
+        Call { generation, result }
+    }
+
+    async fn report_trust_check(
+        &self,
+        report: ReportTrustCheckRequest,
+    ) -> Call<ReportTrustCheckResponse> {
+        let (generation, mut node) = self.node_at();
+        let result = node
+            .report_trust_check(report)
             .await
             .map(tonic::Response::into_inner);
         Call { generation, result }

@@ -17,6 +17,7 @@ use crate::ca::CaError;
 use crate::ca::manager::Outcome;
 use crate::ca::mint::{JWT, X509};
 use crate::ca::schedule::state;
+use crate::safe_ops::rollout::{self, Change};
 use crate::state::ServerState;
 
 /// The one mapping of CA errors to gRPC status codes.
@@ -62,6 +63,7 @@ fn response(o: Outcome, dry_run: bool) -> AuthorityActionResponse {
         summary: o.summary,
         csr_pem: o.csr_pem,
         needs_confirmation: o.needs_confirmation,
+        rollout: None,
     }
 }
 
@@ -117,6 +119,7 @@ pub async fn list(
             .collect(),
         next_transition_at: next_at,
         next_transition: next,
+        last_rollout: st.rollouts.status(),
     })
 }
 
@@ -136,18 +139,61 @@ pub async fn prepare(
     .await
 }
 
-/// `ActivateAuthority`.
+/// The canary share of an activation or taint: none for a dry run, with
+/// `no_canary`, or for a JWT key (the canaries' self-test is X.509); else
+/// the request's, or `[safe_ops] canary_share`.
+fn canary_share(st: &ServerState, r: &AuthorityActionRequest, kind: &str) -> Result<f64, Status> {
+    if r.canary_percent > 100 {
+        return Err(Status::invalid_argument(
+            "canary_percent must be between 1 and 100",
+        ));
+    }
+    Ok(if r.no_canary || r.dry_run || kind != X509 {
+        0.0
+    } else if r.canary_percent > 0 {
+        f64::from(r.canary_percent) / 100.0
+    } else {
+        st.config.safe_ops.canary_share
+    })
+}
+
+/// Runs `change` through canary agents first (`safe_ops/rollout.rs`), then
+/// republishes.
+async fn staged(
+    st: &Arc<ServerState>,
+    change: Change,
+    kind: &str,
+    id: &str,
+    share: f64,
+) -> Result<AuthorityActionResponse, Status> {
+    // Its own task: an interrupted command does not leave a rollout
+    // half-way (it runs to applied or halted either way).
+    let (st2, kind2, id2) = (st.clone(), kind.to_string(), id.to_string());
+    let (o, rollout) =
+        tokio::spawn(async move { rollout::run_staged(&st2, change, &kind2, &id2, share).await })
+            .await
+            .map_err(|e| Status::internal(format!("trust rollout task: {e}")))??;
+    republish(st, false).await?;
+    Ok(AuthorityActionResponse {
+        rollout: Some(rollout),
+        ..response(o, false)
+    })
+}
+
+/// `ActivateAuthority`: at once, or (with a canary share from the request
+/// or `[safe_ops] canary_share`, and not `no_canary`) staged through canary
+/// agents first.
 pub async fn activate(
     st: &Arc<ServerState>,
     r: AuthorityActionRequest,
 ) -> Result<AuthorityActionResponse, Status> {
     let dry_run = r.dry_run;
-    finish(
-        st,
-        st.ca.activate(kind(&r.kind)?, &r.id, r.dry_run).await,
-        dry_run,
-    )
-    .await
+    let k = kind(&r.kind)?;
+    let share = canary_share(st, &r, k)?;
+    if share > 0.0 {
+        return staged(st, Change::Activate, k, &r.id, share).await;
+    }
+    finish(st, st.ca.activate(k, &r.id, r.dry_run).await, dry_run).await
 }
 
 /// `RetireAuthority`.
@@ -165,19 +211,20 @@ pub async fn retire(
     .await
 }
 
-/// `TaintAuthority`.
+/// `TaintAuthority`: at once, or staged through canary agents first (as
+/// `ActivateAuthority`).
 pub async fn taint(
     st: &Arc<ServerState>,
     r: AuthorityActionRequest,
 ) -> Result<AuthorityActionResponse, Status> {
     require_id(&r)?;
     let dry_run = r.dry_run;
-    finish(
-        st,
-        st.ca.taint(kind(&r.kind)?, &r.id, r.dry_run).await,
-        dry_run,
-    )
-    .await
+    let k = kind(&r.kind)?;
+    let share = canary_share(st, &r, k)?;
+    if share > 0.0 {
+        return staged(st, Change::Taint, k, &r.id, share).await;
+    }
+    finish(st, st.ca.taint(k, &r.id, r.dry_run).await, dry_run).await
 }
 
 /// `RevokeAuthority`.

@@ -5,5 +5,6 @@ pub mod admin;
 pub mod admin_ca;
 pub mod admin_safe_ops;
 pub mod node;
+pub mod node_trust;
 pub mod status;
 pub mod tls;

@@ -7,7 +7,8 @@ use std::time::SystemTime;
 use meshid_proto::node::node_server::Node;
 use meshid_proto::node::{
     AttestRequest, AttestResponse, JwtSvid, JwtSvidResult, RenewAgentRequest, RenewAgentResponse,
-    SignJwtSvidsRequest, SignJwtSvidsResponse, SignX509SvidsRequest, SignX509SvidsResponse,
+    ReportTrustCheckRequest, ReportTrustCheckResponse, SignJwtSvidsRequest, SignJwtSvidsResponse,
+    SignTrustProbeRequest, SignTrustProbeResponse, SignX509SvidsRequest, SignX509SvidsResponse,
     SyncRequest, SyncResponse, X509SvidResult,
 };
 use meshid_proto::types::Status as ItemStatus;
@@ -338,8 +339,13 @@ impl Node for NodeService {
                                 break;
                             }
                         }
-                        view.message_for(&agent, st.tainted.load().to_vec(), SystemTime::now())
-                            .map_err(store_unavailable)
+                        view.message_for(
+                            &agent,
+                            st.tainted.load().to_vec(),
+                            st.rollouts.check_for(&agent.spiffe_id),
+                            SystemTime::now(),
+                        )
+                        .map_err(store_unavailable)
                     }
                     // Not read yet (the store was down at start): wait.
                     None => Err(Status::unavailable(
@@ -434,5 +440,25 @@ impl Node for NodeService {
             })
             .collect();
         Ok(Response::new(SignJwtSvidsResponse { results }))
+    }
+
+    async fn sign_trust_probe(
+        &self,
+        req: Request<SignTrustProbeRequest>,
+    ) -> Result<Response<SignTrustProbeResponse>, Status> {
+        let agent = self.agent(&req).await?;
+        super::node_trust::sign_trust_probe(&self.state, &agent, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn report_trust_check(
+        &self,
+        req: Request<ReportTrustCheckRequest>,
+    ) -> Result<Response<ReportTrustCheckResponse>, Status> {
+        let agent = self.agent(&req).await?;
+        super::node_trust::report_trust_check(&self.state, &agent, req.into_inner())
+            .await
+            .map(Response::new)
     }
 }

@@ -29,11 +29,13 @@ use crate::store::{IssuedRecord, Store};
 
 mod legacy;
 mod operations;
+mod probe;
 #[cfg(test)]
 mod tests;
 mod transitions;
 
 use legacy::{import_legacy_jwt, import_legacy_x509};
+pub use probe::PROBE_TTL;
 use transitions::{audit_write, check_activatable, load_signer_jwt, load_signer_x509};
 
 /// The result of a manual transition (or of its dry run).
@@ -96,6 +98,9 @@ pub struct CaManager {
     x509: ArcSwap<SigningCa>,
     jwt: ArcSwap<JwtSigner>,
     lock: Mutex<()>,
+    /// Prepared authorities a halted staged activation holds back from
+    /// automatic activation (in memory: see `safe_ops/rollout.rs`).
+    held: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Whether start-up had to make the X.509 CA (first start, or the old
     /// one expired while the server was down).
     created: bool,
@@ -219,6 +224,7 @@ impl CaManager {
             x509: ArcSwap::from_pointee(x509),
             jwt: ArcSwap::from_pointee(jwt),
             lock: Mutex::new(()),
+            held: Default::default(),
             created,
         });
         m.refresh_gauges(&journal);
@@ -330,12 +336,19 @@ impl CaManager {
                     continue;
                 }
                 let mine = own(&journal, &self.owner, kind);
-                let Plan { due, next: n } = schedule::plan(
+                let Plan { mut due, next: n } = schedule::plan(
                     &mine,
                     &|id| live.get(id).map_or(0, |v| v.1),
                     unix(now),
                     self.policy(kind),
                 );
+                due.retain(|s| match s {
+                    Step::Activate(id) if self.is_held(id) => {
+                        tracing::warn!(kind, id, "not activating: a staged activation of this authority halted (see `meshid server ca rollout status`); retire it, or activate it with --no-canary");
+                        false
+                    }
+                    _ => true,
+                });
                 let acting = due.iter().any(|s| *s != Step::NeedsOperator);
                 if !acting
                     && let Some(n) = n

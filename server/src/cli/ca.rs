@@ -15,6 +15,7 @@ use meshid_proto::admin::{
 use meshid_proto::types::Authority;
 use serde_json::json;
 
+use super::ca_rollout::{RolloutCmd, parse_percent, rollout_json, rollout_text};
 use crate::cli::{AdminArgs, admin_client, status};
 
 /// Which kind of authority.
@@ -86,6 +87,19 @@ pub enum CaCmd {
         id: Option<String>,
         #[arg(long)]
         dry_run: bool,
+        /// Send the activation to this share of agents first (e.g. 25%); it
+        /// applies to all only when every canary acknowledged (default: the
+        /// server's `[safe_ops] canary_share`).
+        #[arg(long, value_name = "N%", value_parser = parse_percent, conflicts_with = "no_canary")]
+        canary: Option<u32>,
+        /// Activate at once, without a canary stage (emergencies).
+        #[arg(long)]
+        no_canary: bool,
+    },
+    /// Staged trust changes (canary agents first).
+    Rollout {
+        #[command(subcommand)]
+        cmd: RolloutCmd,
     },
     /// Retire a prepared or pending authority that must never sign (it
     /// leaves the bundle by itself).
@@ -110,6 +124,13 @@ pub enum CaCmd {
         id: String,
         #[arg(long)]
         dry_run: bool,
+        /// Send the taint to this share of agents first (e.g. 25%) (default:
+        /// the server's `[safe_ops] canary_share`).
+        #[arg(long, value_name = "N%", value_parser = parse_percent, conflicts_with = "no_canary")]
+        canary: Option<u32>,
+        /// Taint at once, without a canary stage (emergencies).
+        #[arg(long)]
+        no_canary: bool,
     },
     /// Remove a non-active authority from the bundle now. Refused while live
     /// SVIDs depend on it, unless --force --yes.
@@ -152,7 +173,7 @@ pub enum CaCmd {
     },
 }
 
-fn ts(s: i64) -> String {
+pub(super) fn ts(s: i64) -> String {
     if s <= 0 {
         return "-".into();
     }
@@ -187,6 +208,7 @@ fn show(r: &ListAuthoritiesResponse, output: Output) {
                 "next_transition": r.next_transition,
                 "next_transition_at": r.next_transition_at,
                 "authorities": r.authorities.iter().filter_map(|s| s.authority.as_ref().map(|a| authority_json(a, s.live_svids, s.last_svid_not_after))).collect::<Vec<_>>(),
+                "last_rollout": r.last_rollout.as_ref().map(rollout_json),
             })
         );
         return;
@@ -220,6 +242,10 @@ fn show(r: &ListAuthoritiesResponse, output: Output) {
             s.live_svids
         );
     }
+    if let Some(ro) = &r.last_rollout {
+        println!();
+        rollout_text(ro);
+    }
 }
 
 fn report(r: &AuthorityActionResponse) {
@@ -252,6 +278,9 @@ fn report(r: &AuthorityActionResponse) {
         if r.affected.len() > 50 {
             println!("  … and {} more", r.affected.len() - 50);
         }
+    }
+    if let Some(ro) = &r.rollout {
+        rollout_text(ro);
     }
     if r.dry_run {
         println!("dry run: nothing changed");
@@ -308,10 +337,16 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
             kind,
             id,
             dry_run,
+            canary,
+            no_canary,
         } => {
             let mut c = admin_client(&admin.admin_socket).await?;
             let r = c
-                .activate_authority(req(kind, id, dry_run))
+                .activate_authority(AuthorityActionRequest {
+                    canary_percent: canary.unwrap_or(0),
+                    no_canary,
+                    ..req(kind, id, dry_run)
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -336,10 +371,16 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
             kind,
             id,
             dry_run,
+            canary,
+            no_canary,
         } => {
             let mut c = admin_client(&admin.admin_socket).await?;
             let r = c
-                .taint_authority(req(kind, Some(id), dry_run))
+                .taint_authority(AuthorityActionRequest {
+                    canary_percent: canary.unwrap_or(0),
+                    no_canary,
+                    ..req(kind, Some(id), dry_run)
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -389,6 +430,22 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
             report(&r);
         }
         CaCmd::Check { admin, warn } => check(&admin, warn).await?,
+        CaCmd::Rollout {
+            cmd: RolloutCmd::Status { admin, output },
+        } => {
+            let mut c = admin_client(&admin.admin_socket).await?;
+            let r = c
+                .list_authorities(ListAuthoritiesRequest { all: false })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match (&r.last_rollout, output) {
+                (Some(ro), Output::Json) => println!("{}", rollout_json(ro)),
+                (None, Output::Json) => println!("null"),
+                (Some(ro), Output::Text) => rollout_text(ro),
+                (None, Output::Text) => println!("no staged trust change has run on this server"),
+            }
+        }
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ mod agent;
 mod audit;
 mod bundle;
 mod ca;
+mod ca_rollout;
 mod entry;
 mod safe_ops;
 mod store;

@@ -13,6 +13,8 @@ use serde::Deserialize;
 /// max_blast_radius_share = 0.25 # share of all entries or agents
 /// undo_window = "24h"
 /// plan_ttl = "1h"
+/// canary_share = 0.0            # CA activations reach this share of agents first
+/// canary_timeout = "60s"        # how long the canaries have to answer
 /// ```
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -31,6 +33,13 @@ pub struct SafeOpsConfig {
     /// How long a plan can be applied after it was made.
     #[serde(with = "humantime_serde")]
     pub plan_ttl: Duration,
+    /// Share of agents (0 to 1) an operator's CA activation is sent to
+    /// first, as a self-test; 0 activates at once.
+    pub canary_share: f64,
+    /// How long the canary agents have to acknowledge a trust change
+    /// before it halts.
+    #[serde(with = "humantime_serde")]
+    pub canary_timeout: Duration,
 }
 
 impl Default for SafeOpsConfig {
@@ -41,6 +50,8 @@ impl Default for SafeOpsConfig {
             max_blast_radius_share: 0.25,
             undo_window: Duration::from_secs(24 * 3600),
             plan_ttl: Duration::from_secs(3600),
+            canary_share: 0.0,
+            canary_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -50,6 +61,12 @@ impl SafeOpsConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.max_blast_radius_share > 0.0 && self.max_blast_radius_share <= 1.0) {
             return Err("safe_ops.max_blast_radius_share must be in (0, 1]".into());
+        }
+        if !(0.0..=1.0).contains(&self.canary_share) {
+            return Err("safe_ops.canary_share must be in [0, 1]".into());
+        }
+        if self.canary_timeout < Duration::from_secs(1) {
+            return Err("safe_ops.canary_timeout must be at least 1s".into());
         }
         if self.plan_ttl < Duration::from_secs(1) {
             return Err("safe_ops.plan_ttl must be at least 1s".into());

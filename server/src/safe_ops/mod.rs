@@ -9,6 +9,7 @@
 //! - [`blast_radius`]: the limits
 //! - [`service`]: planning, approval and apply against the store
 //! - [`undo`]: the recycle area and undo
+//! - [`rollout`]: staged trust changes (canary agents first, halt on refusal)
 //!
 //! The admin socket's peer uid (SO_PEERCRED) is the admin identity
 //! (`uid:<n>`); the gRPC service is `api/admin_safe_ops.rs`.
@@ -16,6 +17,7 @@
 pub mod blast_radius;
 pub mod config;
 pub mod plan;
+pub mod rollout;
 pub mod service;
 pub mod undo;
 

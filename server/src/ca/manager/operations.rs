@@ -171,6 +171,7 @@ impl CaManager {
             });
         }
         let changed = self.activate_locked(kind, &p.id, now).await?;
+        self.release(&p.id);
         self.reload(now).await?;
         Ok(Outcome {
             changed,
