@@ -219,7 +219,7 @@ pub(super) fn entry_summary(e: &Entry) -> serde_json::Value {
 pub(super) fn validate_entry(st: &ServerState, mut e: Entry) -> Result<Entry, Status> {
     let td = st.td_id();
     let id = meshid_identity::spiffe_id::workload_id(&e.spiffe_id)
-        .map_err(|err| Status::invalid_argument(format!("invalid spiffe_id: {err}")))?;
+        .map_err(|err| Status::invalid_argument(format!("invalid --spiffe-id: {err}")))?;
     if id.trust_domain().id_string() != td {
         return Err(Status::invalid_argument(format!(
             "SPIFFE ID {} is not in this server's trust domain {td}",
@@ -232,7 +232,7 @@ pub(super) fn validate_entry(st: &ServerState, mut e: Entry) -> Result<Entry, St
         )));
     }
     meshid_identity::spiffe_id::workload_id(&e.parent_id)
-        .map_err(|err| Status::invalid_argument(format!("invalid parent_id: {err}")))?;
+        .map_err(|err| Status::invalid_argument(format!("invalid --parent-id: {err}")))?;
     if e.selectors.is_empty() {
         return Err(Status::invalid_argument(
             "an entry needs at least one selector (type:key:value)",

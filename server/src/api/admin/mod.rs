@@ -166,7 +166,7 @@ impl Admin for AdminService {
         let st = &self.state;
         if !r.spiffe_id.is_empty() {
             let id = meshid_identity::spiffe_id::workload_id(&r.spiffe_id)
-                .map_err(|e| Status::invalid_argument(format!("invalid spiffe_id: {e}")))?;
+                .map_err(|e| Status::invalid_argument(format!("invalid --spiffe-id: {e}")))?;
             if id.trust_domain().id_string() != st.td_id() {
                 return Err(Status::invalid_argument(
                     "alias SPIFFE ID must be in this trust domain",
