@@ -8,27 +8,14 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::bench::{env, pct};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{Server, TD, key_and_csr, node_channel};
 use meshid_proto::node::node_client::NodeClient;
 use meshid_proto::node::{AttestRequest, SignX509SvidsRequest, X509SvidParams};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn in_process_rate(csrs: &[Vec<u8>], seconds: f64) -> f64 {
     let ca =

@@ -10,26 +10,13 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::bench::{env, pct};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshid_proto::types::{Entry, Selector};
 use meshid_server::store::{PostgresOptions, PostgresStore, SqliteStore, Store};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn entry(id: &str) -> Entry {
     Entry {

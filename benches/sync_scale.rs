@@ -19,6 +19,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::bench::{env, pct};
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,21 +34,6 @@ use meshid_proto::node::{AttestRequest, SyncRequest};
 use meshid_proto::types::{Entry, Selector};
 use tokio::sync::{Semaphore, watch};
 use tonic::transport::Channel;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)

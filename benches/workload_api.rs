@@ -10,6 +10,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::bench::{env, pct};
+
 use std::time::{Duration, Instant};
 
 use common::{AgentProc, Server, TD};
@@ -17,18 +19,6 @@ use meshid_proto::admin::CreateEntryRequest;
 use meshid_proto::types::{Entry, Selector};
 use meshid_proto::workload::X509svidRequest;
 use meshid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pct(v: &[Duration], p: f64) -> Duration {
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
-}
 
 async fn client(sock: std::path::PathBuf) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
     meshid_agent::cli::connect(&sock.display().to_string())

@@ -1,6 +1,7 @@
 //! Test harness: real `meshid` processes on loopback, in temp directories.
 #![allow(dead_code, missing_docs)]
 
+pub mod bench;
 pub mod postgres;
 pub mod raw_codec;
 
