@@ -239,7 +239,7 @@ impl Node for NodeService {
             .record(vec![event])
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        st.refresh_gauges().await;
+        // The sync view re-reads the store and sets the gauges.
         st.notify_change();
         tracing::info!(agent = %agent_id, "agent attested");
         let bundle = st.own_bundle().await.map_err(store_unavailable)?;

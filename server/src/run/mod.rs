@@ -167,8 +167,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .await?;
     let state = ServerState::new(cfg.clone(), ca, store, audit, metrics.clone());
     let bundle = state.publish_own_bundle().await?;
-    state.refresh_gauges().await;
-    // The sync streams' shared read of the store, then one per change.
+    // The sync streams' shared read of the store (it also sets the entry and
+    // agent gauges), then one per change.
     state.sync_view.refresh(&state).await?;
     crate::sync_view::spawn_refresher(&state);
     // Changes committed through the store, by this server or by any other

@@ -197,7 +197,7 @@ impl SafeOps {
             ],
         )
         .await?;
-        st.refresh_gauges().await;
+        // The sync view re-reads the store and sets the gauges.
         st.notify_change();
         Ok(restored)
     }

@@ -76,7 +76,7 @@ pub(super) async fn agent_action(
                 .with("affected_entries", affected.clone()),
         )
         .await?;
-        st.refresh_gauges().await;
+        // The sync view re-reads the store and sets the gauges.
         st.notify_change();
     }
     Ok(Response::new(AgentActionResponse {

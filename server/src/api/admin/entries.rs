@@ -30,7 +30,7 @@ pub(super) async fn create_entry(
     st.store.create_entry(&e).await.map_err(store_status)?;
     svc.audit(Event::new("entry_created").with("entry", entry_summary(&e)))
         .await?;
-    st.refresh_gauges().await;
+    // The sync view re-reads the store and sets the gauges.
     st.notify_change();
     Ok(Response::new(e))
 }
@@ -144,7 +144,7 @@ pub(super) async fn delete_entries(
             )
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        st.refresh_gauges().await;
+        // The sync view re-reads the store and sets the gauges.
         st.notify_change();
     }
     Ok(Response::new(DeleteEntriesResponse {
