@@ -28,6 +28,31 @@ pub use revocations::RevokedCert;
 pub use safe_ops::SafeOpsStore;
 pub use sqlite::SqliteStore;
 
+/// An entry as stored (prost-encoded); a row that does not decode is
+/// `Corrupt`. Both backends read entries through this.
+pub(crate) fn decode_entry(data: &[u8]) -> Result<Entry, StoreError> {
+    use prost::Message as _;
+    Entry::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// A bundle as stored (prost-encoded).
+pub(crate) fn decode_bundle(data: &[u8]) -> Result<Bundle, StoreError> {
+    use prost::Message as _;
+    Bundle::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// An entry's selectors as a sorted set: what makes two entries under one
+/// parent duplicates.
+pub(crate) fn sorted_selectors(e: &Entry) -> Vec<(String, String)> {
+    let mut v: Vec<_> = e
+        .selectors
+        .iter()
+        .map(|s| (s.r#type.clone(), s.value.clone()))
+        .collect();
+    v.sort();
+    v
+}
+
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -26,8 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use meshid_proto::types::{Bundle, Entry};
-use prost::Message;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::watch;
@@ -63,23 +61,7 @@ impl Drop for Inner {
     }
 }
 
-fn decode_entry(data: &[u8]) -> Result<Entry, StoreError> {
-    Entry::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn decode_bundle(data: &[u8]) -> Result<Bundle, StoreError> {
-    Bundle::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn sorted_selectors(e: &Entry) -> Vec<(String, String)> {
-    let mut v: Vec<_> = e
-        .selectors
-        .iter()
-        .map(|s| (s.r#type.clone(), s.value.clone()))
-        .collect();
-    v.sort();
-    v
-}
+use crate::store::{decode_bundle, decode_entry, sorted_selectors};
 
 pub(crate) fn agent_from_row(r: &PgRow) -> Result<AgentRecord, StoreError> {
     Ok(AgentRecord {

@@ -19,12 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prost::Message;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use tokio::sync::watch;
-
-use meshid_proto::types::{Bundle, Entry};
 
 use super::{AgentRecord, AuditSeal, IssuedRecord, Store, StoreError};
 
@@ -35,23 +32,7 @@ pub struct SqliteStore {
     changes: Arc<watch::Sender<u64>>,
 }
 
-fn decode_entry(data: &[u8]) -> Result<Entry, StoreError> {
-    Entry::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn decode_bundle(data: &[u8]) -> Result<Bundle, StoreError> {
-    Bundle::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn sorted_selectors(e: &Entry) -> Vec<(String, String)> {
-    let mut v: Vec<_> = e
-        .selectors
-        .iter()
-        .map(|s| (s.r#type.clone(), s.value.clone()))
-        .collect();
-    v.sort();
-    v
-}
+use crate::store::{decode_bundle, decode_entry, sorted_selectors};
 
 pub(crate) fn agent_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord, StoreError> {
     let aliases: String = r.try_get("aliases")?;
@@ -137,6 +118,7 @@ mod tests {
     use super::*;
     use crate::store::JoinTokenRecord;
     use crate::store::prelude::*;
+    use meshid_proto::types::Entry;
     use meshid_proto::types::Selector;
 
     fn entry(id: &str, parent: &str, uid: &str) -> Entry {
