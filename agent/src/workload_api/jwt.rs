@@ -1,7 +1,6 @@
 //! FetchJWTSVID, FetchJWTBundles and ValidateJWTSVID, with the limits on
 //! the audiences a request may name.
 
-use meshid_identity::spiffe_id;
 use meshid_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
     ValidateJwtsvidResponse,
@@ -87,15 +86,7 @@ impl WorkloadApi {
         );
         let sel = r?;
         Ok(Response::new(self.stream(sel, |snap, served, _| {
-            let bundles = Self::bundles_for(snap, &served.entries(snap))
-                .into_iter()
-                .map(|b| {
-                    (
-                        spiffe_id::trust_domain_id(&b.trust_domain),
-                        crate::jwt::jwks(b),
-                    )
-                })
-                .collect();
+            let bundles = Self::bundle_map(snap, &served.entries(snap), crate::jwt::jwks);
             Ok(snap
                 .bundle
                 .as_ref()

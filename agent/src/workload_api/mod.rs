@@ -169,6 +169,24 @@ impl WorkloadApi {
         self.served.get(snap, selectors, &self.drops)
     }
 
+    /// The bundles a caller may see ([`Self::bundles_for`]), keyed by trust
+    /// domain ID, each rendered by `render` (X.509 roots or a JWKS).
+    pub(crate) fn bundle_map<V, C: FromIterator<(String, V)>>(
+        snap: &Snapshot,
+        entries: &[&Entry],
+        render: impl Fn(&Bundle) -> V,
+    ) -> C {
+        Self::bundles_for(snap, entries)
+            .into_iter()
+            .map(|b| {
+                (
+                    meshid_identity::spiffe_id::trust_domain_id(&b.trust_domain),
+                    render(b),
+                )
+            })
+            .collect()
+    }
+
     pub(crate) fn bundles_for<'a>(snap: &'a Snapshot, entries: &[&Entry]) -> Vec<&'a Bundle> {
         let mut out: Vec<&Bundle> = snap.bundle.iter().collect();
         let mut seen = HashSet::new();

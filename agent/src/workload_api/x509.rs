@@ -119,15 +119,8 @@ impl WorkloadApi {
         );
         let sel = r?;
         Ok(Response::new(self.stream(sel, |snap, served, _| {
-            let bundles = Self::bundles_for(snap, &served.entries(snap))
-                .into_iter()
-                .map(|b| {
-                    (
-                        spiffe_id::trust_domain_id(&b.trust_domain),
-                        concat(&b.x509_authorities),
-                    )
-                })
-                .collect();
+            let bundles =
+                Self::bundle_map(snap, &served.entries(snap), |b| concat(&b.x509_authorities));
             Ok(snap.bundle.as_ref().map(|_| {
                 Encoded::new(X509BundlesResponse {
                     crl: vec![],
