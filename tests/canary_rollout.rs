@@ -85,6 +85,17 @@ async fn served(agent: &AgentProc) -> (String, Vec<Vec<u8>>) {
     )
 }
 
+/// The serial number of the X509-SVID an agent serves now.
+async fn leaf_serial(agent: &AgentProc) -> String {
+    let client = spiffe::WorkloadApiClient::connect_to(&agent.endpoint())
+        .await
+        .expect("spiffe client");
+    let svid = client.fetch_x509_svid().await.expect("X509-SVID");
+    meshid_identity::SvidInfo::from_der(svid.cert_chain()[0].as_ref())
+        .expect("leaf")
+        .serial
+}
+
 /// Whether `roots` hold the authority `id` (its subject key identifier).
 fn holds(roots: &[Vec<u8>], id: &str) -> bool {
     roots
@@ -218,9 +229,27 @@ async fn canary_halts_a_broken_ca_and_passes_a_good_one() {
             .collect();
         assert_eq!(from, vec![canary.clone()], "{ev}");
     }
-    // No agent received the change: SVIDs still from the old CA (re-minted
-    // meanwhile: 20 s SVIDs), bundles as they were.
-    tokio::time::sleep(Duration::from_secs(16)).await;
+    // No agent received the change: SVIDs still from the old CA once every
+    // agent has re-minted since the halt (20 s SVIDs), bundles as they were.
+    let mut at_halt = Vec::new();
+    for a in &agents {
+        at_halt.push(leaf_serial(a).await);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut reminted = true;
+        for (a, serial) in agents.iter().zip(&at_halt) {
+            reminted &= leaf_serial(a).await != *serial;
+        }
+        if reminted {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out: every agent re-minting after the halt"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let after = until_all(&agents, "old CA still served", |(ca, _)| *ca == old).await;
     for (b, a) in before.iter().zip(&after) {
         assert_eq!(b.1, a.1, "a bundle changed after the halt");

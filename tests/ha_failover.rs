@@ -226,7 +226,39 @@ async fn agent_fails_over_when_its_server_is_killed() {
         || synced(&survivor).then(|| killed_at.elapsed()),
     );
     eprintln!("sync stream on the survivor {moved:?} after the kill");
-    tokio::time::sleep(Duration::from_secs(25)).await;
+    // Two rotations of each workload SVID through the survivor and an
+    // agent SVID renewal since the kill (asserted in full below).
+    let rotated_through_survivor = |updates: &[Update], id: &str| {
+        let mut first_seen: HashMap<&String, Instant> = HashMap::new();
+        for (t, svids) in updates {
+            if let Some((serial, _)) = svids.get(id) {
+                first_seen.entry(serial).or_insert(*t);
+            }
+        }
+        first_seen
+            .values()
+            .filter(|t| **t > killed_at + moved)
+            .count()
+    };
+    let renewals = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("agent SVID renewed"))
+            .count()
+    };
+    let renewals_at_kill = renewals(&agent.log());
+    let waited = wait_for(
+        "two rotations through the survivor and an agent SVID renewal",
+        Duration::from_secs(60),
+        || {
+            let u = updates.lock().expect("lock");
+            let rotated = ["frontend", "payments"]
+                .iter()
+                .all(|n| rotated_through_survivor(&u, &format!("spiffe://{TD}/{n}")) >= 2);
+            (rotated && renewals(&agent.log()) > renewals_at_kill.max(1))
+                .then(|| killed_at.elapsed())
+        },
+    );
+    eprintln!("rotations through the survivor complete {waited:?} after the kill");
 
     // An entry created on the survivor reaches the stream.
     let late = format!("spiffe://{TD}/late");
@@ -297,22 +329,10 @@ async fn agent_fails_over_when_its_server_is_killed() {
         }
     }
     // Rotations through the survivor: SVIDs first seen well after the kill.
-    let after_kill = |id: &str| {
-        let mut first_seen: HashMap<&String, Instant> = HashMap::new();
-        for (t, svids) in &updates {
-            if let Some((serial, _)) = svids.get(id) {
-                first_seen.entry(serial).or_insert(*t);
-            }
-        }
-        first_seen
-            .values()
-            .filter(|t| **t > killed_at + moved)
-            .count()
-    };
     for n in ["frontend", "payments"] {
         let id = format!("spiffe://{TD}/{n}");
         assert!(
-            after_kill(&id) >= 2,
+            rotated_through_survivor(&updates, &id) >= 2,
             "{id}: fewer than two rotations through the survivor: {:?}",
             seen.get(&id)
         );
@@ -324,11 +344,7 @@ async fn agent_fails_over_when_its_server_is_killed() {
     }
     // The agent renewed its own SVID through the survivor.
     let log = agent.log();
-    let renewals = log
-        .lines()
-        .filter(|l| l.contains("agent SVID renewed"))
-        .count();
-    assert!(renewals >= 2, "agent SVID not renewed:\n{log}");
+    assert!(renewals(&log) >= 2, "agent SVID not renewed:\n{log}");
     assert!(
         log.contains(&format!("server={}", survivor.node_addr))
             || log.contains(&format!("server: {}", survivor.node_addr)),

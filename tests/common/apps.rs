@@ -177,6 +177,11 @@ impl Traffic {
         }
     }
 
+    /// Lines echoed on the keep-alive connection so far.
+    pub fn stream_lines(&self) -> usize {
+        self.stream_lines.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Requests that failed so far.
     pub fn failures(&self) -> usize {
         self.requests_failed.lock().expect("lock").len()
