@@ -1,8 +1,11 @@
 //! Group commit for issuance: concurrent signing calls hand their journal
 //! records and audit events to one writer task, which stores everything
-//! pending in one SQLite transaction and one audit fsync, then acknowledges
-//! every caller. Nothing is returned to an agent before it is on record, and
-//! concurrent batches never contend for SQLite's write lock.
+//! pending in one store transaction and one audit fsync, both at once, then
+//! acknowledges every caller. Nothing is returned to an agent before it is
+//! on record in both, and concurrent batches never contend for SQLite's
+//! write lock. When one of the two writes fails, the other may hold records
+//! of certificates that were signed but never handed out: the record errs
+//! on the side of too much, never too little.
 
 use std::sync::Arc;
 
@@ -68,15 +71,16 @@ impl Journal {
                     events.extend(p.events);
                     waiters.push(p.done);
                 }
-                let result = match store.record_issued(&records).await {
-                    Err(e) => Err(JournalError::Store {
+                // Both writes (and their fsyncs) at once: a batch waits for
+                // the slower of the two, not for their sum.
+                let (stored, audited) =
+                    tokio::join!(store.record_issued(&records), audit.record(events));
+                let result = match (stored, audited) {
+                    (Err(e), _) => Err(JournalError::Store {
                         unavailable: e.is_unavailable(),
                         message: e.to_string(),
                     }),
-                    Ok(()) => audit
-                        .record(events)
-                        .await
-                        .map_err(|e| JournalError::Audit(e.to_string())),
+                    (Ok(()), audited) => audited.map_err(|e| JournalError::Audit(e.to_string())),
                 };
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "issuance journal write failed");

@@ -5,16 +5,14 @@
 //! checks that the trust material will not expire within a window.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use meshid_proto::admin::{
-    AuthorityActionRequest, AuthorityActionResponse, HealthRequest, ImportAuthorityRequest,
-    ListAuthoritiesRequest, ListAuthoritiesResponse,
-};
-use meshid_proto::types::Authority;
-use serde_json::json;
+use meshid_proto::admin::{AuthorityActionRequest, ImportAuthorityRequest, ListAuthoritiesRequest};
 
+use super::ca_check::check;
+pub(super) use super::ca_output::ts;
+use super::ca_output::{report, show};
 use super::ca_rollout::{RolloutCmd, parse_percent, rollout_json, rollout_text};
 use crate::cli::{AdminArgs, admin_client, status};
 
@@ -171,120 +169,6 @@ pub enum CaCmd {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
         warn: Duration,
     },
-}
-
-pub(super) fn ts(s: i64) -> String {
-    if s <= 0 {
-        return "-".into();
-    }
-    humantime::format_rfc3339_seconds(
-        SystemTime::UNIX_EPOCH + Duration::from_secs(s.unsigned_abs()),
-    )
-    .to_string()
-}
-
-fn now() -> i64 {
-    meshid_identity::svid::unix(SystemTime::now())
-}
-
-fn authority_json(a: &Authority, live: i64, last: i64) -> serde_json::Value {
-    json!({
-        "id": a.id, "kind": a.kind, "state": a.state, "tainted": a.tainted, "owner": a.owner,
-        "serial": a.serial, "origin": a.origin,
-        "not_before": a.not_before, "not_after": a.not_after,
-        "prepared_at": a.prepared_at, "activated_at": a.activated_at,
-        "retired_at": a.retired_at, "tainted_at": a.tainted_at, "removed_at": a.removed_at,
-        "live_svids": live, "last_svid_not_after": last,
-    })
-}
-
-fn show(r: &ListAuthoritiesResponse, output: Output) {
-    if output == Output::Json {
-        println!(
-            "{}",
-            json!({
-                "trust_domain": r.trust_domain,
-                "spiffe_id": meshid_identity::spiffe_id::trust_domain_id(&r.trust_domain),
-                "next_transition": r.next_transition,
-                "next_transition_at": r.next_transition_at,
-                "authorities": r.authorities.iter().filter_map(|s| s.authority.as_ref().map(|a| authority_json(a, s.live_svids, s.last_svid_not_after))).collect::<Vec<_>>(),
-                "last_rollout": r.last_rollout.as_ref().map(rollout_json),
-            })
-        );
-        return;
-    }
-    println!(
-        "Trust domain {}",
-        meshid_identity::spiffe_id::trust_domain_id(&r.trust_domain)
-    );
-    if !r.next_transition.is_empty() {
-        println!(
-            "Next transition: {} at {} (in {}s)",
-            r.next_transition,
-            ts(r.next_transition_at),
-            (r.next_transition_at - now()).max(0)
-        );
-    }
-    println!(
-        "\n{:<5} {:<9} {:<8} {:<42} {:<21} {:<21} {:>5}",
-        "KIND", "STATE", "TAINTED", "ID", "NOT BEFORE", "NOT AFTER", "LIVE"
-    );
-    for s in &r.authorities {
-        let Some(a) = &s.authority else { continue };
-        println!(
-            "{:<5} {:<9} {:<8} {:<42} {:<21} {:<21} {:>5}",
-            a.kind,
-            a.state,
-            if a.tainted { "yes" } else { "no" },
-            a.id,
-            ts(a.not_before),
-            ts(a.not_after),
-            s.live_svids
-        );
-    }
-    if let Some(ro) = &r.last_rollout {
-        println!();
-        rollout_text(ro);
-    }
-}
-
-fn report(r: &AuthorityActionResponse) {
-    println!("{}", r.summary);
-    for a in &r.changed {
-        println!(
-            "  {} {} -> {}{} (until {})",
-            a.kind,
-            a.id,
-            a.state,
-            if a.tainted { ", tainted" } else { "" },
-            ts(a.not_after)
-        );
-    }
-    if !r.affected.is_empty() {
-        println!(
-            "{} live SVID(s) affected, held by {} agent(s):",
-            r.affected.len(),
-            r.affected_agents.len()
-        );
-        for s in r.affected.iter().take(50) {
-            println!(
-                "  {} serial {} (agent {}, until {})",
-                s.spiffe_id,
-                s.serial,
-                s.agent_id,
-                ts(s.not_after)
-            );
-        }
-        if r.affected.len() > 50 {
-            println!("  … and {} more", r.affected.len() - 50);
-        }
-    }
-    if let Some(ro) = &r.rollout {
-        rollout_text(ro);
-    }
-    if r.dry_run {
-        println!("dry run: nothing changed");
-    }
 }
 
 /// Runs `meshid server ca …`.
@@ -448,94 +332,4 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn check(admin: &AdminArgs, warn: Duration) -> anyhow::Result<()> {
-    let mut c = admin_client(&admin.admin_socket).await?;
-    let mut problems = Vec::new();
-    let health = c.health(HealthRequest {}).await;
-    let warnings = match health {
-        Ok(h) => h.into_inner().warnings,
-        Err(e) => {
-            problems.push(format!("server not ready: {}", e.message()));
-            Vec::new()
-        }
-    };
-    let list = c
-        .list_authorities(ListAuthoritiesRequest { all: false })
-        .await
-        .map_err(status)?
-        .into_inner();
-    let horizon = now() + i64::try_from(warn.as_secs()).unwrap_or(i64::MAX);
-    let rotating = !list.next_transition.is_empty();
-    if rotating && list.next_transition_at < now() - 60 {
-        problems.push(format!(
-            "rotation is overdue: {} was due at {}",
-            list.next_transition,
-            ts(list.next_transition_at)
-        ));
-    }
-    let usable: Vec<&Authority> = list
-        .authorities
-        .iter()
-        .filter_map(|s| s.authority.as_ref())
-        .filter(|a| {
-            a.kind == "x509" && (a.state == "active" || a.state == "prepared") && !a.tainted
-        })
-        .collect();
-    let latest = usable.iter().map(|a| a.not_after).max().unwrap_or(0);
-    if !rotating && latest < horizon {
-        problems.push(format!(
-            "the X.509 CA ends at {} (within {}) and nothing rotates it automatically",
-            ts(latest),
-            humantime::format_duration(warn)
-        ));
-    }
-    // Roots the bundle publishes (the CA itself, or the upstream roots).
-    let mut roots_na = Vec::new();
-    for a in &usable {
-        for r in &a.roots {
-            if let Ok((_, cert)) = x509_parser::parse_x509_certificate(r) {
-                roots_na.push(cert.validity().not_after.timestamp());
-            }
-        }
-    }
-    if let Some(max) = roots_na.iter().max()
-        && *max < horizon
-        && usable.iter().any(|a| a.origin != "self_signed")
-    {
-        problems.push(format!(
-            "every upstream root ends by {} (within {})",
-            ts(*max),
-            humantime::format_duration(warn)
-        ));
-    }
-    for w in &warnings {
-        println!("warning: {w}");
-    }
-    if problems.is_empty() {
-        println!(
-            "trust material OK for the next {}: CA valid until {}{}",
-            humantime::format_duration(warn),
-            ts(latest),
-            if rotating {
-                format!(
-                    ", next transition {} at {}",
-                    list.next_transition,
-                    ts(list.next_transition_at)
-                )
-            } else {
-                String::new()
-            }
-        );
-        Ok(())
-    } else {
-        for p in &problems {
-            println!("problem: {p}");
-        }
-        anyhow::bail!(
-            "trust material needs attention within {}",
-            humantime::format_duration(warn)
-        )
-    }
 }

@@ -16,6 +16,8 @@ mod agent;
 mod audit;
 mod bundle;
 mod ca;
+mod ca_check;
+mod ca_output;
 mod ca_rollout;
 mod entry;
 mod safe_ops;

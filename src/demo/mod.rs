@@ -5,15 +5,22 @@
 //! rotation happens under an open connection; and a server pointed at an
 //! expired intermediate CA refuses to start.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use meshid_identity::spiffe_id::id_in;
+
+mod app;
+mod fixtures;
+mod procs;
+
+use app::{admin_get, http_get, run_app, serial_of};
+use fixtures::expired_intermediate;
+use procs::{Children, free_port, meshid, spawn, step, stop_all, wait_until};
 
 const TD: &str = "demo.local";
 
@@ -29,174 +36,6 @@ pub struct DemoCli {
     /// Hidden: run the demo payments app on this address.
     #[arg(long, hide = true)]
     app: Option<String>,
-}
-
-type Children = Arc<Mutex<Vec<Child>>>;
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn step(msg: &str) {
-    println!("\n== {msg}");
-}
-
-fn spawn(children: &Children, dir: &Path, log: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = std::fs::File::create(dir.join(log))?;
-    let child = Command::new(std::env::current_exe()?)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("starting meshid {}", args.join(" ")))?;
-    children
-        .lock()
-        .map_err(|_| anyhow::anyhow!("lock"))?
-        .push(child);
-    Ok(())
-}
-
-fn meshid(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(std::env::current_exe()?).args(args).output()?;
-    if !out.status.success() {
-        bail!(
-            "meshid {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("timed out waiting for {what}")
-}
-
-fn http_get(conn: &mut TcpStream, path: &str) -> anyhow::Result<String> {
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: payments\r\nx-spiffe-id: spiffe://{TD}/forged\r\n\r\n"
-    )?;
-    let mut r = BufReader::new(conn.try_clone()?);
-    let mut len = 0usize;
-    let mut status = String::new();
-    r.read_line(&mut status)?;
-    loop {
-        let mut l = String::new();
-        r.read_line(&mut l)?;
-        if l.trim().is_empty() {
-            break;
-        }
-        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body)?;
-    if !status.contains(" 200 ") {
-        bail!("status {}", status.trim());
-    }
-    Ok(String::from_utf8_lossy(&body).to_string())
-}
-
-fn admin_get(addr: &str, path: &str) -> Option<String> {
-    let mut c = TcpStream::connect(addr).ok()?;
-    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut s = String::new();
-    c.read_to_string(&mut s).ok()?;
-    s.starts_with("HTTP/1.1 200").then_some(s)
-}
-
-fn serial_of(readyz: &str) -> String {
-    readyz
-        .lines()
-        .find_map(|l| l.strip_prefix("serial: "))
-        .unwrap_or("?")
-        .to_string()
-}
-
-/// The payments app: answers every request with the caller the sidecar verified.
-fn run_app(addr: &str) -> anyhow::Result<()> {
-    let l = TcpListener::bind(addr)?;
-    for conn in l.incoming() {
-        let Ok(conn) = conn else { continue };
-        std::thread::spawn(move || {
-            let mut w = match conn.try_clone() {
-                Ok(w) => w,
-                Err(_) => return,
-            };
-            let mut r = BufReader::new(conn);
-            loop {
-                let mut caller = String::from("(none)");
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
-                    return;
-                }
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if h.trim().is_empty() {
-                        break;
-                    }
-                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("x-spiffe-id:") {
-                        caller = v.trim().to_string();
-                    }
-                }
-                let body = format!("payments served caller {caller}");
-                if write!(
-                    w,
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                )
-                .is_err()
-                {
-                    return;
-                }
-            }
-        });
-    }
-    Ok(())
-}
-
-fn expired_intermediate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let root_key = KeyPair::generate()?;
-    let mut rp = CertificateParams::new(Vec::<String>::new())?;
-    rp.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    rp.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    rp.distinguished_name
-        .push(DnType::CommonName, "corp root CA");
-    let root = rp.self_signed(&root_key)?;
-    let key = KeyPair::generate()?;
-    let mut ip = CertificateParams::new(Vec::<String>::new())?;
-    ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-    ip.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    ip.distinguished_name
-        .push(DnType::CommonName, "corp intermediate CA (expired)");
-    ip.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(400);
-    ip.not_after = time::OffsetDateTime::now_utc() - time::Duration::minutes(24);
-    let int = ip.signed_by(&key, &Issuer::new(rp, root_key))?;
-    let cert = dir.join("upstream.pem");
-    let k = dir.join("upstream.key");
-    std::fs::write(&cert, format!("{}{}", int.pem(), root.pem()))?;
-    std::fs::write(&k, key.serialize_pem())?;
-    Ok((cert, k))
 }
 
 impl DemoCli {
@@ -239,17 +78,6 @@ impl DemoCli {
             Err(e) => Err(e.context(format!("demo failed (logs were in {})", dir.display()))),
         }
     }
-}
-
-fn stop_all(children: &Children, dir: &Path) {
-    if let Ok(mut cs) = children.lock() {
-        for c in cs.iter_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        cs.clear();
-    }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[allow(clippy::too_many_lines)]
