@@ -3,7 +3,9 @@
 //! clients sending batches of CSRs over mTLS. Printed beside the raw
 //! in-process signing rate of the same CA code, as a ratio.
 //!
-//! `cargo bench --bench node_sign` (env: BATCH, CLIENTS, SECONDS).
+//! `cargo bench --bench node_sign` (env: BATCH, CLIENTS, SECONDS;
+//! BASELINE_MESHID=/path/to/an/older/meshid adds that binary's server,
+//! measured the same way right after).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -39,16 +41,28 @@ fn in_process_rate(csrs: &[Vec<u8>], seconds: f64) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
-#[tokio::main]
-async fn main() {
-    let batch = env("BATCH", 100);
-    let clients = env("CLIENTS", 4);
-    let seconds = env("SECONDS", 10) as f64;
+/// What one server did under the load.
+struct Figures {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    total: u64,
+    audit_lines: usize,
+}
 
-    let csrs: Arc<Vec<Vec<u8>>> = Arc::new((0..batch).map(|_| key_and_csr().1).collect());
-    let baseline = in_process_rate(&csrs, 3.0);
-
-    let server = Server::start("max_sign_batch = 10000\ndefault_svid_ttl = \"1h\"");
+/// Starts a server (this build's, or `bin`), attests one agent and runs
+/// `clients` closed-loop clients sending batches of `csrs` for `seconds`.
+async fn measure(
+    bin: Option<&std::ffi::OsStr>,
+    csrs: &Arc<Vec<Vec<u8>>>,
+    clients: usize,
+    seconds: f64,
+) -> Figures {
+    let config = "max_sign_batch = 10000\ndefault_svid_ttl = \"1h\"";
+    let server = match bin {
+        Some(b) => Server::start_bin(b, config),
+        None => Server::start(config),
+    };
     let bundle = server.bundle_pem();
     let alias = format!("spiffe://{TD}/node/bench");
     let token = server.ok(&["token", "create", "--spiffe-id", &alias]);
@@ -122,24 +136,63 @@ async fn main() {
         .map(|s| s.lines().count())
         .unwrap_or(0);
 
-    println!(
-        "node API X509-SVID signing: batch={batch} clients={clients} duration={elapsed:.1}s, audit log + SQLite journal on"
-    );
-    println!(
-        "{:<44} {:>12} {:>10} {:>10}",
-        "path", "SVIDs/s", "p50 batch", "p99 batch"
-    );
-    println!(
-        "{:<44} {:>12.0} {:>10} {:>10}",
-        "in-process CA signing (baseline, 1 thread)", baseline, "-", "-"
-    );
-    println!(
-        "{:<44} {:>12.0} {:>8.1}ms {:>8.1}ms",
-        "meshid node API (mTLS, gRPC, audited)",
+    Figures {
         rate,
-        pct(&lat, 0.50).as_secs_f64() * 1e3,
-        pct(&lat, 0.99).as_secs_f64() * 1e3
+        p50: pct(&lat, 0.50),
+        p99: pct(&lat, 0.99),
+        total,
+        audit_lines,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let batch = env("BATCH", 100);
+    let clients = env("CLIENTS", 4);
+    let seconds = env("SECONDS", 10) as f64;
+
+    let csrs: Arc<Vec<Vec<u8>>> = Arc::new((0..batch).map(|_| key_and_csr().1).collect());
+    let baseline = in_process_rate(&csrs, 3.0);
+    let ours = measure(None, &csrs, clients, seconds).await;
+    // BASELINE_MESHID=/path/to/an/older/meshid: the same load on a server
+    // run by that binary, right after, for a before/after in one run.
+    let older = match std::env::var_os("BASELINE_MESHID") {
+        Some(bin) => Some(measure(Some(&bin), &csrs, clients, seconds).await),
+        None => None,
+    };
+
+    println!(
+        "node API X509-SVID signing: batch={batch} clients={clients} duration={seconds:.0}s, audit log + SQLite journal on; load average {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
-    println!("ratio node API / in-process: {:.2}", rate / baseline);
-    println!("SVIDs signed: {total}; audit lines: {audit_lines}");
+    println!(
+        "{:<44} {:>12} {:>10} {:>10} {:>8}",
+        "path", "SVIDs/s", "p50 batch", "p99 batch", "ratio"
+    );
+    println!(
+        "{:<44} {:>12.0} {:>10} {:>10} {:>8}",
+        "in-process CA signing (baseline, 1 thread)", baseline, "-", "-", "1.00"
+    );
+    let row = |name: &str, f: &Figures| {
+        println!(
+            "{:<44} {:>12.0} {:>8.1}ms {:>8.1}ms {:>8.2}",
+            name,
+            f.rate,
+            f.p50.as_secs_f64() * 1e3,
+            f.p99.as_secs_f64() * 1e3,
+            f.rate / baseline
+        );
+    };
+    row("meshid node API (mTLS, gRPC, audited)", &ours);
+    if let Some(o) = &older {
+        row("BASELINE_MESHID node API", o);
+        println!("this build / BASELINE_MESHID: {:.2}", ours.rate / o.rate);
+    }
+    println!("ratio node API / in-process: {:.2}", ours.rate / baseline);
+    println!(
+        "SVIDs signed: {}; audit lines: {}",
+        ours.total, ours.audit_lines
+    );
 }

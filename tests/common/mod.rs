@@ -94,11 +94,28 @@ impl Server {
         Self::start_with_uid(dir, config, Some(uid))
     }
 
+    /// Starts a server run by another `meshid` binary (a bench's
+    /// baseline), with `extra` config; the admin CLI stays this build's.
+    pub fn start_bin(bin: &std::ffi::OsStr, extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_server_config(dir.path(), extra);
+        Self::spawn(dir, config, None, Some(bin))
+    }
+
     fn start_with_uid(dir: tempfile::TempDir, config: PathBuf, uid: Option<u32>) -> Self {
+        Self::spawn(dir, config, uid, None)
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        uid: Option<u32>,
+        bin: Option<&std::ffi::OsStr>,
+    ) -> Self {
         use std::os::unix::process::CommandExt as _;
         let admin_socket = dir.path().join("admin.sock");
         let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
-        let mut cmd = meshid();
+        let mut cmd = bin.map_or_else(meshid, Command::new);
         if let Some(uid) = uid {
             cmd.uid(uid).gid(uid);
         }
