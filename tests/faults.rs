@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -243,9 +244,17 @@ fn spawn_server_ignoring_sigxfsz(config: &Path, log: &Path) -> Child {
         .expect("spawn server")
 }
 
+/// A child killed on drop, with its whole process group when it leads one
+/// (`faketime` forks the agent rather than exec'ing it).
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -820,6 +829,7 @@ async fn agents_with_clock_skew_still_serve_and_rotate() {
                 .arg(&config)
                 .args(["--join-token", &token])
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .process_group(0)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.join("agent.log")).expect("log"))
                 .spawn()
