@@ -26,6 +26,7 @@ use crate::ca::jwt::SignedJwt;
 use crate::ca::{IssueError, IssuedSvid};
 use crate::journal::JournalError;
 use crate::metrics::OutcomeLabels;
+use crate::signing_pool::PoolError;
 use crate::state::ServerState;
 use crate::store::{AgentRecord, IssuedRecord, StoreError};
 
@@ -50,6 +51,9 @@ pub enum IssuanceError {
     /// nothing was handed out.
     #[error("not recorded, so not issued: {0}")]
     NotRecorded(#[from] JournalError),
+    /// The signing threads failed the batch (nothing was handed out).
+    #[error("signing: {0}")]
+    Signing(#[from] PoolError),
 }
 
 /// Why one request of a batch was not served (the others still are).
@@ -181,14 +185,32 @@ fn refusal_event(kind: &str, agent: &AgentRecord, r: &Refusal) -> Option<Event> 
 }
 
 /// Smallest share of a batch worth a thread of its own (about 1 ms of
-/// signing); below it a batch is signed on the calling thread.
+/// signing); below it a batch is one job.
 const MIN_PER_SIGNING_THREAD: usize = 16;
 
-/// How many threads sign a batch of `n`: one per core, each with at least
-/// [`MIN_PER_SIGNING_THREAD`] certificates.
-fn signing_threads(n: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    cores.min(n / MIN_PER_SIGNING_THREAD).max(1)
+/// How many jobs a batch of `n` is cut into: one per signing thread, each
+/// with at least [`MIN_PER_SIGNING_THREAD`] certificates.
+fn signing_jobs(n: usize, threads: usize) -> usize {
+    threads.min(n / MIN_PER_SIGNING_THREAD).max(1)
+}
+
+/// One X.509 request as the signing threads take it.
+type X509Job = ((Result<Entry, Refusal>, Vec<u8>), Duration);
+
+/// Signs one request (CSR verification included) on a signing thread.
+fn sign_one(
+    ca: &crate::ca::SigningCa,
+    ((entry, csr), ttl): X509Job,
+    now: SystemTime,
+) -> (Option<String>, Result<IssuedSvid, Refusal>) {
+    match entry {
+        Err(r) => (None, Err(r)),
+        Ok(e) => (
+            Some(e.id.clone()),
+            ca.sign_x509_svid(&csr, &e.spiffe_id, &e.dns_names, ttl, now)
+                .map_err(Refusal::from),
+        ),
+    }
 }
 
 /// Signs a batch of X509-SVIDs for `agent`: one result per request, in
@@ -210,52 +232,29 @@ pub async fn sign_x509(
         .iter()
         .map(|(e, _)| e.as_ref().map_or(Duration::ZERO, |e| x509_ttl(st, e)))
         .collect();
-    // Signing is CPU work: off the async workers, and a large batch is
-    // spread over the cores (one chunk per core, in order).
+    // Signing is CPU work: on the signing pool (one thread per core, first
+    // come first served), a large batch cut into one job per thread, the
+    // results put back in request order.
     let signed: Vec<(Option<String>, Result<IssuedSvid, Refusal>)> = {
-        let ca = ca.clone();
-        let work: Vec<_> = jobs.into_iter().zip(ttls).collect();
-        tokio::task::block_in_place(move || {
-            let sign_one =
-                |((entry, csr), ttl): ((Result<Entry, Refusal>, Vec<u8>), Duration)| match entry {
-                    Err(r) => (None, Err(r)),
-                    Ok(e) => (
-                        Some(e.id.clone()),
-                        ca.sign_x509_svid(&csr, &e.spiffe_id, &e.dns_names, ttl, now)
-                            .map_err(Refusal::from),
-                    ),
-                };
-            let threads = signing_threads(work.len());
-            if threads <= 1 {
-                return work.into_iter().map(sign_one).collect();
-            }
-            // In order: the first chunk here, the others on scoped threads.
-            let size = work.len().div_ceil(threads);
-            let mut rest = work;
-            let mut chunks = Vec::new();
-            while rest.len() > size {
-                let tail = rest.split_off(size);
-                chunks.push(std::mem::replace(&mut rest, tail));
-            }
-            chunks.push(rest);
-            let mut chunks = chunks.into_iter();
-            let first = chunks.next().unwrap_or_default();
-            std::thread::scope(|scope| {
-                let others: Vec<_> = chunks
-                    .map(|part| {
-                        scope.spawn(move || part.into_iter().map(sign_one).collect::<Vec<_>>())
-                    })
-                    .collect();
-                let mut out: Vec<_> = first.into_iter().map(sign_one).collect();
-                for h in others {
-                    match h.join() {
-                        Ok(part) => out.extend(part),
-                        Err(p) => std::panic::resume_unwind(p),
-                    }
-                }
-                out
-            })
-        })
+        let mut rest: Vec<X509Job> = jobs.into_iter().zip(ttls).collect();
+        let n = rest.len();
+        let size = n.div_ceil(signing_jobs(n, st.signing.threads()));
+        let mut queued = Vec::new();
+        while !rest.is_empty() {
+            let tail = rest.split_off(size.min(rest.len()));
+            let part = std::mem::replace(&mut rest, tail);
+            let ca = ca.clone();
+            queued.push(st.signing.submit(move || {
+                part.into_iter()
+                    .map(|job| sign_one(&ca, job, now))
+                    .collect::<Vec<_>>()
+            })?);
+        }
+        let mut out = Vec::with_capacity(n);
+        for part in queued {
+            out.extend(part.await?);
+        }
+        out
     };
     let mut records = Vec::new();
     let mut events = Vec::new();

@@ -13,6 +13,7 @@ pub mod journal;
 pub mod metrics;
 pub mod run;
 pub mod safe_ops;
+pub mod signing_pool;
 pub mod state;
 pub mod store;
 pub mod sync_view;

@@ -35,6 +35,8 @@ pub struct ServerState {
     pub metrics: Arc<Metrics>,
     /// Group-commit writer for the issuance journal and its audit events.
     pub journal: crate::journal::Journal,
+    /// The threads that verify CSRs and sign, one per core.
+    pub signing: crate::signing_pool::SigningPool,
     /// Bumped on every change that agents must see (entries, bundles, agents).
     pub changes: watch::Sender<u64>,
     /// What the sync streams serve, read once per change for all of them.
@@ -76,6 +78,7 @@ impl ServerState {
         let (changes, _) = watch::channel(0u64);
         Arc::new(Self {
             journal: crate::journal::Journal::start(store.clone(), audit.clone()),
+            signing: crate::signing_pool::SigningPool::per_core(),
             config,
             ca,
             tainted: Default::default(),

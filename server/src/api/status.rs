@@ -44,6 +44,10 @@ impl From<IssuanceError> for Status {
             // unreachable database or audit log is Unavailable: retry).
             IssuanceError::Store(s) => Status::from(s),
             IssuanceError::NotRecorded(j) => Status::from(j),
+            IssuanceError::Signing(crate::signing_pool::PoolError::Panicked) => {
+                Status::internal(e.to_string())
+            }
+            IssuanceError::Signing(_) => Status::unavailable(e.to_string()),
             IssuanceError::BatchSize { .. } => Status::invalid_argument(e.to_string()),
             IssuanceError::Invalid(ref i) => Status::new(issue_code(i), e.to_string()),
         }
