@@ -84,6 +84,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Entries whose selectors are all among `selectors`.
+    #[cfg(test)]
     pub fn matching(&self, selectors: &[Selector]) -> Vec<&Entry> {
         self.matching_indices(selectors)
             .into_iter()

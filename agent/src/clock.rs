@@ -42,11 +42,13 @@ pub fn system() -> SharedClock {
 /// Wall-clock time that follows tokio's clock from a starting point: paused
 /// and advanced together with it in tests.
 #[derive(Debug, Clone, Copy)]
+#[cfg(test)]
 pub struct TokioClock {
     start: SystemTime,
     at: tokio::time::Instant,
 }
 
+#[cfg(test)]
 impl TokioClock {
     /// A clock reading `start` now (tokio time).
     pub fn starting_at(start: SystemTime) -> Self {
@@ -57,6 +59,7 @@ impl TokioClock {
     }
 }
 
+#[cfg(test)]
 impl Clock for TokioClock {
     fn now(&self) -> SystemTime {
         self.start + self.at.elapsed()

@@ -52,11 +52,13 @@ impl JwtSvidCache {
     }
 
     /// Number of cached JWT-SVIDs.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
     /// Whether the cache is empty.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

@@ -112,11 +112,6 @@ impl PeerStream {
         self.writers.clone()
     }
 
-    /// The stream itself.
-    pub fn get_ref(&self) -> &UnixStream {
-        &self.inner
-    }
-
     /// One `recvmsg`: bytes read and the writer's pid (0 when the kernel
     /// attached no credentials).
     fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, i32)> {

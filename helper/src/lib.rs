@@ -8,7 +8,7 @@
 //! - [`run`]: the Workload API loops and the notification of the application.
 
 pub mod cli;
-pub mod config;
-pub mod publish;
-pub mod render;
-pub mod run;
+mod config;
+mod publish;
+mod render;
+mod run;

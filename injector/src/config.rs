@@ -76,6 +76,7 @@ impl InjectorConfig {
     }
 
     /// Parses and validates TOML text.
+    #[cfg(test)]
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         meshid_identity::config_file::parse::<Self>(text)?.validated()
     }

@@ -6,9 +6,9 @@
 //! The decision and the patch are a pure function of the AdmissionReview
 //! ([`mutate`]); [`server`] is only the HTTPS transport around it.
 
-pub mod annotations;
+mod annotations;
 pub mod cli;
-pub mod config;
-pub mod mutate;
-pub mod review;
-pub mod server;
+mod config;
+mod mutate;
+mod review;
+mod server;

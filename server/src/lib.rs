@@ -1,19 +1,19 @@
 //! meshid server: the trust domain's CA, registry, node API and admin API.
 
-pub mod admin_certs;
-pub mod api;
-pub mod attest;
+mod admin_certs;
+mod api;
+mod attest;
 pub mod audit;
 pub mod bundle_format;
 pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod issuance;
-pub mod journal;
+mod journal;
 pub mod metrics;
-pub mod run;
-pub mod safe_ops;
-pub mod signing_pool;
+mod run;
+mod safe_ops;
+mod signing_pool;
 pub mod state;
 pub mod store;
-pub mod sync_view;
+mod sync_view;

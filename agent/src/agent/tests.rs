@@ -13,8 +13,9 @@ use crate::clock::{SharedClock, TokioClock};
 use crate::config::AgentConfig;
 use crate::identity_store::IdentityStore;
 use crate::jwt_svids::JwtSvids;
+use crate::node_api::NodeApi;
 use crate::node_api::fake::{FakeNode, TD};
-use crate::node_api::{MIN_RETRY, NodeApi};
+use crate::node_api::retry::MIN_RETRY;
 
 /// A whole second, so certificate times (seconds) are exact.
 fn start() -> SystemTime {

@@ -132,11 +132,6 @@ impl FakeNode {
         self.root.clone()
     }
 
-    /// Sets the lifetime of the X509-SVIDs signed from now on.
-    pub fn set_x509_ttl(&self, ttl: Duration) {
-        *self.x509_ttl.lock().expect("lock") = ttl;
-    }
-
     /// The next `n` calls fail with Unavailable.
     pub fn set_server_count(&self, n: usize) {
         self.servers.store(n.max(1), Ordering::Relaxed);

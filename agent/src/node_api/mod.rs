@@ -23,10 +23,7 @@ pub mod retry;
 pub mod servers;
 pub mod tonic_client;
 
-pub use retry::{
-    FAILOVER_JITTER, MIN_RETRY, RetrySchedule, backoff, bound_by_expiry, is_server_failure,
-};
-pub use servers::PER_SERVER_CONNECT_TIMEOUT;
+pub use retry::{RetrySchedule, backoff, bound_by_expiry, is_server_failure};
 pub use tonic_client::TonicNodeApi;
 
 /// Failures talking to the server or handling the agent identity.
@@ -36,14 +33,6 @@ pub enum ClientError {
     /// The server refused or failed a call.
     #[error("server: {0}")]
     Status(#[from] tonic::Status),
-    /// No connection could be made.
-    #[error("connect to {addr}: {message}")]
-    Connect {
-        /// Address tried.
-        addr: String,
-        /// Why.
-        message: String,
-    },
     /// The agent identity files are missing, unreadable or invalid.
     #[error("agent identity: {0}")]
     Identity(String),

@@ -36,6 +36,7 @@ impl RetrySchedule {
     }
 
     /// Failures since the last success.
+    #[cfg(test)]
     pub fn failures(&self) -> u32 {
         self.failures
     }

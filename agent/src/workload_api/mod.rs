@@ -32,7 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::agent::Agent;
-use crate::attest::{UnixAttestor, WorkloadAttestor};
+use crate::attest::WorkloadAttestor;
 use crate::attest_cache::AttestCache;
 use crate::cache::Snapshot;
 use crate::jwt_svids::JwtSvids;
@@ -46,7 +46,6 @@ mod x509;
 
 pub use crate::jwt_svids::JWT_CACHE_CAPACITY;
 pub use conn::{CallerConn, Peer};
-pub use jwt::{MAX_AUDIENCE_BYTES, MAX_AUDIENCE_TOTAL_BYTES, MAX_AUDIENCES};
 use selection::Drops;
 use served::{Encoded, Served, ServedCache};
 
@@ -70,11 +69,6 @@ impl WorkloadApi {
     /// The agent whose snapshots this service serves.
     pub(crate) fn agent(&self) -> &Arc<Agent> {
         &self.agent
-    }
-
-    /// A service over the agent's snapshots, attesting with the unix attestor.
-    pub fn new(agent: Arc<Agent>) -> Self {
-        Self::with_attestor(agent, Arc::new(UnixAttestor::default()))
     }
 
     /// A service attesting callers with `attestor`.

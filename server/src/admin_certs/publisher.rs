@@ -12,7 +12,6 @@ use std::time::SystemTime;
 use arc_swap::ArcSwapOption;
 use axum::http::StatusCode;
 use axum::routing::get;
-use tokio::sync::Notify;
 
 use crate::ca::crl::{CrlError, SignedCrl};
 use crate::state::ServerState;
@@ -34,7 +33,6 @@ pub enum PublishError {
 #[derive(Debug, Default)]
 pub struct CrlPublisher {
     current: ArcSwapOption<SignedCrl>,
-    wake: Notify,
 }
 
 impl CrlPublisher {
@@ -49,10 +47,7 @@ impl CrlPublisher {
         drop(state);
         tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    () = tokio::time::sleep(refresh) => {},
-                    () = me.wake.notified() => {},
-                }
+                tokio::time::sleep(refresh).await;
                 let Some(st) = weak.upgrade() else { break };
                 if let Err(e) = me.rebuild(&st).await {
                     let left = me.current().map_or(0, |c| {
@@ -72,11 +67,6 @@ impl CrlPublisher {
     /// The CRL currently published.
     pub fn current(&self) -> Option<Arc<SignedCrl>> {
         self.current.load_full()
-    }
-
-    /// Asks the renewal task to rebuild now.
-    pub fn wake(&self) {
-        self.wake.notify_one();
     }
 
     /// Rebuilds and publishes the CRL from the store, signed by the active CA.

@@ -5,7 +5,6 @@
 //! other connection.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -53,8 +52,6 @@ impl ResolvesServerCert for ServerCertResolver {
 /// What the node API knows about a connection's peer.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
-    /// Remote address.
-    pub addr: Option<SocketAddr>,
     /// The verified client certificate chain (leaf first), if one was sent.
     pub certs: Option<Arc<Vec<Vec<u8>>>>,
 }
@@ -194,10 +191,7 @@ pub fn accept_loop(
                             });
                         let conn = NodeConn {
                             inner: tls,
-                            info: PeerInfo {
-                                addr: Some(addr),
-                                certs,
-                            },
+                            info: PeerInfo { certs },
                             _slot: slot,
                         };
                         let _ = tx.send(Ok(conn)).await;

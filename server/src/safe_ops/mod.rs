@@ -23,7 +23,7 @@ pub mod undo;
 
 pub use blast_radius::BlastRadius;
 pub use config::SafeOpsConfig;
-pub use plan::{Kind, Plan};
+pub use plan::Plan;
 pub use service::SafeOps;
 
 use tonic::Status;
