@@ -313,6 +313,9 @@ async fn forward_tcp(
             return;
         }
     }
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(crate::copy::SEND_BUFFER_LIMIT));
     match splice(&mut app, tls).await {
         Ok((to_peer, from_peer)) => count_bytes(shared, from_peer, to_peer),
         Err(e) => tracing::debug!(%peer, error = %e, "inbound connection ended with error"),

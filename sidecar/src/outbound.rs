@@ -182,9 +182,12 @@ async fn handle(
     };
     let tls = connect_tls(&shared, &ctx, cfg).await;
     drop(pending);
-    let Some(tls) = tls else {
+    let Some(mut tls) = tls else {
         return;
     };
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(crate::copy::SEND_BUFFER_LIMIT));
 
     let started = Instant::now();
     m.active.get_or_create(&dir).inc();
