@@ -24,10 +24,11 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::{Inbound, Mode, Tunnel};
-use crate::copy::{PeerIo, peer_io, splice};
+use crate::copy::splice;
 use crate::failure::{classify_io, describe_io, failure_detail, looks_like_http};
 use crate::identity::{ALPN_H2, InboundTls, PROBE_SNI};
 use crate::metrics::{ByteLabels, DirLabels, Direction};
+use crate::peer_io::{PeerIo, peer_io};
 use crate::shared::{Admission, Shared};
 
 /// The header carrying the peer's SPIFFE ID to the application.

@@ -14,10 +14,11 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::{Outbound, Tunnel, split_host_port};
-use crate::copy::{PeerIo, peer_io, splice};
+use crate::copy::splice;
 use crate::failure::{classify_io, describe_io};
 use crate::identity::OutboundTls;
 use crate::metrics::{ByteLabels, DirLabels, Direction};
+use crate::peer_io::{PeerIo, peer_io};
 use crate::shared::{Admission, Shared};
 use crate::tunnel::outbound::Pool;
 
