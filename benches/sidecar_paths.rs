@@ -8,7 +8,11 @@
 //! Reports wrk requests/s and p50/p99 (-t1 -c32), new connections/s
 //! (Connection: close), and bulk MB/s on one connection, as ratios.
 //!
-//! `cargo bench --bench sidecar_paths` (needs `haproxy` and `wrk`; DURATION=8).
+//! Then resident memory (VmRSS) of each proxy process at idle and with
+//! CONNS (1,000) keep-alive connections open through each pair.
+//!
+//! `cargo bench --bench sidecar_paths` (needs `haproxy` and `wrk`; DURATION=8,
+//! CONNS=1000; PHASES=rps,conn,bulk,memory picks phases; BULK_MIB=512).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -19,7 +23,10 @@ use std::time::{Duration, Instant};
 use common::{AgentProc, Server, TD, free_port, meshid, wait_for};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-const BULK: usize = 512 << 20;
+/// Bytes of the bulk transfer (BULK_MIB, default 512 MiB).
+fn bulk_bytes() -> usize {
+    common::bench::env("BULK_MIB", 512) << 20
+}
 
 async fn app(port: u16) {
     let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -55,13 +62,15 @@ async fn app(port: u16) {
                     }
                 }
                 if bulk {
+                    let total = bulk_bytes();
                     let chunk = vec![b'y'; 1 << 20];
                     let _ = w
                         .write_all(
-                            format!("HTTP/1.1 200 OK\r\ncontent-length: {BULK}\r\n\r\n").as_bytes(),
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {total}\r\n\r\n")
+                                .as_bytes(),
                         )
                         .await;
-                    for _ in 0..(BULK >> 20) {
+                    for _ in 0..(total >> 20) {
                         if w.write_all(&chunk).await.is_err() {
                             return;
                         }
@@ -128,7 +137,8 @@ async fn bulk(port: u16) -> f64 {
     let t = Instant::now();
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0usize;
-    while n < BULK {
+    let total = bulk_bytes();
+    while n < total {
         let r = s.read(&mut buf).await.expect("read");
         if r == 0 {
             break;
@@ -136,6 +146,44 @@ async fn bulk(port: u16) -> f64 {
         n += r;
     }
     n as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+/// Resident memory of process `pid`, from `/proc/<pid>/status`.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Opens `n` keep-alive connections to `port`, each with one request
+/// answered (so every hop is established), and returns them open.
+async fn open_connections(port: u16, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut conns = Vec::with_capacity(n);
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        // The whole response: headers plus the 1 KiB body.
+        let want = "HTTP/1.1 200 OK\r\ncontent-length: 1024\r\n\r\n".len() + 1024;
+        let mut got = 0;
+        while got < want {
+            let r = s.read(&mut buf).await.expect("read");
+            assert!(r > 0, "connection closed");
+            got += r;
+        }
+        conns.push(s);
+    }
+    conns
 }
 
 struct Kill(Vec<Child>);
@@ -276,6 +324,23 @@ async fn main() {
         ("meshid h2 tunnel (mTLS)", t_out),
         ("HAProxy pair (mTLS)", h_out),
     ];
+    let phases = std::env::var("PHASES").unwrap_or_else(|_| "rps,conn,bulk,memory".into());
+    let phase = |p: &str| phases.split(',').any(|x| x == p);
+    // Pairs whose memory is measured: name, port, (inbound, outbound) pids.
+    let pid = |i: usize| procs.0[i].id();
+    let mut pairs = vec![
+        ("meshid sidecars", m_out, (pid(0), pid(1))),
+        ("meshid h2 tunnel", t_out, (pid(2), pid(3))),
+        ("HAProxy (one process)", h_out, (pid(procs.0.len() - 1), 0)),
+    ];
+    if baseline.is_some() {
+        pairs.push(("meshid sidecars, baseline", b_out, (pid(4), pid(5))));
+    }
+    let idle_rss: Vec<(f64, f64)> = pairs
+        .iter()
+        .map(|(_, _, (i, o))| (rss_mib(*i), rss_mib(*o)))
+        .collect();
+
     let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load_before = load();
     let mut rows = Vec::new();
@@ -283,10 +348,27 @@ async fn main() {
         .as_ref()
         .map(|_| ("meshid sidecars, baseline", b_out));
     for (name, port) in paths.into_iter().chain(baseline_path) {
-        let (rps, p50, p99) = wrk(port, secs, false);
-        let (cps, _, _) = wrk(port, secs, true);
-        let mbs = bulk(port).await;
+        let (rps, p50, p99) = if phase("rps") {
+            wrk(port, secs, false)
+        } else {
+            (0.0, 0.0, 0.0)
+        };
+        let (cps, _, _) = if phase("conn") {
+            wrk(port, secs, true)
+        } else {
+            (0.0, 0.0, 0.0)
+        };
+        let mbs = if phase("bulk") { bulk(port).await } else { 0.0 };
         rows.push((name, rps, p50, p99, cps, mbs));
+    }
+    let conns = common::bench::env("CONNS", 1000);
+    let mut memory = Vec::new();
+    if phase("memory") {
+        for ((name, port, (i, o)), idle) in pairs.iter().zip(&idle_rss) {
+            let open = open_connections(*port, conns).await;
+            memory.push((*name, *idle, (rss_mib(*i), rss_mib(*o))));
+            drop(open);
+        }
     }
     println!(
         "load average before: {} after: {}",
@@ -294,7 +376,8 @@ async fn main() {
         load().trim()
     );
     println!(
-        "same traffic through four paths (wrk -t1 -c32 -d{secs}s, 1 KiB responses; bulk: 512 MiB on one connection)"
+        "same traffic through four paths (wrk -t1 -c32 -d{secs}s, 1 KiB responses; bulk: {} MiB on one connection)",
+        bulk_bytes() >> 20
     );
     println!(
         "{:<26} {:>10} {:>9} {:>9} {:>12} {:>10}",
@@ -330,6 +413,19 @@ async fn main() {
         t.4 / p.4,
         t.5 / p.5
     );
+    if !memory.is_empty() {
+        println!(
+            "resident memory (VmRSS, MiB), idle before traffic / with {conns} keep-alive connections open"
+        );
+        println!("{:<26} {:>16} {:>16}", "pair", "inbound", "outbound");
+        for (name, (ii, io), (ci, co)) in &memory {
+            println!(
+                "{name:<26} {:>16} {:>16}",
+                format!("{ii:.1} / {ci:.1}"),
+                format!("{io:.1} / {co:.1}")
+            );
+        }
+    }
     if let Some(b) = rows.get(4) {
         println!(
             "meshid / baseline build: req/s {:.2}x, new conn/s {:.2}x, bulk {:.2}x; baseline / plaintext bulk {:.2}x",

@@ -68,8 +68,9 @@ pub fn spiffe_id_problem(id: &str) -> Option<&'static str> {
 /// An immutable view of everything the agent serves.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Entries this agent may serve, in the server's order.
-    pub entries: Vec<Entry>,
+    /// Entries this agent may serve, in the server's order (shared between
+    /// snapshots: publishing an SVID does not copy them).
+    pub entries: Arc<Vec<Entry>>,
     /// Minted SVIDs by entry id.
     pub svids: HashMap<String, Arc<CachedSvid>>,
     /// Own trust domain bundle.
@@ -163,7 +164,8 @@ mod tests {
                     selectors: vec![],
                     ..Entry::default()
                 },
-            ],
+            ]
+            .into(),
             ..Snapshot::default()
         };
         let ids = |s: &[Selector]| {

@@ -163,6 +163,12 @@ fn describe(svid: &meshid_proto::workload::X509svid) -> String {
 }
 
 impl AgentCli {
+    /// Whether this is `agent run` (the long-running agent, not a check or a
+    /// client command).
+    pub fn runs_agent(&self) -> bool {
+        matches!(self.command, Command::Run { check: false, .. })
+    }
+
     /// Runs the subcommand.
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {

@@ -13,7 +13,8 @@
 //!   pass through unchanged (without buffering more than one read);
 //! - a header block (HEADERS plus its CONTINUATION frames, at most
 //!   [`MAX_HEADER_BLOCK`] bytes) is HPACK-decoded with the client's dynamic
-//!   table, `:authority` (when present) becomes `localhost`, and the block is
+//!   table (Huffman strings through [`crate::hpack_strings`]), `:authority`
+//!   (when present) becomes `localhost`, and the block is
 //!   re-encoded as literals *without indexing*, so the server's decoder never
 //!   adds to its dynamic table and stays in step whatever the client indexed;
 //!   it is re-framed in frames of at most [`MAX_FRAME`] bytes (the smallest
@@ -327,8 +328,17 @@ impl<S> AuthorityNormalizer<S> {
         let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
         let mut list_size = 0usize;
         let mut too_large = false;
+        // Huffman strings are decoded here, table-driven; `loona_hpack` then
+        // sees plain literals only (its own Huffman decoder builds its tables
+        // per string).
+        let fragment = crate::hpack_strings::plain_strings(&block.fragment).map_err(|e| {
+            RefusalError::Hpack {
+                stream,
+                reason: e.to_string(),
+            }
+        })?;
         self.decoder
-            .decode_with_cb(&block.fragment, |name: Cow<[u8]>, value: Cow<[u8]>| {
+            .decode_with_cb(&fragment, |name: Cow<[u8]>, value: Cow<[u8]>| {
                 if too_large {
                     return;
                 }
@@ -655,6 +665,41 @@ mod tests {
             let data: Vec<_> = f.iter().filter(|x| x.0 == 0).collect();
             assert_eq!(data.len(), 5);
         }
+    }
+
+    #[tokio::test]
+    async fn huffman_coded_headers_are_decoded() {
+        // What gRPC C-core sends: Huffman-coded values, name indexes.
+        let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+        for (index, value) in [
+            (1u8, &b"tmp%2Fmeshid%2Fagent.sock"[..]), // :authority
+            (4, b"/SpiffeWorkloadAPI/FetchX509SVID"), // :path
+        ] {
+            let mut coded = Vec::new();
+            crate::hpack_strings::encode(value, &mut coded);
+            block.push(index); // literal without indexing, indexed name
+            block.push(0x80 | coded.len() as u8);
+            block.extend_from_slice(&coded);
+        }
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        let out = run(&input, 3).await.expect("accepted");
+        let lists = decode_all(&frames(&out));
+        assert_eq!(lists[0][2], (b":authority".to_vec(), b"localhost".to_vec()));
+        assert_eq!(lists[0][3].1, b"/SpiffeWorkloadAPI/FetchX509SVID");
+
+        // A Huffman string with bad padding is refused as HPACK.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS,
+            1,
+            &[0x01, 0x81, 0x00],
+        ));
+        assert_eq!(
+            run(&input, 64).await.expect_err("refused").reason(),
+            "hpack"
+        );
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 //!   the peer's trust domain, then authorize the peer's SPIFFE ID.
 //! - [`pem`]: PEM encoding and decoding of certificates and keys.
 //! - [`h2_authority`]: accept any HTTP/2 `:authority` on Unix-socket gRPC servers.
+//! - [`hpack_strings`]: table-driven HPACK Huffman decoding for it.
 //! - [`files`]: atomic, durable writes of key and certificate files.
 
 pub mod chain;
@@ -16,6 +17,7 @@ pub mod crl;
 pub mod crypto;
 pub mod files;
 pub mod h2_authority;
+pub mod hpack_strings;
 pub mod kube;
 pub mod pem;
 pub mod shutdown;

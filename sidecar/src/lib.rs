@@ -4,7 +4,8 @@
 //! - [`config`]: the TOML file, defaults and validation.
 //! - [`authz`]: SPIFFE ID allow policies (exact, trust domain, path prefix).
 //! - [`identity`]: SVID updates → rustls configs, swapped atomically.
-//! - [`inbound`] / [`outbound`]: the proxies; [`copy`]: their byte copy loop.
+//! - [`inbound`] / [`outbound`]: the proxies; [`copy`]: their byte copy loop;
+//!   [`peer_io`]: the read-ahead under each TLS session.
 //! - [`health`]: `/healthz`, `/readyz` (a real mTLS handshake) and `/metrics`.
 //! - [`proxy_protocol`]: the PROXY v2 header carrying the peer's SPIFFE ID.
 //! - [`tunnel`]: HTTP/2 CONNECT tunnels between sidecars (`tunnel = "h2"`).
@@ -29,6 +30,7 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod peer_io;
 pub mod proxy_protocol;
 mod shared;
 pub mod tunnel;

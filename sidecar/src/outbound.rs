@@ -14,10 +14,11 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::{Outbound, Tunnel, split_host_port};
-use crate::copy::{PeerIo, peer_io, splice};
+use crate::copy::splice;
 use crate::failure::{classify_io, describe_io};
 use crate::identity::OutboundTls;
 use crate::metrics::{ByteLabels, DirLabels, Direction};
+use crate::peer_io::{PeerIo, peer_io};
 use crate::shared::{Admission, Shared};
 use crate::tunnel::outbound::Pool;
 
@@ -182,9 +183,12 @@ async fn handle(
     };
     let tls = connect_tls(&shared, &ctx, cfg).await;
     drop(pending);
-    let Some(tls) = tls else {
+    let Some(mut tls) = tls else {
         return;
     };
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(crate::copy::SEND_BUFFER_LIMIT));
 
     let started = Instant::now();
     m.active.get_or_create(&dir).inc();

@@ -46,7 +46,7 @@ impl Agent {
                         let ids: std::collections::HashSet<&String> =
                             entries.iter().map(|e| &e.id).collect();
                         s.svids.retain(|id, _| ids.contains(id));
-                        s.entries = entries;
+                        s.entries = Arc::new(entries);
                         if bundle.is_some() {
                             s.bundle = bundle;
                         }

@@ -218,7 +218,7 @@ async fn a_cached_jwt_svid_is_refreshed_at_half_its_lifetime() {
     node.set_entries(vec![e.clone()]);
     let jwt = JwtSvids::new(node.clone(), clock, 16);
     let snap = Snapshot {
-        entries: vec![e.clone()],
+        entries: vec![e.clone()].into(),
         ..Snapshot::default()
     };
     let aud = vec!["db".to_string()];
@@ -253,7 +253,7 @@ async fn a_jwt_svid_request_fails_over_to_the_next_server() {
     node.set_entries(vec![e.clone()]);
     let jwt = JwtSvids::new(node.clone(), clock, 16);
     let snap = Snapshot {
-        entries: vec![e.clone()],
+        entries: vec![e.clone()].into(),
         ..Snapshot::default()
     };
     let aud = vec!["db".to_string()];

@@ -156,7 +156,7 @@ mod tests {
         let dup = entry("c", "spiffe://example.org/c", "h", 1);
         let other = entry("d", "spiffe://example.org/d", "", 3);
         let mut snap = Snapshot {
-            entries: vec![bad.clone(), good.clone(), dup.clone(), other.clone()],
+            entries: vec![bad.clone(), good.clone(), dup.clone(), other.clone()].into(),
             bundle: Some(Bundle {
                 trust_domain: "example.org".into(),
                 x509_authorities: vec![vec![9]],

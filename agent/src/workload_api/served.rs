@@ -159,7 +159,8 @@ mod tests {
                     selectors: vec![sel("uid:1")],
                     ..Entry::default()
                 })
-                .collect(),
+                .collect::<Vec<_>>()
+                .into(),
             bundle: Some(Bundle {
                 trust_domain: "example.org".into(),
                 x509_authorities: vec![vec![9]],

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
 
 use super::{InboundCtx, SPIFFE_ID_HEADER, count_bytes, dial};
-use crate::copy::PeerIo;
+use crate::peer_io::PeerIo;
 use crate::shared::Shared;
 
 type Upstream = hyper::client::conn::http1::SendRequest<Incoming>;

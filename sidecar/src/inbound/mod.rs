@@ -13,10 +13,11 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::{Inbound, Mode, Tunnel};
-use crate::copy::{PeerIo, peer_io, splice};
+use crate::copy::splice;
 use crate::failure::{classify_io, describe_io, failure_detail, looks_like_http};
 use crate::identity::{ALPN_H2, InboundTls, PROBE_SNI};
 use crate::metrics::{ByteLabels, DirLabels, Direction};
+use crate::peer_io::{PeerIo, peer_io};
 use crate::shared::{Admission, Shared};
 
 mod http;
@@ -307,6 +308,9 @@ async fn forward_tcp(
             return;
         }
     }
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(crate::copy::SEND_BUFFER_LIMIT));
     match splice(&mut app, tls).await {
         Ok((to_peer, from_peer)) => count_bytes(shared, from_peer, to_peer),
         Err(e) => tracing::debug!(%peer, error = %e, "inbound connection ended with error"),

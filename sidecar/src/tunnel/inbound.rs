@@ -13,9 +13,9 @@ use tokio::io::AsyncWriteExt;
 use tokio_rustls::server::TlsStream;
 
 use super::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, pump};
-use crate::copy::PeerIo;
 use crate::inbound::{InboundCtx, count_bytes, dial};
 use crate::metrics::{DirLabels, Direction};
+use crate::peer_io::PeerIo;
 use crate::shared::{REFUSED_CONNECTIONS, Shared};
 
 /// Serves the CONNECT streams of one tunnel whose peer `peer_id` was
