@@ -63,11 +63,6 @@ impl<S> FillRead<S> {
             deferred: None,
         }
     }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for FillRead<S> {

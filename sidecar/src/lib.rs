@@ -22,18 +22,18 @@ use tokio_util::task::TaskTracker;
 pub mod authz;
 pub mod cli;
 pub mod config;
-pub mod copy;
-pub mod crl;
+mod copy;
+mod crl;
 mod failure;
-pub mod health;
+mod health;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
-pub mod outbound;
-pub mod peer_io;
+mod outbound;
+mod peer_io;
 pub mod proxy_protocol;
 mod shared;
-pub mod tunnel;
+mod tunnel;
 
 pub use shared::{
     Admission, Budgets, LogLimiter, PendingSlot, ProbeGuard, Probes, Shared, direction_str,
