@@ -81,6 +81,7 @@ suite!(
     agents_round_trip,
     bundles_own_and_federated,
     ca_journal,
+    authority_transitions_are_all_or_nothing,
     issuance_journal_and_live_certificates,
     changes_are_published,
     join_token_race_consumed_once,
@@ -497,6 +498,57 @@ async fn ca_journal(db: Db) {
     assert_eq!(
         other.list_authorities().await.expect("list"),
         vec![active, a2, j1]
+    );
+}
+
+/// The retirement of one authority and the activation of the next are one
+/// write: a conflict on either leaves both as they were.
+async fn authority_transitions_are_all_or_nothing(db: Db) {
+    let s = db.open().await;
+    let mut old = authority("old", "x509", "server-1");
+    old.state = "active".into();
+    let new = authority("new", "x509", "server-1");
+    for a in [&old, &new] {
+        s.insert_authority(a).await.expect("insert");
+    }
+    let moved = |a: &Authority, state: &str| {
+        let mut m = a.clone();
+        m.state = state.into();
+        m.revision += 1;
+        m
+    };
+    // The second change names a revision the store no longer holds: nothing
+    // is applied, not even the first.
+    let refused = s
+        .update_authorities(&[(moved(&old, "retired"), 1), (moved(&new, "active"), 7)])
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        s.list_authorities().await.expect("list"),
+        vec![old.clone(), new.clone()]
+    );
+    // Both at once.
+    s.update_authorities(&[(moved(&old, "retired"), 1), (moved(&new, "active"), 1)])
+        .await
+        .expect("transition");
+    let states: Vec<(String, String)> = db
+        .open()
+        .await
+        .list_authorities()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|a| (a.id, a.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("old".to_string(), "retired".to_string()),
+            ("new".to_string(), "active".to_string())
+        ]
     );
 }
 

@@ -301,7 +301,15 @@ pub trait CaJournalStore: Send + Sync + 'static {
         &self,
         authority: &Authority,
         expected_revision: i64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        self.update_authorities(&[(authority.clone(), expected_revision)])
+            .await
+    }
+    /// Replaces several authorities at once, each only if its stored
+    /// revision is the one given with it: all or none, in one transaction,
+    /// so no reader ever sees a transition half done (e.g. the old CA
+    /// retired and the new one not yet active).
+    async fn update_authorities(&self, changes: &[(Authority, i64)]) -> Result<(), StoreError>;
     /// Live certificates signed by `ca_id` at `now`: not expired, and still
     /// the newest certificate of their (agent, entry, SPIFFE ID) slot, i.e.
     /// not since replaced by a renewal. At most `limit`.

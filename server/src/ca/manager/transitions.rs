@@ -160,19 +160,11 @@ impl Lifecycle {
 
     pub(super) async fn set_state(
         &self,
-        mut a: Authority,
+        a: Authority,
         to: &str,
         now: SystemTime,
     ) -> Result<Authority, CaError> {
-        let expected = a.revision;
-        a.revision += 1;
-        a.state = to.into();
-        match to {
-            state::ACTIVE => a.activated_at = unix(now),
-            state::RETIRED => a.retired_at = unix(now),
-            state::REMOVED => a.removed_at = unix(now),
-            _ => {}
-        }
+        let (a, expected) = moved(a, to, now);
         self.store.update_authority(&a, expected).await?;
         Ok(a)
     }
@@ -191,11 +183,16 @@ impl Lifecycle {
             .cloned()
             .ok_or_else(|| CaError::NotFound(id.into()))?;
         check_activatable(&self.trust_domain, &p, &self.keys, now)?;
-        let mut changed = Vec::new();
-        for old in mine.into_iter().filter(|a| a.state == state::ACTIVE) {
-            changed.push(self.set_state(old, state::RETIRED, now).await?);
-        }
-        changed.push(self.set_state(p, state::ACTIVE, now).await?);
+        // The predecessor's retirement and the successor's activation in
+        // one store transaction: never a moment without an active authority.
+        let mut writes: Vec<(Authority, i64)> = mine
+            .into_iter()
+            .filter(|a| a.state == state::ACTIVE)
+            .map(|old| moved(old, state::RETIRED, now))
+            .collect();
+        writes.push(moved(p, state::ACTIVE, now));
+        self.store.update_authorities(&writes).await?;
+        let changed: Vec<Authority> = writes.into_iter().map(|(a, _)| a).collect();
         self.count(kind, "activated");
         for a in &changed {
             audit_write(
@@ -295,4 +292,19 @@ pub(super) fn load_signer_jwt(mine: &[Authority], keys: &KeyDir) -> Result<JwtSi
         .ok_or_else(|| CaError::Refused("no active JWT key".into()))?;
     let na = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(a.not_after).unwrap_or(0));
     JwtSigner::from_pkcs8(&keys.get_pkcs8(JWT, &a.id)?, na)
+}
+
+/// `a` moved to state `to` at `now`, with its next revision; and the
+/// revision the store must still hold for the move to apply.
+fn moved(mut a: Authority, to: &str, now: SystemTime) -> (Authority, i64) {
+    let expected = a.revision;
+    a.revision += 1;
+    a.state = to.into();
+    match to {
+        state::ACTIVE => a.activated_at = unix(now),
+        state::RETIRED => a.retired_at = unix(now),
+        state::REMOVED => a.removed_at = unix(now),
+        _ => {}
+    }
+    (a, expected)
 }

@@ -48,30 +48,37 @@ impl CaJournalStore for PostgresStore {
         Ok(())
     }
 
-    async fn update_authority(&self, a: &Authority, expected: i64) -> Result<(), StoreError> {
+    async fn update_authorities(&self, changes: &[(Authority, i64)]) -> Result<(), StoreError> {
         let mut tx = self.pool_ref().begin().await?;
-        // As for entries: of two servers applying a transition to the same
-        // revision, the second waits for the first and then updates nothing.
-        let done = sqlx::query(
-            "UPDATE ca_journal SET state = $1, data = $2, revision = $3 WHERE id = $4 AND revision = $5",
-        )
-        .bind(&a.state)
-        .bind(a.encode_to_vec())
-        .bind(a.revision)
-        .bind(&a.id)
-        .bind(expected)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if done != 1 {
-            return Err(StoreError::Conflict(format!(
-                "authority {} is not at revision {expected}",
-                a.id
-            )));
+        let mut rev = None;
+        for (a, expected) in changes {
+            // As for entries: of two servers applying a transition to the
+            // same revision, the second waits for the first and then
+            // updates nothing.
+            let done = sqlx::query(
+                "UPDATE ca_journal SET state = $1, data = $2, revision = $3 WHERE id = $4 AND revision = $5",
+            )
+            .bind(&a.state)
+            .bind(a.encode_to_vec())
+            .bind(a.revision)
+            .bind(&a.id)
+            .bind(expected)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done != 1 {
+                // Dropping the transaction rolls back what was updated.
+                return Err(StoreError::Conflict(format!(
+                    "authority {} is not at revision {expected}",
+                    a.id
+                )));
+            }
+            rev = Some(note_change(&mut tx, "authority", &a.id).await?);
         }
-        let rev = note_change(&mut tx, "authority", &a.id).await?;
         tx.commit().await?;
-        self.committed(rev);
+        if let Some(rev) = rev {
+            self.committed(rev);
+        }
         Ok(())
     }
 

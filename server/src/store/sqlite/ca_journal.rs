@@ -47,27 +47,31 @@ impl CaJournalStore for SqliteStore {
         }
     }
 
-    async fn update_authority(&self, a: &Authority, expected: i64) -> Result<(), StoreError> {
-        let done = sqlx::query(
-            "UPDATE ca_journal SET state = ?, data = ?, revision = ? WHERE id = ? AND revision = ?",
-        )
-        .bind(&a.state)
-        .bind(a.encode_to_vec())
-        .bind(a.revision)
-        .bind(&a.id)
-        .bind(expected)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if done == 1 {
-            self.changed();
-            Ok(())
-        } else {
-            Err(StoreError::Conflict(format!(
-                "authority {} is not at revision {expected}",
-                a.id
-            )))
+    async fn update_authorities(&self, changes: &[(Authority, i64)]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for (a, expected) in changes {
+            let done = sqlx::query(
+                "UPDATE ca_journal SET state = ?, data = ?, revision = ? WHERE id = ? AND revision = ?",
+            )
+            .bind(&a.state)
+            .bind(a.encode_to_vec())
+            .bind(a.revision)
+            .bind(&a.id)
+            .bind(expected)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done != 1 {
+                // Dropping the transaction rolls back what was updated.
+                return Err(StoreError::Conflict(format!(
+                    "authority {} is not at revision {expected}",
+                    a.id
+                )));
+            }
         }
+        tx.commit().await?;
+        self.changed();
+        Ok(())
     }
 
     async fn live_issued_by(
