@@ -5,6 +5,7 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -158,10 +159,18 @@ fn base_config(mesh: &Mesh, certs: &Path, extra: &str) -> String {
 }
 
 /// A foreground nginx with its own prefix, killed on drop.
+/// nginx (master and workers, in a process group of their own), killed
+/// as a group on drop so that no worker outlives the test.
 struct Nginx(Child);
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -222,6 +231,7 @@ fn nginx_keeps_serving_mtls_across_rotations() {
             .arg("-c")
             .arg(&conf)
             .args(["-g", "daemon off;"])
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
