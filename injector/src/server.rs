@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -248,8 +248,8 @@ async fn handle(req: Request<Incoming>, cfg: &InjectorConfig) -> Response<Full<B
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::POST, "/mutate") => {
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
+            let body = match read_body(req.into_body()).await {
+                Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "AdmissionReview body refused");
                     return text(
@@ -277,6 +277,35 @@ async fn handle(req: Request<Incoming>, cfg: &InjectorConfig) -> Response<Full<B
         }
         _ => text(StatusCode::NOT_FOUND, "POST /mutate or GET /healthz\n"),
     }
+}
+
+/// How much of a refused body is still read (and dropped) so that the
+/// client, still sending it, gets the 413 instead of a reset connection.
+const DRAIN_LIMIT: usize = 16 * MAX_BODY;
+
+/// The request body, at most [`MAX_BODY`] bytes. A larger one is an error,
+/// answered only after the rest of it (up to [`DRAIN_LIMIT`]) was read and
+/// dropped.
+async fn read_body(mut body: Incoming) -> Result<Bytes, String> {
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+        if seen <= MAX_BODY {
+            buf.extend_from_slice(&data);
+        }
+    }
+    if seen > MAX_BODY {
+        return Err("length limit exceeded".into());
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// Answers one AdmissionReview body; `Err` means the body is not a review.
