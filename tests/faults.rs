@@ -249,14 +249,7 @@ fn spawn_server_ignoring_sigxfsz(config: &Path, log: &Path) -> Child {
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.0.id()) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        common::kill_group(&mut self.0);
     }
 }
 

@@ -24,6 +24,21 @@ pub fn meshid() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meshid"))
 }
 
+/// Kills `child` and, when it leads a process group of its own (spawned
+/// with `process_group(0)`), every process of that group; then reaps it.
+/// For wrappers that fork rather than exec (`faketime`) and for nginx's
+/// workers, which would otherwise outlive the test.
+pub fn kill_group(child: &mut std::process::Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Polls `cond` until it returns `Some`, or panics after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
