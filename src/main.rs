@@ -93,14 +93,29 @@ fn one_malloc_arena() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn one_malloc_arena() {}
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Before the runtime starts its threads: the re-exec replaces the
+    // process, so nothing should have been set up yet.
     if let Command::Agent(c) = &cli.command
         && c.runs_agent()
     {
         one_malloc_arena();
     }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> std::process::ExitCode {
     init_logging(cli.log_format, &cli.log);
     let result = match cli.command {
         Command::Server(c) => c.run().await,
