@@ -129,6 +129,9 @@ pub struct StoreMetrics {
     pub pool_idle: Gauge,
     /// Most connections the pool may open (PostgreSQL).
     pub pool_max: Gauge,
+    /// Records of expired certificates and revocations pruned from the CA
+    /// journal.
+    pub journal_pruned: Counter,
     /// Notification lag and listener reconnects (PostgreSQL).
     pub stats: crate::store::StoreStats,
 }
@@ -276,6 +279,11 @@ impl Metrics {
             "store_pool_max_connections",
             "Most connections the store's pool may open (pool_size)",
             store.pool_max.clone(),
+        );
+        registry.register(
+            "store_journal_pruned",
+            "Records of expired certificates and their revocations pruned from the CA journal (journal_retention)",
+            store.journal_pruned.clone(),
         );
         registry.register(
             "store_notification_lag_seconds",

@@ -92,6 +92,7 @@ suite!(
     racing_evict_and_renewal_stays_evicted,
     racing_ban_and_reattestation_ban_always_holds,
     revocations_listed_until_not_after,
+    expired_certificates_are_pruned,
 );
 
 fn sel(t: &str, v: &str) -> Selector {
@@ -1248,4 +1249,44 @@ async fn revocations_listed_until_not_after(db: Db) {
     // Another store instance on the same database sees them.
     let other = db.open().await;
     assert_eq!(other.list_revoked(1_000).await.expect("list").len(), 2);
+}
+
+async fn expired_certificates_are_pruned(db: Db) {
+    use meshid_server::store::RevokedCert;
+    let s = db.open().await;
+    s.record_issued(&[
+        cert("01", "A", "e1", "c1", 100),
+        cert("02", "A", "e1", "c1", 200),
+        cert("03", "A", "e2", "c1", 99),
+        cert("04", "B", "e1", "c2", 300),
+        cert("05", "B", "e2", "c2", 50),
+    ])
+    .await
+    .expect("record");
+    let rc = |serial: &str, not_after: i64| RevokedCert {
+        serial: serial.into(),
+        spiffe_id: format!("spiffe://td/{serial}"),
+        not_after,
+        revoked_at: 10,
+        reason: 1,
+    };
+    assert!(s.revoke_cert(&rc("01", 100)).await.expect("revoke"));
+    assert!(s.revoke_cert(&rc("04", 300)).await.expect("revoke"));
+
+    // Expired before 101: 01, 03, 05 and the revocation of 01; at most two
+    // of each table per call.
+    assert_eq!(s.prune_expired(101, 2).await.expect("prune"), 3);
+    assert_eq!(s.prune_expired(101, 2).await.expect("prune"), 1);
+    assert_eq!(s.prune_expired(101, 2).await.expect("prune again"), 0);
+    for gone in ["01", "03", "05"] {
+        assert_eq!(s.get_issued(gone).await.expect("get"), None, "{gone}");
+    }
+    // What expires at or after the cut is kept, with its revocation.
+    assert_eq!(
+        s.get_issued("02").await.expect("get"),
+        Some(cert("02", "A", "e1", "c1", 200))
+    );
+    assert_eq!(s.list_revoked(0).await.expect("list"), vec![rc("04", 300)]);
+    let live = s.live_issued_by("c2", 101, 10).await.expect("live");
+    assert_eq!(live, vec![cert("04", "B", "e1", "c2", 300)]);
 }

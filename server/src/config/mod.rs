@@ -60,6 +60,10 @@ pub struct ServerConfig {
     /// Largest number of SVIDs signed in one node API call.
     #[serde(default = "default_max_batch")]
     pub max_sign_batch: usize,
+    /// How long the CA journal keeps the record of a certificate (and of
+    /// its revocation) after the certificate expired; then it is pruned.
+    #[serde(default = "default_journal_retention", with = "humantime_serde")]
+    pub journal_retention: Duration,
     /// Storage backend.
     #[serde(default)]
     pub store: StoreConfig,
@@ -110,6 +114,9 @@ fn default_ca_ttl() -> Duration {
 }
 fn default_join_token_ttl() -> Duration {
     Duration::from_secs(600)
+}
+fn default_journal_retention() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 fn default_max_batch() -> usize {
     1000

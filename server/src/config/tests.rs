@@ -50,6 +50,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.ca_ttl, Duration::from_secs(7 * 86400));
     assert_eq!(c.store, StoreConfig::Sqlite { path: None });
     assert!(c.ca.automatic);
+    assert_eq!(c.journal_retention, Duration::from_secs(86400));
 }
 
 #[test]
@@ -79,6 +80,11 @@ fn durations_and_store() {
     .expect("parses");
     assert_eq!(c.default_svid_ttl, Duration::from_secs(30));
     assert_eq!(c.ca_ttl, Duration::from_secs(2 * 86400));
+    let c = ServerConfig::parse("trust_domain = \"td\"\njournal_retention = \"0s\"").expect("0s");
+    assert_eq!(c.journal_retention, Duration::ZERO);
+    let e = ServerConfig::parse("trust_domain = \"td\"\njournal_retention = \"20years\"")
+        .expect_err("too long");
+    assert!(e.to_string().contains("journal_retention"), "{e}");
 }
 
 #[test]

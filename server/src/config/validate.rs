@@ -31,6 +31,11 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1s")));
             }
         }
+        if self.journal_retention > Duration::from_secs(3650 * 24 * 3600) {
+            return Err(ConfigError::Invalid(
+                "journal_retention must be at most 3650 days".into(),
+            ));
+        }
         if self.default_svid_ttl > self.max_svid_ttl {
             return Err(ConfigError::Invalid(format!(
                 "default_svid_ttl ({}) exceeds max_svid_ttl ({})",

@@ -94,6 +94,62 @@ async fn open_store(
     }
 }
 
+/// How often expired certificates are pruned from the CA journal, and how
+/// many rows one statement removes (so no prune holds the database long).
+const JOURNAL_PRUNE_EVERY: Duration = Duration::from_secs(600);
+const JOURNAL_PRUNE_BATCH: i64 = 5_000;
+
+/// Prunes the CA journal of certificates expired longer than `retention`
+/// ago, at start and every [`JOURNAL_PRUNE_EVERY`]: without it the journal
+/// grows by every SVID ever signed. Several servers sharing a database may
+/// all prune; deleting what another already deleted is a no-op.
+fn spawn_journal_pruner(store: Arc<dyn Store>, retention: Duration, metrics: Arc<Metrics>) {
+    let retention = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+    tokio::spawn(async move {
+        loop {
+            let before = unix(SystemTime::now()).saturating_sub(retention);
+            match prune_journal(store.as_ref(), before, JOURNAL_PRUNE_BATCH).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    metrics.store.journal_pruned.inc_by(n);
+                    tracing::info!(
+                        records = n,
+                        expired_before = before,
+                        "pruned expired certificates from the CA journal"
+                    );
+                }
+                Err((n, e)) => {
+                    metrics.store.journal_pruned.inc_by(n);
+                    tracing::warn!(error = %e, "pruning the CA journal failed; retried later");
+                }
+            }
+            tokio::time::sleep(JOURNAL_PRUNE_EVERY).await;
+        }
+    });
+}
+
+/// Prunes in batches of `batch` rows until a batch comes back short; how
+/// many rows went (also when a batch failed).
+async fn prune_journal(
+    store: &dyn Store,
+    before: i64,
+    batch: i64,
+) -> Result<u64, (u64, crate::store::StoreError)> {
+    let mut total = 0;
+    loop {
+        match store.prune_expired(before, batch).await {
+            Ok(n) => {
+                total += n;
+                if n < u64::try_from(batch).unwrap_or(u64::MAX) {
+                    return Ok(total);
+                }
+            }
+            Err(e) => return Err((total, e)),
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 /// The CA loop: runs the journal's due transitions, republishes the bundle
 /// when anything changed (which the sync streams push to every agent), and
 /// sleeps until the next transition, a manual change, or 10 s (a failed
@@ -145,6 +201,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let (store, pool) = open_store(&cfg, &metrics).await?;
     let store_health: Arc<StoreHealth> = Arc::default();
     spawn_store_probe(store.clone(), pool, metrics.clone(), store_health.clone());
+    spawn_journal_pruner(store.clone(), cfg.journal_retention, metrics.clone());
     let sealer = start_sealer(&cfg, store.clone(), audit.clone()).await?;
     let ca = CaManager::start(&cfg, store.clone(), audit.clone(), metrics.clone())
         .await
@@ -243,4 +300,41 @@ async fn start_sealer(
         .context("starting the audit sealer")?;
     tracing::info!(chain_id, "audit log chained and sealed");
     Ok(sealer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::IssuedRecord;
+    use crate::store::prelude::*;
+
+    #[tokio::test]
+    async fn journal_is_pruned_in_batches_and_keeps_what_is_live() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = SqliteStore::open(&dir.path().join("meshid.db"))
+            .await
+            .expect("store");
+        let rec = |i: i64, not_after: i64| IssuedRecord {
+            serial: format!("{i:04x}"),
+            spiffe_id: format!("spiffe://td/w{i}"),
+            entry_id: format!("e{i}"),
+            agent_id: "spiffe://td/agent".into(),
+            not_after,
+            issued_at: 1,
+            ca_id: "c1".into(),
+        };
+        let certs: Vec<_> = (0..30)
+            .map(|i| rec(i, if i < 25 { 100 } else { 500 }))
+            .collect();
+        store.record_issued(&certs).await.expect("record");
+        assert_eq!(prune_journal(&store, 200, 10).await.expect("prune"), 25);
+        assert_eq!(prune_journal(&store, 200, 10).await.expect("again"), 0);
+        assert_eq!(store.get_issued("0000").await.expect("get"), None);
+        for i in 25..30 {
+            assert_eq!(
+                store.get_issued(&format!("{i:04x}")).await.expect("get"),
+                Some(rec(i, 500))
+            );
+        }
+    }
 }

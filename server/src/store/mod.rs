@@ -334,6 +334,11 @@ pub trait CaJournalStore: Send + Sync + 'static {
     /// Revoked certificates whose notAfter is not before `now`, oldest
     /// revocation first.
     async fn list_revoked(&self, now: i64) -> Result<Vec<RevokedCert>, StoreError>;
+    /// Forgets certificates whose notAfter is before `before`: at most
+    /// `limit` journaled certificates and at most `limit` revocations, each
+    /// set in one statement. Returns how many rows went. Nothing live is
+    /// touched: `before` is never later than now.
+    async fn prune_expired(&self, before: i64, limit: i64) -> Result<u64, StoreError>;
 }
 
 /// Seals of the audit log's hash chain. Every multi-row change is atomic.

@@ -166,6 +166,22 @@ impl CaJournalStore for PostgresStore {
         Ok(r.rows_affected() == 1)
     }
 
+    async fn prune_expired(&self, before: i64, limit: i64) -> Result<u64, StoreError> {
+        let mut pruned = 0;
+        for table in ["issued_certs", "revoked_certs"] {
+            pruned += sqlx::query(&format!(
+                "DELETE FROM {table} WHERE serial IN \
+                 (SELECT serial FROM {table} WHERE not_after < $1 LIMIT $2)"
+            ))
+            .bind(before)
+            .bind(limit)
+            .execute(self.pool_ref())
+            .await?
+            .rows_affected();
+        }
+        Ok(pruned)
+    }
+
     async fn list_revoked(&self, now: i64) -> Result<Vec<crate::store::RevokedCert>, StoreError> {
         Ok(sqlx::query_as::<_, crate::store::RevokedCert>(
             "SELECT * FROM revoked_certs WHERE not_after >= $1 ORDER BY revoked_at, serial",

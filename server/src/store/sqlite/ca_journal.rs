@@ -128,7 +128,10 @@ impl CaJournalStore for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in certs.chunks(500) {
             let q = format!(
-                "INSERT INTO issued_certs (serial, spiffe_id, entry_id, agent_id, not_after, issued_at, ca_id) VALUES {}",
+                // OR FAIL: a conflict stops the statement and the whole
+                // transaction is rolled back below, so SQLite need not keep
+                // a statement journal to undo just this statement.
+                "INSERT OR FAIL INTO issued_certs (serial, spiffe_id, entry_id, agent_id, not_after, issued_at, ca_id) VALUES {}",
                 vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(",")
             );
             let mut query = sqlx::query(&q);
@@ -171,6 +174,22 @@ impl CaJournalStore for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    async fn prune_expired(&self, before: i64, limit: i64) -> Result<u64, StoreError> {
+        let mut pruned = 0;
+        for table in ["issued_certs", "revoked_certs"] {
+            pruned += sqlx::query(&format!(
+                "DELETE FROM {table} WHERE serial IN \
+                 (SELECT serial FROM {table} WHERE not_after < ? LIMIT ?)"
+            ))
+            .bind(before)
+            .bind(limit)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(pruned)
     }
 
     async fn list_revoked(&self, now: i64) -> Result<Vec<crate::store::RevokedCert>, StoreError> {
