@@ -190,18 +190,47 @@ fn proc_err(pid: i32, what: &str) -> impl FnOnce(std::io::Error) -> AttestError 
 }
 
 /// Field 22 of `/proc/<pid>/stat` (start time, clock ticks after boot).
+///
+/// Read into a buffer on the stack until the field has arrived (the kernel
+/// gives the whole line in one read): this runs for every new Workload API
+/// connection, and `read_to_string` would also stat the file and read a
+/// second time to see its end.
 fn start_time(proc_root: &Path, pid: i32) -> Result<u64, AttestError> {
-    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat"))
+    use std::io::Read;
+    let mut f = std::fs::File::open(proc_root.join(pid.to_string()).join("stat"))
         .map_err(proc_err(pid, "stat"))?;
-    // Counted after the ")" that ends the command name.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    rest.split_whitespace()
-        .nth(19)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| AttestError::Proc {
-            pid,
-            reason: "malformed stat".into(),
-        })
+    // 52 fields of at most 20 digits and a command name of at most 64
+    // bytes (escaped) fit.
+    let mut buf = [0u8; 1536];
+    let mut len = 0;
+    loop {
+        let n = f.read(&mut buf[len..]).map_err(proc_err(pid, "stat"))?;
+        len += n;
+        if let Some(t) = start_time_field(&buf[..len], n == 0) {
+            return Ok(t);
+        }
+        if n == 0 || len == buf.len() {
+            return Err(AttestError::Proc {
+                pid,
+                reason: "malformed stat".into(),
+            });
+        }
+    }
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line read so far (all of it: `whole`),
+/// once the field is complete. Fields are counted after the last ")",
+/// which ends the command name.
+fn start_time_field(stat: &[u8], whole: bool) -> Option<u64> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    let mut fields = rest.split_ascii_whitespace();
+    let v = fields.nth(19)?;
+    // Complete if something follows it (or nothing more will come).
+    if !whole && fields.next().is_none() && !rest.ends_with(char::is_whitespace) {
+        return None;
+    }
+    v.parse().ok()
 }
 
 /// What the agent pinned about a process when it connected.
@@ -603,5 +632,29 @@ mod tests {
         assert!(matches!(r, Err(AttestError::Proc { .. })), "{r:?}");
         assert_eq!(a.supplementary_gids(42).expect("gids"), vec![10, 20]);
         assert_eq!(a.start_time(42).expect("start"), 111);
+    }
+
+    #[test]
+    fn start_time_is_field_22_after_the_command_name() {
+        let line = b"7 (a) b (c) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 98765 0 0\n";
+        assert_eq!(start_time_field(line, true), Some(98765));
+        // A read that stopped inside the field, or right after it, waits
+        // for more; at the end of the file the last field counts.
+        let end = line.len() - "0 0\n".len();
+        let inside = end - " 65".len();
+        assert_eq!(start_time_field(&line[..inside], false), None);
+        assert_eq!(start_time_field(&line[..inside], true), Some(987));
+        assert_eq!(start_time_field(&line[..inside - 8], false), None);
+        assert_eq!(start_time_field(&line[..end], false), Some(98765));
+        assert_eq!(start_time_field(b"7 (a) S 1", true), None);
+        assert_eq!(start_time_field(b"garbage", true), None);
+        let pid = i32::try_from(std::process::id()).expect("pid");
+        let t = start_time(Path::new("/proc"), pid).expect("own start time");
+        let stat = std::fs::read_to_string("/proc/self/stat").expect("stat");
+        let rest = stat.rsplit_once(')').expect(")").1;
+        assert_eq!(
+            rest.split_whitespace().nth(19),
+            Some(t.to_string().as_str())
+        );
     }
 }

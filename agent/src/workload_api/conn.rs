@@ -45,7 +45,8 @@ impl Peer {
     }
 
     /// As [`Peer::check`], and the pinned process still exists and runs
-    /// the pinned executable (re-checked before each stream message).
+    /// the pinned executable (re-checked before each stream message after
+    /// the first, which follows the attestation's own check).
     pub(crate) fn verify(&self) -> Result<(), AttestError> {
         let c = self.check()?;
         match &c.pinned {

@@ -199,6 +199,9 @@ impl WorkloadApi {
 
     /// Streams `build(snapshot)` to the caller on every change, skipping
     /// identical consecutive messages. `build` returning `Err` ends the stream.
+    /// Each message but the first is sent only after re-checking that the
+    /// caller still is the pinned process running the pinned executable; the
+    /// first goes out right after the attestation, which checked the same.
     fn stream<T, F>(
         &self,
         (selectors, peer): (Vec<Selector>, Peer),
@@ -217,6 +220,9 @@ impl WorkloadApi {
         tokio::spawn(async move {
             let mut last: Option<Arc<Encoded<T>>> = None;
             let started = tokio::time::Instant::now();
+            // The first pass runs right after the attestation, whose own
+            // check of the pinned process covers its message.
+            let mut checked = true;
             loop {
                 let snap = rx.borrow_and_update().clone();
                 let served = shared.get(&snap, &selectors, &drops);
@@ -239,7 +245,8 @@ impl WorkloadApi {
                         if !same {
                             // Still the process, and the executable, that
                             // was attested.
-                            if let Err(e) = peer.verify() {
+                            let now_ok = if checked { Ok(()) } else { peer.verify() };
+                            if let Err(e) = now_ok {
                                 tracing::info!(pid = ?peer.caller.pid, error = %e, "Workload API stream ended: caller changed");
                                 let _ = tx
                                     .send(Err(Status::permission_denied(format!(
@@ -269,6 +276,7 @@ impl WorkloadApi {
                     () = tx.closed() => return,
                     () = tokio::time::sleep(Duration::from_secs(5)), if last.is_none() => {},
                 }
+                checked = false;
             }
         });
         ReceiverStream::new(out)
