@@ -291,6 +291,10 @@ pub type Memory<'a> = (&'a str, (f64, f64), (f64, f64));
 /// connections open.
 pub fn report(p: &Row, m: &Row, t: &Row, h: &Row, z: &Row, memory: &[Memory], conns: usize) {
     println!(
+        "all paths in network namespace {} (iptables nat OUTPUT: uid {CLIENT_UID} -> :{OUTBOUND_PORT}); the ztunnel path's clients run as uid {CLIENT_UID}",
+        std::env::var(NETNS_ENV).unwrap_or_default()
+    );
+    println!(
         "ztunnel / plaintext: req/s {:.2}x, new conn/s {:.2}x, bulk {:.2}x",
         z.1 / p.1,
         z.4 / p.4,
