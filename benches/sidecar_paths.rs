@@ -13,11 +13,22 @@
 //!
 //! `cargo bench --bench sidecar_paths` (needs `haproxy` and `wrk`; DURATION=8,
 //! CONNS=1000; PHASES=rps,conn,bulk,memory picks phases; BULK_MIB=512).
+//!
+//! With `ZTUNNEL_DIR=/path/to/ztunnel` (a source tree of Istio's ztunnel
+//! built with `cargo build --release --features testing`; `ZTUNNEL_BIN` if
+//! the binary is elsewhere), a fifth path: ztunnel doing both ends (HBONE),
+//! under the same load. Needs root, `ip`, `iptables` and `setpriv`: the whole
+//! bench then runs in a network namespace of its own, where an iptables rule
+//! sends uid 65534's connections to ztunnel (see `sidecar_paths/ztunnel.rs`):
+//!
+//! `ZTUNNEL_DIR=/path/to/ztunnel cargo bench --bench sidecar_paths`
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "sidecar_paths/ztunnel.rs"]
+mod ztunnel;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{AgentProc, Server, TD, free_port, meshid, wait_for};
@@ -92,8 +103,13 @@ async fn app(port: u16) {
     }
 }
 
-fn wrk(port: u16, secs: u64, close: bool) -> (f64, f64, f64) {
-    let mut cmd = Command::new("wrk");
+/// wrk against `port`; `via_zt`: as the uid whose connections go to ztunnel.
+fn wrk(port: u16, secs: u64, close: bool, via_zt: bool) -> (f64, f64, f64) {
+    let mut cmd = if via_zt {
+        ztunnel::client_command("wrk")
+    } else {
+        Command::new("wrk")
+    };
     cmd.args(["-t1", "-c32", &format!("-d{secs}s"), "--latency"]);
     if close {
         cmd.args(["-H", "Connection: close"]);
@@ -126,10 +142,23 @@ fn wrk(port: u16, secs: u64, close: bool) -> (f64, f64, f64) {
     (rps, ms("50%"), ms("99%"))
 }
 
-async fn bulk(port: u16) -> f64 {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
+/// Connects to `port`; `via_zt`: with a socket of the uid whose connections
+/// go to ztunnel.
+async fn connect(port: u16, via_zt: bool) -> tokio::net::TcpStream {
+    if via_zt {
+        let [s] = <[_; 1]>::try_from(ztunnel::client_sockets(1)).expect("one socket");
+        s.connect(([127, 0, 0, 1], port).into())
+            .await
+            .expect("connect")
+    } else {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect")
+    }
+}
+
+async fn bulk(port: u16, via_zt: bool) -> f64 {
+    let mut s = connect(port, via_zt).await;
     s.set_nodelay(true).ok();
     s.write_all(b"GET /bulk HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -163,13 +192,11 @@ fn rss_mib(pid: u32) -> f64 {
 
 /// Opens `n` keep-alive connections to `port`, each with one request
 /// answered (so every hop is established), and returns them open.
-async fn open_connections(port: u16, n: usize) -> Vec<tokio::net::TcpStream> {
+async fn open_connections(port: u16, n: usize, via_zt: bool) -> Vec<tokio::net::TcpStream> {
     let mut conns = Vec::with_capacity(n);
     let mut buf = vec![0u8; 4096];
     for _ in 0..n {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
+        let mut s = connect(port, via_zt).await;
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .expect("write");
@@ -196,8 +223,17 @@ impl Drop for Kill {
     }
 }
 
+fn main() -> ExitCode {
+    match ztunnel::start() {
+        ztunnel::Start::Without => run(None),
+        ztunnel::Start::Inside(zt) => run(Some(zt)),
+        ztunnel::Start::Done(code) => return code,
+    }
+    ExitCode::SUCCESS
+}
+
 #[tokio::main]
-async fn main() {
+async fn run(zt: Option<ztunnel::Ztunnel>) {
     let secs: u64 = std::env::var("DURATION")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -283,6 +319,16 @@ async fn main() {
         procs.0.push(sidecar_with(Some(bin.as_os_str()), "bin", format!("workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{b_adm_in}\"\nspiffe_id = \"spiffe://{TD}/payments\"\n[[inbound]]\nlisten = \"127.0.0.1:{b_in}\"\nforward_to = \"127.0.0.1:{app_p}\"\nmode = \"tcp\"\nallow = [\"spiffe://{TD}/frontend\"]\n")));
         procs.0.push(sidecar_with(Some(bin.as_os_str()), "bout", format!("workload_api_socket = \"{ep}\"\nadmin_address = \"127.0.0.1:{b_adm_out}\"\nspiffe_id = \"spiffe://{TD}/frontend\"\n[[outbound]]\nlisten = \"127.0.0.1:{b_out}\"\nupstream = \"127.0.0.1:{b_in}\"\nserver_id = \"spiffe://{TD}/payments\"\n")));
     }
+    // The ztunnel path: ztunnel in front of the same backend; its clients
+    // connect to the backend's port and the namespace's nat rule takes them
+    // to ztunnel.
+    let zt_proc = zt.as_ref().map(|zt| {
+        eprintln!("in network namespace {}, with ztunnel", zt.netns);
+        procs
+            .0
+            .push(zt.spawn(std::fs::File::create(d.join("ztunnel.log")).expect("log")));
+        procs.0.len() - 1
+    });
     let c = certs.display();
     let hcfg = format!(
         "global\n  maxconn 4000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend out\n  bind 127.0.0.1:{h_out}\n  default_backend to_in\nbackend to_in\n  server in 127.0.0.1:{h_in} ssl crt {c}/frontend.pem ca-file {c}/bundle.pem verify required\nfrontend in\n  bind 127.0.0.1:{h_in} ssl crt {c}/payments.pem ca-file {c}/bundle.pem verify required\n  default_backend app\nbackend app\n  server app 127.0.0.1:{app_p}\n"
@@ -317,28 +363,47 @@ async fn main() {
     if baseline.is_some() {
         probe(b_out);
     }
+    // ztunnel's count of connections, to check that the ztunnel path's
+    // traffic and only that reaches it.
+    let zt_count = zt.as_ref().map(|zt| {
+        let before = zt.connections_opened();
+        ztunnel::as_client(|| probe(app_p));
+        let after = zt.connections_opened();
+        assert!(
+            after > before,
+            "the ztunnel path's connection did not reach ztunnel (logs in {})",
+            d.display()
+        );
+        after
+    });
 
+    // Name, port, and whether the clients are the uid that goes to ztunnel.
     let paths = [
-        ("plaintext direct", app_p),
-        ("meshid sidecars (mTLS)", m_out),
-        ("meshid h2 tunnel (mTLS)", t_out),
-        ("HAProxy pair (mTLS)", h_out),
+        ("plaintext direct", app_p, false),
+        ("meshid sidecars (mTLS)", m_out, false),
+        ("meshid h2 tunnel (mTLS)", t_out, false),
+        ("HAProxy pair (mTLS)", h_out, false),
     ];
     let phases = std::env::var("PHASES").unwrap_or_else(|_| "rps,conn,bulk,memory".into());
     let phase = |p: &str| phases.split(',').any(|x| x == p);
-    // Pairs whose memory is measured: name, port, (inbound, outbound) pids.
+    // Pairs whose memory is measured: name, port, (inbound, outbound) pids,
+    // clients going to ztunnel.
     let pid = |i: usize| procs.0[i].id();
+    let h_pid = pid(procs.0.len() - 1);
     let mut pairs = vec![
-        ("meshid sidecars", m_out, (pid(0), pid(1))),
-        ("meshid h2 tunnel", t_out, (pid(2), pid(3))),
-        ("HAProxy (one process)", h_out, (pid(procs.0.len() - 1), 0)),
+        ("meshid sidecars", m_out, (pid(0), pid(1)), false),
+        ("meshid h2 tunnel", t_out, (pid(2), pid(3)), false),
+        ("HAProxy (one process)", h_out, (h_pid, 0), false),
     ];
     if baseline.is_some() {
-        pairs.push(("meshid sidecars, baseline", b_out, (pid(4), pid(5))));
+        pairs.push(("meshid sidecars, baseline", b_out, (pid(4), pid(5)), false));
+    }
+    if let Some(i) = zt_proc {
+        pairs.push((ztunnel::PAIR, app_p, (pid(i), 0), true));
     }
     let idle_rss: Vec<(f64, f64)> = pairs
         .iter()
-        .map(|(_, _, (i, o))| (rss_mib(*i), rss_mib(*o)))
+        .map(|(_, _, (i, o), _)| (rss_mib(*i), rss_mib(*o)))
         .collect();
 
     let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -346,26 +411,38 @@ async fn main() {
     let mut rows = Vec::new();
     let baseline_path = baseline
         .as_ref()
-        .map(|_| ("meshid sidecars, baseline", b_out));
-    for (name, port) in paths.into_iter().chain(baseline_path) {
+        .map(|_| ("meshid sidecars, baseline", b_out, false));
+    let zt_path = zt.as_ref().map(|_| (ztunnel::PATH, app_p, true));
+    for (name, port, via_zt) in paths.into_iter().chain(baseline_path).chain(zt_path) {
+        if let (Some(zt), Some(n), true) = (&zt, zt_count, via_zt) {
+            assert_eq!(
+                zt.connections_opened(),
+                n,
+                "other paths' traffic reached ztunnel"
+            );
+        }
         let (rps, p50, p99) = if phase("rps") {
-            wrk(port, secs, false)
+            wrk(port, secs, false, via_zt)
         } else {
             (0.0, 0.0, 0.0)
         };
         let (cps, _, _) = if phase("conn") {
-            wrk(port, secs, true)
+            wrk(port, secs, true, via_zt)
         } else {
             (0.0, 0.0, 0.0)
         };
-        let mbs = if phase("bulk") { bulk(port).await } else { 0.0 };
+        let mbs = if phase("bulk") {
+            bulk(port, via_zt).await
+        } else {
+            0.0
+        };
         rows.push((name, rps, p50, p99, cps, mbs));
     }
     let conns = common::bench::env("CONNS", 1000);
     let mut memory = Vec::new();
     if phase("memory") {
-        for ((name, port, (i, o)), idle) in pairs.iter().zip(&idle_rss) {
-            let open = open_connections(*port, conns).await;
+        for ((name, port, (i, o), via_zt), idle) in pairs.iter().zip(&idle_rss) {
+            let open = open_connections(*port, conns, *via_zt).await;
             memory.push((*name, *idle, (rss_mib(*i), rss_mib(*o))));
             drop(open);
         }
@@ -375,8 +452,10 @@ async fn main() {
         load_before.trim(),
         load().trim()
     );
+    let n = ["four", "five", "six"].get(rows.len().saturating_sub(4));
     println!(
-        "same traffic through four paths (wrk -t1 -c32 -d{secs}s, 1 KiB responses; bulk: {} MiB on one connection)",
+        "same traffic through {} paths (wrk -t1 -c32 -d{secs}s, 1 KiB responses; bulk: {} MiB on one connection)",
+        n.copied().unwrap_or("the"),
         bulk_bytes() >> 20
     );
     println!(
@@ -426,7 +505,7 @@ async fn main() {
             );
         }
     }
-    if let Some(b) = rows.get(4) {
+    if let Some(b) = rows.iter().find(|r| r.0 == "meshid sidecars, baseline") {
         println!(
             "meshid / baseline build: req/s {:.2}x, new conn/s {:.2}x, bulk {:.2}x; baseline / plaintext bulk {:.2}x",
             m.1 / b.1,
@@ -434,6 +513,9 @@ async fn main() {
             m.5 / b.5,
             b.5 / p.5
         );
+    }
+    if let Some(z) = rows.iter().find(|r| r.0 == ztunnel::PATH) {
+        ztunnel::report(p, m, t, h, z, &memory, conns);
     }
     drop(procs);
 }
