@@ -132,8 +132,15 @@ async fn measure(
     let elapsed = start.elapsed().as_secs_f64();
     lat.sort();
     let rate = total as f64 / elapsed;
-    let audit_lines = std::fs::read_to_string(server.dir.path().join("data/audit.log"))
-        .map(|s| s.lines().count())
+    // The current audit file and any it was rotated into.
+    let audit_lines = std::fs::read_dir(server.dir.path().join("data"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("audit.log"))
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .map(|s| s.lines().count())
+                .sum()
+        })
         .unwrap_or(0);
 
     Figures {

@@ -3,7 +3,8 @@
 //! The CSR contributes its public key and nothing else: the SPIFFE ID and DNS
 //! names come from the registration entry. The certificate has exactly one URI
 //! SAN, CA:false, digitalSignature (+keyEncipherment for RSA keys), EKU
-//! serverAuth+clientAuth, a random 128-bit serial, notBefore backdated 10 s,
+//! serverAuth+clientAuth, a 128-bit serial (signing time in milliseconds,
+//! then 80 random bits: [`super::ordered_serial`]), notBefore backdated 10 s,
 //! and notAfter = min(now + ttl, CA notAfter).
 
 use std::time::{Duration, SystemTime};
@@ -14,7 +15,7 @@ use rcgen::{
 };
 use x509_parser::prelude::*;
 
-use super::{SigningCa, random_serial};
+use super::{SigningCa, ordered_serial};
 
 /// Clock-skew allowance applied to notBefore.
 pub const BACKDATE: Duration = Duration::from_secs(10);
@@ -195,7 +196,7 @@ impl SigningCa {
         ];
         p.not_before = (now - BACKDATE).into();
         p.not_after = not_after.into();
-        let serial = random_serial();
+        let serial = ordered_serial(now);
         let serial_hex = hex::encode(serial.as_ref());
         p.serial_number = Some(serial);
         p.use_authority_key_identifier_extension = true;
@@ -224,6 +225,20 @@ mod tests {
             .expect("ca")
     }
 
+    #[test]
+    fn serials_grow_with_time_and_differ_within_a_millisecond() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_000_000_123);
+        let hex = |s: rcgen::SerialNumber| hex::encode(s.as_ref());
+        let (a, b) = (hex(ordered_serial(t)), hex(ordered_serial(t)));
+        assert_ne!(a, b);
+        assert_eq!(a[..12], b[..12]);
+        assert!(hex(ordered_serial(t + Duration::from_millis(1))) > a.max(b));
+        // Positive and 16 bytes even for a clock stuck at the epoch.
+        let early = ordered_serial(SystemTime::UNIX_EPOCH);
+        assert_eq!(early.as_ref().len(), 16);
+        assert!(early.as_ref()[0] > 0 && early.as_ref()[0] < 0x80);
+    }
+
     fn csr() -> Vec<u8> {
         let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
         let mut p =
@@ -249,6 +264,13 @@ mod tests {
         let info = SvidInfo::from_der(&s.chain[0]).expect("svid");
         assert_eq!(info.spiffe_id.to_string(), "spiffe://example.org/web");
         assert_eq!(info.serial, s.serial);
+        // 16 bytes, positive, led by the signing time in milliseconds.
+        let ms = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis();
+        assert_eq!(s.serial.len(), 32, "{}", s.serial);
+        assert_eq!(s.serial[..12], format!("{ms:012x}"), "{}", s.serial);
         let (_, c) = X509Certificate::from_der(&s.chain[0]).expect("parse");
         assert!(!c.is_ca());
         let eku = c.extended_key_usage().expect("eku").expect("present").value;
