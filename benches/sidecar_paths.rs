@@ -223,6 +223,22 @@ impl Drop for Kill {
     }
 }
 
+/// Prints `a / b` for req/s, new conn/s and bulk, and with `p99` the p99
+/// ratio too (lower is better).
+fn print_ratios(what: &str, a: &ztunnel::Row, b: &ztunnel::Row, p99: bool) {
+    let p99 = if p99 {
+        format!(", p99 {:.2}x (lower is better)", a.3 / b.3)
+    } else {
+        String::new()
+    };
+    println!(
+        "{what}: req/s {:.2}x{p99}, new conn/s {:.2}x, bulk {:.2}x",
+        a.1 / b.1,
+        a.4 / b.4,
+        a.5 / b.5
+    );
+}
+
 fn main() -> ExitCode {
     match ztunnel::start() {
         ztunnel::Start::Without => run(None),
@@ -466,32 +482,10 @@ async fn run(zt: Option<ztunnel::Ztunnel>) {
         println!("{name:<26} {rps:>10.0} {p50:>9.2} {p99:>9.2} {cps:>12.0} {mbs:>10.0}");
     }
     let (m, t, h, p) = (&rows[1], &rows[2], &rows[3], &rows[0]);
-    println!(
-        "meshid / HAProxy: req/s {:.2}x, p99 {:.2}x (lower is better), new conn/s {:.2}x, bulk {:.2}x",
-        m.1 / h.1,
-        m.3 / h.3,
-        m.4 / h.4,
-        m.5 / h.5
-    );
-    println!(
-        "meshid / plaintext: req/s {:.2}x, new conn/s {:.2}x, bulk {:.2}x",
-        m.1 / p.1,
-        m.4 / p.4,
-        m.5 / p.5
-    );
-    println!(
-        "h2 tunnel / HAProxy: req/s {:.2}x, p99 {:.2}x, new conn/s {:.2}x, bulk {:.2}x",
-        t.1 / h.1,
-        t.3 / h.3,
-        t.4 / h.4,
-        t.5 / h.5
-    );
-    println!(
-        "h2 tunnel / plaintext: req/s {:.2}x, new conn/s {:.2}x, bulk {:.2}x",
-        t.1 / p.1,
-        t.4 / p.4,
-        t.5 / p.5
-    );
+    print_ratios("meshid / HAProxy", m, h, true);
+    print_ratios("meshid / plaintext", m, p, false);
+    print_ratios("h2 tunnel / HAProxy", t, h, true);
+    print_ratios("h2 tunnel / plaintext", t, p, false);
     if !memory.is_empty() {
         println!(
             "resident memory (VmRSS, MiB), idle before traffic / with {conns} keep-alive connections open"

@@ -294,28 +294,10 @@ pub fn report(p: &Row, m: &Row, t: &Row, h: &Row, z: &Row, memory: &[Memory], co
         "all paths in network namespace {} (iptables nat OUTPUT: uid {CLIENT_UID} -> :{OUTBOUND_PORT}); the ztunnel path's clients run as uid {CLIENT_UID}",
         std::env::var(NETNS_ENV).unwrap_or_default()
     );
-    println!(
-        "ztunnel / plaintext: req/s {:.2}x, new conn/s {:.2}x, bulk {:.2}x",
-        z.1 / p.1,
-        z.4 / p.4,
-        z.5 / p.5
-    );
-    println!(
-        "ztunnel / HAProxy: req/s {:.2}x, p99 {:.2}x, new conn/s {:.2}x, bulk {:.2}x",
-        z.1 / h.1,
-        z.3 / h.3,
-        z.4 / h.4,
-        z.5 / h.5
-    );
-    for (what, r) in [("meshid sidecars", m), ("h2 tunnel", t)] {
-        println!(
-            "{what} / ztunnel: req/s {:.2}x, p99 {:.2}x (lower is better), new conn/s {:.2}x, bulk {:.2}x",
-            r.1 / z.1,
-            r.3 / z.3,
-            r.4 / z.4,
-            r.5 / z.5
-        );
-    }
+    super::print_ratios("ztunnel / plaintext", z, p, false);
+    super::print_ratios("ztunnel / HAProxy", z, h, true);
+    super::print_ratios("meshid sidecars / ztunnel", m, z, true);
+    super::print_ratios("h2 tunnel / ztunnel", t, z, true);
     let both_ends = |name: &str| {
         memory
             .iter()
