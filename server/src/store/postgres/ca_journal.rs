@@ -168,10 +168,12 @@ impl CaJournalStore for PostgresStore {
 
     async fn prune_expired(&self, before: i64, limit: i64) -> Result<u64, StoreError> {
         let mut pruned = 0;
+        // SKIP LOCKED: servers pruning at once take disjoint rows instead of
+        // waiting on (or deadlocking over) each other's.
         for table in ["issued_certs", "revoked_certs"] {
             pruned += sqlx::query(&format!(
                 "DELETE FROM {table} WHERE serial IN \
-                 (SELECT serial FROM {table} WHERE not_after < $1 LIMIT $2)"
+                 (SELECT serial FROM {table} WHERE not_after < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)"
             ))
             .bind(before)
             .bind(limit)
