@@ -94,10 +94,14 @@ async fn open_store(
     }
 }
 
-/// How often expired certificates are pruned from the CA journal, and how
-/// many rows one statement removes (so no prune holds the database long).
+/// How often expired certificates are pruned from the CA journal, how many
+/// rows one statement removes (so no prune holds the database long), and
+/// the pause between statements, in which issuance's own writes get the
+/// database (a large backlog, e.g. the first start after an upgrade, is
+/// worked off in steps instead of back to back).
 const JOURNAL_PRUNE_EVERY: Duration = Duration::from_secs(600);
 const JOURNAL_PRUNE_BATCH: i64 = 5_000;
+const JOURNAL_PRUNE_PAUSE: Duration = Duration::from_millis(100);
 
 /// Prunes the CA journal of certificates expired longer than `retention`
 /// ago, at start and every [`JOURNAL_PRUNE_EVERY`]: without it the journal
@@ -128,8 +132,8 @@ fn spawn_journal_pruner(store: Arc<dyn Store>, retention: Duration, metrics: Arc
     });
 }
 
-/// Prunes in batches of `batch` rows until a batch comes back short; how
-/// many rows went (also when a batch failed).
+/// Prunes in batches of `batch` rows, [`JOURNAL_PRUNE_PAUSE`] apart, until
+/// a batch comes back short; how many rows went (also when a batch failed).
 async fn prune_journal(
     store: &dyn Store,
     before: i64,
@@ -146,7 +150,7 @@ async fn prune_journal(
             }
             Err(e) => return Err((total, e)),
         }
-        tokio::task::yield_now().await;
+        tokio::time::sleep(JOURNAL_PRUNE_PAUSE).await;
     }
 }
 
