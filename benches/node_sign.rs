@@ -133,15 +133,15 @@ async fn measure(
     lat.sort();
     let rate = total as f64 / elapsed;
     // The current audit file and any it was rotated into.
-    let audit_lines = std::fs::read_dir(server.dir.path().join("data"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with("audit.log"))
-                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                .map(|s| s.lines().count())
-                .sum()
-        })
-        .unwrap_or(0);
+    let audit = server.dir.path().join("data/audit.log");
+    let audit_lines = meshid_server::audit::record::rotated_files(&audit)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, p)| p)
+        .chain([audit])
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.lines().count())
+        .sum::<usize>();
 
     Figures {
         rate,

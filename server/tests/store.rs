@@ -13,7 +13,7 @@ use meshid_proto::types::{Authority, Bundle, Entry, Selector};
 use meshid_server::store::prelude::*;
 use meshid_server::store::{
     AgentRecord, EntryFilter, IssuedRecord, IssuedSummary, JoinTokenRecord, PostgresOptions,
-    PostgresStore, SqliteStore, SslMode, Store, StoreError,
+    PostgresStore, RevokedCert, SqliteStore, SslMode, Store, StoreError,
 };
 
 #[path = "../../tests/common/postgres.rs"]
@@ -1223,16 +1223,19 @@ async fn racing_ban_and_reattestation_ban_always_holds(db: Db) {
 
 /// A revocation is recorded once, listed while the certificate is unexpired
 /// (oldest first), and a second revocation of the same serial changes nothing.
-async fn revocations_listed_until_not_after(db: Db) {
-    use meshid_server::store::RevokedCert;
-    let s = db.open().await;
-    let rc = |serial: &str, not_after: i64, revoked_at: i64| RevokedCert {
+/// A revocation (reason 1) of certificate `serial`.
+fn rc(serial: &str, not_after: i64, revoked_at: i64) -> RevokedCert {
+    RevokedCert {
         serial: serial.into(),
         spiffe_id: format!("spiffe://td/admin/{serial}"),
         not_after,
         revoked_at,
         reason: 1,
-    };
+    }
+}
+
+async fn revocations_listed_until_not_after(db: Db) {
+    let s = db.open().await;
     assert!(s.list_revoked(0).await.expect("list").is_empty());
     assert!(s.revoke_cert(&rc("0b", 2_000, 20)).await.expect("revoke"));
     assert!(s.revoke_cert(&rc("0a", 1_000, 10)).await.expect("revoke"));
@@ -1252,7 +1255,6 @@ async fn revocations_listed_until_not_after(db: Db) {
 }
 
 async fn expired_certificates_are_pruned(db: Db) {
-    use meshid_server::store::RevokedCert;
     let s = db.open().await;
     s.record_issued(&[
         cert("01", "A", "e1", "c1", 100),
@@ -1263,15 +1265,8 @@ async fn expired_certificates_are_pruned(db: Db) {
     ])
     .await
     .expect("record");
-    let rc = |serial: &str, not_after: i64| RevokedCert {
-        serial: serial.into(),
-        spiffe_id: format!("spiffe://td/{serial}"),
-        not_after,
-        revoked_at: 10,
-        reason: 1,
-    };
-    assert!(s.revoke_cert(&rc("01", 100)).await.expect("revoke"));
-    assert!(s.revoke_cert(&rc("04", 300)).await.expect("revoke"));
+    assert!(s.revoke_cert(&rc("01", 100, 10)).await.expect("revoke"));
+    assert!(s.revoke_cert(&rc("04", 300, 10)).await.expect("revoke"));
 
     // Expired before 101: 01, 03, 05 and the revocation of 01; at most two
     // of each table per call.
@@ -1286,7 +1281,10 @@ async fn expired_certificates_are_pruned(db: Db) {
         s.get_issued("02").await.expect("get"),
         Some(cert("02", "A", "e1", "c1", 200))
     );
-    assert_eq!(s.list_revoked(0).await.expect("list"), vec![rc("04", 300)]);
+    assert_eq!(
+        s.list_revoked(0).await.expect("list"),
+        vec![rc("04", 300, 10)]
+    );
     let live = s.live_issued_by("c2", 101, 10).await.expect("live");
     assert_eq!(live, vec![cert("04", "B", "e1", "c2", 300)]);
 }

@@ -19,7 +19,7 @@ use x509_parser::prelude::*;
 use meshid_identity::svid::{subject_key_id, to_system_time, unix};
 use meshid_proto::types::Authority;
 
-use super::{CaError, io_err, random_serial, validate};
+use super::{CaError, io_err, ordered_serial, validate};
 use crate::config::UpstreamConfig;
 
 /// `kind` of X.509 authorities.
@@ -74,7 +74,7 @@ fn ca_params(
     )];
     p.not_before = (now - BACKDATE).into();
     p.not_after = not_after.into();
-    p.serial_number = Some(random_serial());
+    p.serial_number = Some(ordered_serial(now));
     p.use_authority_key_identifier_extension = true;
     Ok(p)
 }

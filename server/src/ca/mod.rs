@@ -100,16 +100,6 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_
     }
 }
 
-/// Random positive 128-bit serial number.
-pub fn random_serial() -> SerialNumber {
-    let mut b: [u8; 16] = rand::random();
-    b[0] &= 0x7f;
-    if b[0] == 0 {
-        b[0] = 1;
-    }
-    SerialNumber::from_slice(&b)
-}
-
 /// A positive 128-bit serial for a certificate signed at `now`: the time in
 /// milliseconds since the Unix epoch (48 bits) followed by 80 random bits.
 /// Serials thus grow with time, so the CA journal's index of serials takes
